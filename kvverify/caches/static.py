@@ -1,0 +1,88 @@
+"""A preallocated cache written by position (transformers' StaticCache, gpt-fast's KVCache)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvverify.caches._common import new_positions, resolve_crop
+from kvverify.config import ModelConfig
+
+
+class StaticCache:
+    """Per layer, a zeroed (max_batch, Hkv, max_seq_len, D) buffer; tokens are written at their
+    ``cache_position`` and the whole buffer (for the batch in use) is returned: the model masks the
+    unwritten tail."""
+
+    def __init__(
+        self,
+        *,
+        n_layers: int,
+        max_batch_size: int,
+        n_kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.lengths = [0] * n_layers
+        self.batch_size = max_batch_size
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> StaticCache:
+        return cls(
+            n_layers=config.n_layers,
+            max_batch_size=config.max_batch_size,
+            n_kv_heads=config.n_kv_heads,
+            max_seq_len=config.max_seq_len,
+            head_dim=config.head_dim,
+            dtype=config.dtype,
+            device=config.device,
+        )
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= layer_idx < len(self.keys):
+            raise IndexError(f"layer {layer_idx} is out of range for a StaticCache of {len(self.keys)} layers")
+        batch, _, count, _ = key_states.shape
+        if batch > self.keys[layer_idx].shape[0]:
+            raise ValueError(f"batch {batch} exceeds this StaticCache's max_batch_size {self.keys[layer_idx].shape[0]}")
+        self.batch_size = batch
+        positions = new_positions(cache_kwargs, self.lengths[layer_idx], count, key_states.device)
+        self.keys[layer_idx][:batch].index_copy_(2, positions, key_states)
+        self.values[layer_idx][:batch].index_copy_(2, positions, value_states)
+        self.lengths[layer_idx] = max(self.lengths[layer_idx], int(positions.max()) + 1)
+        return self.keys[layer_idx][:batch], self.values[layer_idx][:batch]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+    def crop(self, max_length: int) -> None:
+        keep = resolve_crop(max_length, self.get_seq_length())
+        for layer in range(len(self.keys)):
+            self.keys[layer][:, :, keep:] = 0
+            self.values[layer][:, :, keep:] = 0
+            self.lengths[layer] = min(self.lengths[layer], keep)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        rows = beam_idx.numel()
+        for layer in range(len(self.keys)):
+            for buffers in (self.keys, self.values):
+                reordered = buffers[layer][: self.batch_size].index_select(0, beam_idx.to(buffers[layer].device))
+                buffers[layer][:rows] = reordered
+        self.batch_size = rows
+
+    def reset(self) -> None:
+        for layer in range(len(self.keys)):
+            self.keys[layer].zero_()
+            self.values[layer].zero_()
+            self.lengths[layer] = 0

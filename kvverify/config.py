@@ -1,0 +1,132 @@
+"""Model configuration: one frozen dataclass, validated on construction, with named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+Norm = Literal["rms", "layer"]
+Positional = Literal["rope", "learned", "alibi", "none"]
+Numerics = Literal["strict", "fast"]
+
+NORMS: tuple[str, ...] = ("rms", "layer")
+POSITIONALS: tuple[str, ...] = ("rope", "learned", "alibi", "none")
+NUMERICS: tuple[str, ...] = ("strict", "fast")
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A model small enough to write its keys down, big enough to have GQA and two layers.
+    "tiny": dict(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=128),
+    # The shape of transformers' LlamaConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+    # num_key_value_heads=2, vocab_size=1024, intermediate_size=688), for side-by-side benchmarks.
+    "bench": dict(
+        vocab_size=1024, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, d_ff=688,
+        max_seq_len=4096, max_batch_size=8, numerics="fast",
+    ),
+}
+
+
+class ConfigError(ValueError):
+    """A ModelConfig field broke one of its rules; the message names the field, the rule and the value."""
+
+
+def _require(condition: bool, field: str, rule: str, value: object) -> None:
+    if not condition:
+        raise ConfigError(f"ModelConfig.{field} must be {rule}; got {value!r}.")
+
+
+def _as_dtype(value: torch.dtype | str) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    name = str(value).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ConfigError(f"ModelConfig.dtype must be one of {sorted(DTYPES)}; got {value!r}.")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a decoder-only transformer.
+
+    ``n_kv_heads`` left at 0 means ``n_heads`` (multi-head attention); fewer gives grouped-query attention
+    and 1 gives multi-query attention. ``head_dim`` left at 0 means ``d_model // n_heads`` and ``d_ff`` left
+    at 0 means ``4 * d_model``. With ``sliding_window=W`` each query sees itself and the ``W - 1`` tokens before it.
+    ``numerics="strict"`` makes every reduction independent of how many rows are computed at once, so cached
+    and uncached logits are bitwise identical; ``"fast"`` uses the standard kernels.
+    """
+
+    vocab_size: int = 64
+    d_model: int = 32
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: derived, n_heads
+    head_dim: int = 0  # 0: derived, d_model // n_heads
+    d_ff: int = 0  # 0: derived, 4 * d_model
+    norm: Norm = "rms"
+    positional: Positional = "rope"
+    rope_theta: float = 10000.0
+    sliding_window: int | None = None
+    max_seq_len: int = 128
+    max_batch_size: int = 8
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    numerics: Numerics = "strict"
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "dtype", _as_dtype(self.dtype))
+        set_(self, "device", str(self.device))
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "max_batch_size"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                     name, "a positive int", value)
+        if self.n_kv_heads in (0, None):
+            set_(self, "n_kv_heads", self.n_heads)
+        if self.head_dim in (0, None):
+            _require(self.d_model % self.n_heads == 0, "head_dim",
+                     f"given explicitly when d_model ({self.d_model}) is not a multiple of n_heads", self.n_heads)
+            set_(self, "head_dim", self.d_model // self.n_heads)
+        if self.d_ff in (0, None):
+            set_(self, "d_ff", 4 * self.d_model)
+        for name in ("n_kv_heads", "head_dim", "d_ff"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                     name, "a positive int", value)
+        _require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
+                 f"a divisor of n_heads={self.n_heads} (1 for MQA, n_heads for MHA)", self.n_kv_heads)
+        _require(self.norm in NORMS, "norm", f"one of {NORMS}", self.norm)
+        _require(self.positional in POSITIONALS, "positional", f"one of {POSITIONALS}", self.positional)
+        _require(self.numerics in NUMERICS, "numerics", f"one of {NUMERICS}", self.numerics)
+        if self.positional == "rope":
+            _require(self.head_dim % 2 == 0, "head_dim", "even when positional='rope'", self.head_dim)
+        _require(self.rope_theta > 0, "rope_theta", "positive", self.rope_theta)
+        _require(self.norm_eps > 0, "norm_eps", "positive", self.norm_eps)
+        if self.sliding_window is not None:
+            _require(isinstance(self.sliding_window, int) and self.sliding_window >= 1,
+                     "sliding_window", "None or an int >= 1 (the query plus W-1 tokens before it)",
+                     self.sliding_window)
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per KV head (1 for MHA, n_heads for MQA)."""
+        return self.n_heads // self.n_kv_heads
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed, validated again."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named shape (``"tiny"``, ``"bench"``) with optional field overrides."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})

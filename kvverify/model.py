@@ -1,0 +1,270 @@
+"""A readable decoder-only transformer with a cached and an uncached generation path.
+
+Pre-norm blocks (RMSNorm or LayerNorm), grouped-query attention with RoPE, learned, ALiBi or no positions,
+an optional sliding window, a SwiGLU MLP and an untied LM head: the shape of Llama and Mistral.
+
+Geometry. Tokens are numbered by *slot*: slot 0 is the first token the cache ever saw, left padding
+included. A forward over new tokens at slots ``start .. start+T-1`` sees keys for slots ``0 .. N-1``
+(``N = start + T``). Query slot ``i`` may attend to key slot ``j`` when ``j <= i`` (causal, aligned to the
+bottom right, unlike ``is_causal=True`` which aligns top left), ``i - j < W`` with a sliding window of W,
+and key ``j`` is not padding. A padding query attends to itself only, so no row is empty.
+*Positions* (for RoPE, learned embeddings and ALiBi) are ``cumsum(attention_mask) - 1``: left padding does
+not shift them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kvverify import numerics
+from kvverify.config import ModelConfig
+from kvverify.protocol import KVCache
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The result of :meth:`ReferenceModel.generate`.
+
+    tokens: (B, N) the generated tokens; logits: (B, N, vocab) the logits that chose each token;
+    sequences: (B, T + N) prompt and tokens; attention_mask: (B, T + N) with ones for the generated tokens;
+    cache: the cache after generation (None when ``use_cache=False``). It holds every token but the last
+    generated one: pass ``sequences`` and ``attention_mask`` back with it to continue.
+    """
+
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    cache: KVCache | None
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Everything a layer needs about the tokens of one forward, shared by all layers."""
+
+    start: int  # slot of the first new token
+    total: int  # N: tokens written after this forward
+    key_is_token: torch.Tensor  # (B, N) bool, False for padding
+    position_ids: torch.Tensor  # (B, N) long
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin: (B, 1, T, head_dim)
+    alibi_slopes: torch.Tensor | None  # (H,)
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        c = config
+        self.wq = _param(c.n_heads * c.head_dim, c.d_model)
+        self.wk = _param(c.n_kv_heads * c.head_dim, c.d_model)
+        self.wv = _param(c.n_kv_heads * c.head_dim, c.d_model)
+        self.wo = _param(c.d_model, c.n_heads * c.head_dim)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None) -> torch.Tensor:
+        c, strict = self.config, self.config.numerics == "strict"
+        batch, t, _ = x.shape
+        q = numerics.linear(x, self.wq, strict).view(batch, t, c.n_heads, c.head_dim).transpose(1, 2)
+        k = numerics.linear(x, self.wk, strict).view(batch, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        v = numerics.linear(x, self.wv, strict).view(batch, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        if ctx.rope is not None:  # RoPE before caching: the cache holds rotated keys
+            q, k = numerics.apply_rope(q, *ctx.rope), numerics.apply_rope(k, *ctx.rope)
+        if cache is not None:
+            cache_position = torch.arange(ctx.start, ctx.total, device=x.device)
+            k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position})
+        k, v, key_slots = self._align_to_slots(k, v, ctx.total)
+        visible, bias = self._mask(ctx, key_slots)
+        out = numerics.attention(q, k, v, visible, bias, strict)  # (B, H, T, D)
+        return numerics.linear(out.transpose(1, 2).reshape(batch, t, -1), self.wo, strict)
+
+    @staticmethod
+    def _align_to_slots(
+        k: torch.Tensor, v: torch.Tensor, total: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Map the S returned cache slots onto token slots (see :class:`kvverify.protocol.KVCache`).
+
+        Returns k, v: (B, Hkv, S', D) and the token slot of each key (S',).
+        """
+        s = k.shape[-2]
+        if s >= total:  # contiguous, or a preallocated buffer whose tail is unwritten
+            return k[:, :, :total], v[:, :, :total], torch.arange(total, device=k.device)
+        return k, v, torch.arange(total - s, total, device=k.device)  # a window: the newest s tokens
+
+    def _mask(self, ctx: StepContext, key_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """visible: (B, 1, T, S') bool; bias: (B, H, T, S') for ALiBi, else None."""
+        query_slots = torch.arange(ctx.start, ctx.total, device=key_slots.device)
+        distance = query_slots[:, None] - key_slots[None, :]  # (T, S')
+        visible = distance >= 0
+        if self.config.sliding_window is not None:
+            visible &= distance < self.config.sliding_window
+        key_is_token = ctx.key_is_token[:, key_slots]  # (B, S')
+        visible = visible[None] & key_is_token[:, None, :]
+        visible |= (distance == 0)[None]  # a padding query sees itself
+        bias = None
+        if ctx.alibi_slopes is not None:
+            q_pos = ctx.position_ids[:, ctx.start : ctx.total]  # (B, T)
+            k_pos = ctx.position_ids[:, key_slots]  # (B, S')
+            rel = (q_pos[:, :, None] - k_pos[:, None, :]).to(ctx.alibi_slopes.dtype)  # (B, T, S')
+            bias = -ctx.alibi_slopes[None, :, None, None] * rel[:, None]
+        return visible[:, None], bias
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.strict = config.numerics == "strict"
+        self.w_gate = _param(config.d_ff, config.d_model)
+        self.w_up = _param(config.d_ff, config.d_model)
+        self.w_down = _param(config.d_model, config.d_ff)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = nn.functional.silu(numerics.linear(x, self.w_gate, self.strict))
+        return numerics.linear(gate * numerics.linear(x, self.w_up, self.strict), self.w_down, self.strict)
+
+
+class Norm(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.kind, self.eps = config.norm, config.norm_eps
+        self.weight = _param(config.d_model)
+        self.bias = _param(config.d_model) if config.norm == "layer" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return numerics.rms_norm(x, self.weight, self.eps)
+        return numerics.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm, self.attn = Norm(config), Attention(config, layer_idx)
+        self.mlp_norm, self.mlp = Norm(config), MLP(config)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), ctx, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class ReferenceModel(nn.Module):
+    """The reference decoder. Weights are drawn from ``seed`` in float64 on the CPU and then cast, so one seed
+    gives the same model (up to rounding) in every dtype and on every device."""
+
+    def __init__(self, config: ModelConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = _param(config.vocab_size, config.d_model)
+        self.pos_embeddings = _param(config.max_seq_len, config.d_model) if config.positional == "learned" else None
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.final_norm = Norm(config)
+        self.lm_head = _param(config.vocab_size, config.d_model)
+        slopes = numerics.alibi_slopes(config.n_heads) if config.positional == "alibi" else None
+        self.alibi_slopes = slopes.to(config.dtype).to(config.device) if slopes is not None else None
+        self._init_weights(seed)
+
+    @torch.no_grad()
+    def _init_weights(self, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        for name, param in self.named_parameters():
+            shape = param.shape
+            if name.endswith("norm.weight"):
+                value = 1.0 + 0.1 * torch.randn(shape, generator=generator, dtype=torch.float64)
+            elif name.endswith("norm.bias"):
+                value = 0.1 * torch.randn(shape, generator=generator, dtype=torch.float64)
+            elif name in ("tok_embeddings", "pos_embeddings"):
+                value = torch.randn(shape, generator=generator, dtype=torch.float64)
+            else:  # (d_out, d_in): unit-variance outputs, so logits spread and greedy choices are rarely ties
+                value = torch.randn(shape, generator=generator, dtype=torch.float64) / shape[-1] ** 0.5
+            param.data = value.to(dtype=self.config.dtype, device=self.config.device)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        start: int = 0,
+        attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for new tokens at slots ``start .. start+T-1``.
+
+        tokens: (B, T) long; attention_mask: (B, start+T), 1 for tokens and 0 for (left) padding, over every
+        slot so far (None: no padding). Without a cache, ``start`` must be 0. Returns (B, T, vocab), or
+        (B, 1, vocab) with ``last_only``.
+        """
+        c = self.config
+        batch, t = tokens.shape
+        total = start + t
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, total, dtype=torch.long, device=tokens.device)
+        key_is_token = attention_mask.bool()
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, N)
+        new_positions = position_ids[:, start:]
+        rope = None
+        if c.positional == "rope":
+            rope = numerics.rope_tables(new_positions, c.head_dim, c.rope_theta, c.dtype)
+        ctx = StepContext(start, total, key_is_token, position_ids, rope, self.alibi_slopes)
+        x = self.tok_embeddings[tokens]  # (B, T, d_model)
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings[new_positions]
+        for layer in self.layers:
+            x = layer(x, ctx, cache)
+        if last_only:
+            x = x[:, -1:]
+        return numerics.linear(self.final_norm(x), self.lm_head, c.numerics == "strict")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        use_cache: bool = True,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> Generation:
+        """Greedy generation.
+
+        prompt: (B, T) long, left-padded where ``attention_mask`` (B, T) has zeros. ``use_cache=False``
+        recomputes the whole prefix for every token, exactly ``x[1:t+1] = LLM(x[1:t])``. ``use_cache=True``
+        prefills ``cache`` (a new :class:`~kvverify.caches.ContiguousCache` when None) with the tokens it does
+        not hold yet and then feeds one token per step. A non-empty cache must hold a prefix of ``prompt``.
+        """
+        from kvverify.inputs import check_generate_inputs
+
+        mask = check_generate_inputs(self.config, prompt, max_new_tokens, attention_mask, use_cache, cache)
+        sequences = prompt
+        chosen_tokens: list[torch.Tensor] = []
+        chosen_logits: list[torch.Tensor] = []
+        if use_cache:
+            from kvverify.caches import ContiguousCache
+
+            cache = ContiguousCache() if cache is None else cache
+            past = cache.get_seq_length()
+        for _ in range(max_new_tokens):
+            if use_cache:
+                new = sequences[:, past:]
+                logits = self(new, cache=cache, start=past, attention_mask=mask, last_only=True)[:, -1]
+                past = sequences.shape[1]
+            else:
+                logits = self(sequences, attention_mask=mask, last_only=True)[:, -1]
+            token = logits.argmax(-1, keepdim=True)  # (B, 1)
+            chosen_tokens.append(token)
+            chosen_logits.append(logits)
+            sequences = torch.cat((sequences, token), dim=1)
+            mask = torch.cat((mask, torch.ones_like(token)), dim=1)
+        return Generation(
+            tokens=torch.cat(chosen_tokens, dim=1),
+            logits=torch.stack(chosen_logits, dim=1),
+            sequences=sequences,
+            attention_mask=mask,
+            cache=cache if use_cache else None,
+        )

@@ -1,0 +1,75 @@
+"""The cache protocol: what a KV cache must do for kvverify (and transformers) to drive it.
+
+It is the subset of ``transformers.Cache`` that a decoder needs, so transformers' cache objects plug in
+unchanged and a cache written against this protocol plugs into transformers' models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from kvverify.config import ModelConfig
+
+#: Optional methods, detected on each cache rather than assumed.
+OPTIONAL_METHODS: tuple[str, ...] = ("crop", "reorder_cache", "reset")
+
+
+@runtime_checkable
+class KVCache(Protocol):
+    """A key/value cache for a decoder-only transformer.
+
+    Tensors are laid out ``(batch, n_kv_heads, seq, head_dim)``. Keys arrive with positions already applied
+    (RoPE is applied before caching) and with ``n_kv_heads`` heads: grouped-query heads are repeated by the
+    model after reading, never before writing.
+
+    ``update(key_states, value_states, layer_idx, cache_kwargs=None) -> (keys, values)``
+        Append ``seq`` new tokens (one when decoding; many for a prefill, a chunk or draft tokens) to layer
+        ``layer_idx`` and return what that layer now holds, oldest first. ``cache_kwargs["cache_position"]``
+        is a LongTensor ``(seq,)`` with the absolute index of each new token (``0`` is the first token the
+        cache ever saw). The model reads the returned length ``S`` against the ``N`` tokens written so far:
+
+        - ``S == N``: slot ``i`` holds token ``i`` (a concatenating or paged cache);
+        - ``S > N``: a preallocated buffer; slots ``N..S-1`` are unwritten and are masked out;
+        - ``S < N``: the cache kept only the newest ``S`` tokens (a sliding window); slot ``i`` holds token
+          ``N - S + i``. Returning fewer than the window needs is a bug the suite will find.
+
+        Layers are updated in order ``0..n_layers-1`` within each forward. Do not modify the tensors passed
+        in; return tensors of the model's dtype and device.
+
+    ``get_seq_length(layer_idx=0) -> int``
+        The number of tokens written to that layer (for a sliding window: tokens seen, not tokens kept).
+
+    Optional, detected with ``hasattr``:
+
+    ``crop(max_length)``
+        Keep the first ``max_length`` tokens; a negative value removes ``-max_length`` tokens from the end
+        (transformers' definition). Used for speculative decoding and rollback. A cache that cannot crop
+        to a given length raises ``ValueError``.
+    ``reorder_cache(beam_idx)``
+        Row ``i`` becomes old row ``beam_idx[i]`` (beam search); rows may be duplicated or dropped.
+    ``reset()``
+        Forget everything; the cache behaves as new.
+    """
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def get_seq_length(self, layer_idx: int = 0) -> int: ...
+
+
+class CacheFactory(Protocol):
+    """Builds a fresh, empty cache for a model of the given configuration."""
+
+    def __call__(self, config: ModelConfig) -> KVCache: ...
+
+
+def capabilities(cache: object) -> frozenset[str]:
+    """The optional methods a cache offers (a subset of :data:`OPTIONAL_METHODS`)."""
+    return frozenset(name for name in OPTIONAL_METHODS if callable(getattr(cache, name, None)))
