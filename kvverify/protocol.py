@@ -6,6 +6,7 @@ unchanged and a cache written against this protocol plugs into transformers' mod
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -73,3 +74,30 @@ class CacheFactory(Protocol):
 def capabilities(cache: object) -> frozenset[str]:
     """The optional methods a cache offers (a subset of :data:`OPTIONAL_METHODS`)."""
     return frozenset(name for name in OPTIONAL_METHODS if callable(getattr(cache, name, None)))
+
+
+@dataclass(frozen=True)
+class CacheDeclaration:
+    """What a cache says about itself, read from an optional ``kvverify_declaration`` attribute on the cache
+    object or on its factory. Anything left at None is detected by trying it.
+
+    lossy_atol: the cache is lossy (quantized, compressed); logits are compared within this absolute tolerance
+        instead of bit for bit, and greedy tokens may differ only where the reference's top two logits are closer.
+    sliding_window: the window the cache implements; the suite then only builds models with that window.
+    max_batch_size: the largest batch the cache takes.
+    max_seq_len: the most tokens it holds.
+    """
+
+    lossy_atol: float | None = None
+    sliding_window: int | None = None
+    max_batch_size: int | None = None
+    max_seq_len: int | None = None
+
+
+def declaration_of(*objects: object) -> CacheDeclaration:
+    """The first ``kvverify_declaration`` found on the objects (a cache, its factory), else an empty one."""
+    for obj in objects:
+        declared = getattr(obj, "kvverify_declaration", None)
+        if isinstance(declared, CacheDeclaration):
+            return declared
+    return CacheDeclaration()

@@ -1,0 +1,5 @@
+import sys
+
+from kvverify.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``kvverify`` command line (see :mod:`kvverify.cli`)."""
