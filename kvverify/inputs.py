@@ -46,7 +46,8 @@ def check_generate_inputs(
         mask = torch.ones_like(prompt)
     else:
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(prompt.shape):
-            got = tuple(getattr(attention_mask, "shape", ())) or type(attention_mask).__name__
+            shape = tuple(getattr(attention_mask, "shape", ()))
+            got = str(shape) if shape else type(attention_mask).__name__
             raise InputError(f"attention_mask must have the prompt's shape {tuple(prompt.shape)}; got {got}.")
         mask = attention_mask.long()
         if not bool(((mask == 0) | (mask == 1)).all()):

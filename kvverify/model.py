@@ -51,10 +51,53 @@ class StepContext:
     position_ids: torch.Tensor  # (B, N) long
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin: (B, 1, T, head_dim)
     alibi_slopes: torch.Tensor | None  # (H,)
+    cache_position: torch.Tensor  # (T,) long: slots start .. total-1
+    dense: bool  # no padding and no ALiBi: the mask is geometry alone (used by fast numerics)
 
 
 def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class _FusedWeight:
+    """Weights concatenated along d_out for one matmul in fast numerics (QKV, gate-up).
+
+    Rebuilt when a source is replaced (``param.data = ...``, ``.to()``) or modified in place (its version
+    counter moves); the sources are kept alive so a freed pointer is never mistaken for the same weight.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[tuple[int, int], ...] = ()
+        self._sources: tuple[torch.Tensor, ...] = ()
+        self._value: torch.Tensor | None = None
+
+    def get(self, *weights: torch.Tensor) -> torch.Tensor:
+        key = tuple((w.data_ptr(), w._version) for w in weights)
+        if self._value is None or key != self._key:
+            self._sources = tuple(w.detach() for w in weights)
+            self._value = torch.cat(self._sources)  # (sum of d_out, d_in)
+            self._key = key
+        return self._value
+
+
+class _RopeTable:
+    """cos and signed sin (see :func:`numerics.fast_rope_tables`) for every position, built once, so fast
+    numerics gathers a step's rows instead of recomputing them."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def lookup(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids: (B, T) -> cos, signed sin: (B, 1, T, head_dim)."""
+        c = self.config
+        if self._tables is None or self._tables[0].device != position_ids.device:
+            every = torch.arange(c.max_seq_len, device=position_ids.device)[None]  # (1, max_seq_len)
+            cos, sin = numerics.rope_tables(every, c.head_dim, c.rope_theta, c.dtype, False)
+            cos, sin = numerics.fast_rope_tables(cos, sin)
+            self._tables = cos[0, 0], sin[0, 0]  # (max_seq_len, head_dim)
+        cos_table, sin_table = self._tables
+        return cos_table[position_ids][:, None], sin_table[position_ids][:, None]
 
 
 class Attention(nn.Module):
@@ -66,8 +109,11 @@ class Attention(nn.Module):
         self.wk = _param(c.n_kv_heads * c.head_dim, c.d_model)
         self.wv = _param(c.n_kv_heads * c.head_dim, c.d_model)
         self.wo = _param(c.d_model, c.n_heads * c.head_dim)
+        self._qkv = _FusedWeight()
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None) -> torch.Tensor:
+        if self.config.numerics == "fast":
+            return self._forward_fast(x, ctx, cache)
         c, strict = self.config, self.config.numerics == "strict"
         batch, t, _ = x.shape
         q = numerics.linear(x, self.wq, strict).view(batch, t, c.n_heads, c.head_dim).transpose(1, 2)
@@ -82,6 +128,32 @@ class Attention(nn.Module):
         visible, bias = self._mask(ctx, key_slots)
         out = numerics.attention(q, k, v, visible, bias, strict)  # (B, H, T, D)
         return numerics.linear(out.transpose(1, 2).reshape(batch, t, -1), self.wo, strict)
+
+    def _forward_fast(self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None) -> torch.Tensor:
+        """The same attention with one QKV matmul, RoPE on queries and keys at once, and no mask tensor when
+        every key is visible (one decoded token) or the mask is the square causal one (a prefill)."""
+        c = self.config
+        batch, t, _ = x.shape
+        n_q, n_kv = c.n_heads, c.n_kv_heads
+        qkv = numerics.linear(x, self._qkv.get(self.wq, self.wk, self.wv), False)
+        qkv = qkv.view(batch, t, n_q + 2 * n_kv, c.head_dim).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
+        qk, v = qkv[:, : n_q + n_kv], qkv[:, n_q + n_kv :]
+        if ctx.rope is not None:
+            qk = numerics.fast_apply_rope(qk, *ctx.rope)
+        q, k = qk[:, :n_q], qk[:, n_q:]  # (B, H, T, D), (B, Hkv, T, D)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx, {"cache_position": ctx.cache_position})
+        s = k.shape[-2]
+        if s > ctx.total:  # see _align_to_slots
+            k, v, s = k[:, :, : ctx.total], v[:, :, : ctx.total], ctx.total
+        window = c.sliding_window
+        if ctx.dense and (t == 1 or t == s) and (window is None or s <= window):
+            out = numerics.dense_attention(q, k, v, causal=t > 1)  # (B, H, T, D)
+        else:
+            key_slots = torch.arange(ctx.total - s, ctx.total, device=k.device)
+            visible, bias = self._mask(ctx, key_slots)
+            out = numerics.attention(q, k, v, visible, bias, False)
+        return numerics.linear(out.transpose(1, 2).reshape(batch, t, -1), self.wo, False)
 
     @staticmethod
     def _align_to_slots(
@@ -124,23 +196,30 @@ class MLP(nn.Module):
         self.w_gate = _param(config.d_ff, config.d_model)
         self.w_up = _param(config.d_ff, config.d_model)
         self.w_down = _param(config.d_model, config.d_ff)
+        self._gate_up = _FusedWeight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = nn.functional.silu(numerics.linear(x, self.w_gate, self.strict))
+        if not self.strict:  # one matmul for gate and up
+            gate, up = numerics.linear(x, self._gate_up.get(self.w_gate, self.w_up), False).chunk(2, dim=-1)
+            return numerics.linear(nn.functional.silu(gate) * up, self.w_down, False)
+        gate = numerics.elementwise(nn.functional.silu, numerics.linear(x, self.w_gate, self.strict), self.strict)
         return numerics.linear(gate * numerics.linear(x, self.w_up, self.strict), self.w_down, self.strict)
 
 
 class Norm(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.kind, self.eps = config.norm, config.norm_eps
+        self.eps, self.strict = config.norm_eps, config.numerics == "strict"
         self.weight = _param(config.d_model)
         self.bias = _param(config.d_model) if config.norm == "layer" else None
+        self.fast = config.numerics == "fast"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and x.dtype in (torch.float32, torch.float64):  # the fused kernels, same formula
+            return numerics.fast_norm(x, self.weight, self.bias, self.eps)
         if self.bias is None:
-            return numerics.rms_norm(x, self.weight, self.eps)
-        return numerics.layer_norm(x, self.weight, self.bias, self.eps)
+            return numerics.rms_norm(x, self.weight, self.eps, self.strict)
+        return numerics.layer_norm(x, self.weight, self.bias, self.eps, self.strict)
 
 
 class Block(nn.Module):
@@ -168,6 +247,7 @@ class ReferenceModel(nn.Module):
         self.lm_head = _param(config.vocab_size, config.d_model)
         slopes = numerics.alibi_slopes(config.n_heads) if config.positional == "alibi" else None
         self.alibi_slopes = slopes.to(config.dtype).to(config.device) if slopes is not None else None
+        self._rope_table = _RopeTable(config)
         self._init_weights(seed)
 
     @torch.no_grad()
@@ -210,8 +290,13 @@ class ReferenceModel(nn.Module):
         new_positions = position_ids[:, start:]
         rope = None
         if c.positional == "rope":
-            rope = numerics.rope_tables(new_positions, c.head_dim, c.rope_theta, c.dtype)
-        ctx = StepContext(start, total, key_is_token, position_ids, rope, self.alibi_slopes)
+            if c.numerics == "fast":
+                rope = self._rope_table.lookup(new_positions)
+            else:
+                rope = numerics.rope_tables(new_positions, c.head_dim, c.rope_theta, c.dtype, c.numerics == "strict")
+        cache_position = torch.arange(start, total, device=tokens.device)
+        dense = c.numerics == "fast" and self.alibi_slopes is None and bool(key_is_token.all())
+        ctx = StepContext(start, total, key_is_token, position_ids, rope, self.alibi_slopes, cache_position, dense)
         x = self.tok_embeddings[tokens]  # (B, T, d_model)
         if self.pos_embeddings is not None:
             x = x + self.pos_embeddings[new_positions]

@@ -15,9 +15,32 @@ cache.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+#: Elementwise transcendental kernels (exp, sin, silu...) run SIMD over full vector chunks and scalar code
+#: over the tail; the two can differ in the last bit, so an element's bits would depend on where it sits in
+#: its tensor. Strict numerics lays every element on a full chunk: a flat buffer padded to a multiple of
+#: _LANES, processed in pieces below the size at which torch splits work across threads.
+_LANES = 64
+_PIECE = 8192
+
+
+def lane_stable(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for an elementwise ``fn``, with each element computed by the same (vector) code path."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    pad = (-n) % _LANES
+    if pad:
+        flat = torch.cat((flat, flat.new_zeros(pad)))
+    out = torch.cat([fn(piece) for piece in torch.split(flat, _PIECE)])
+    return out[:n].view(x.shape)
+
+
+def elementwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, strict: bool) -> torch.Tensor:
+    return lane_stable(fn, x) if strict else fn(x)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, strict: bool) -> torch.Tensor:
@@ -27,21 +50,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, strict: bool) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, strict: bool) -> torch.Tensor:
     """RMSNorm, computed in float32 at least (as transformers' LlamaRMSNorm does). x: (..., d)."""
     compute = torch.promote_types(x.dtype, torch.float32)
     h = x.to(compute)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = h * elementwise(torch.rsqrt, h.pow(2).mean(-1, keepdim=True) + eps, strict)
     return weight * h.to(x.dtype)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, strict: bool) -> torch.Tensor:
     """LayerNorm from row-local sums, so strict and fast agree. x: (..., d)."""
     compute = torch.promote_types(x.dtype, torch.float32)
     h = x.to(compute)
     mean = h.mean(-1, keepdim=True)
     centred = h - mean
-    h = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+    h = centred * elementwise(torch.rsqrt, centred.pow(2).mean(-1, keepdim=True) + eps, strict)
     return h.to(x.dtype) * weight + bias
 
 
@@ -74,11 +97,45 @@ def attention(
     if bias is not None:
         scores = scores + bias
     scores = scores.masked_fill(~visible, float("-inf"))
-    weights = torch.exp(scores - scores.amax(-1, keepdim=True))  # masked keys: exactly 0
+    weights = lane_stable(torch.exp, scores - scores.amax(-1, keepdim=True))  # masked keys: exactly 0
     probs = weights / _ordered_sum(weights)
     probs = probs.view(batch, n_kv_heads, group, t_q, 1, s)
     out = _ordered_sum(probs * v.transpose(-1, -2)[:, :, None, None]).squeeze(-1)  # (B, Hkv, group, Tq, D)
     return out.reshape(batch, n_heads, t_q, head_dim)
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor:
+    """Fast attention without a mask tensor: every key visible, or (``causal``) the square causal mask, where
+    top-left and bottom-right alignment agree. q: (B, H, T, D); k, v: (B, Hkv, S, D) -> (B, H, T, D)."""
+    batch, n_heads, t_q, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    group = n_heads // n_kv_heads
+    scale = 1.0 / math.sqrt(head_dim)
+    if t_q == 1 and not causal:  # one query per head: a group's queries become rows against their shared KV head
+        rows = q.view(batch, n_kv_heads, group, head_dim)
+        out = F.scaled_dot_product_attention(rows, k, v, scale=scale)  # (B, Hkv, group, D)
+        return out.view(batch, n_heads, 1, head_dim)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1)
+
+
+def fast_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm (``bias`` None) or LayerNorm with torch's kernels, for fast numerics in float32 or float64
+    (reduced precision goes through :func:`rms_norm` and :func:`layer_norm`). x: (..., d)."""
+    if bias is None:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def fast_rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and a signed sin for :func:`fast_apply_rope`: ``rotate_half(x) * sin == swap_halves(x) * signed``."""
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def fast_apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` in three kernels. x: (B, heads, T, D); cos, signed_sin: (B, 1, T, D)."""
+    swapped = x.roll(x.shape[-1] // 2, dims=-1)  # halves swapped
+    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
 def _ordered_sum(x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +149,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_tables(
-    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, strict: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin for rotary embeddings (the non-interleaved layout of transformers' Llama).
 
@@ -104,7 +161,8 @@ def rope_tables(
     )
     freqs = position_ids.to(compute)[..., None] * inv_freq  # (B, T, head_dim / 2)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    cos, sin = elementwise(torch.cos, emb, strict), elementwise(torch.sin, emb, strict)
+    return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ def resolve_crop(max_length: int, length: int) -> int:
 
 def new_positions(cache_kwargs: dict[str, Any] | None, length: int, count: int, device: torch.device) -> torch.Tensor:
     """Slots for ``count`` new tokens: ``cache_kwargs['cache_position']`` when given, else after ``length``."""
-    position = (cache_kwargs or {}).get("cache_position")
+    position: torch.Tensor | None = (cache_kwargs or {}).get("cache_position")
     if position is None:
         return torch.arange(length, length + count, device=device)
     return position.to(device=device, dtype=torch.long).reshape(-1)[-count:]

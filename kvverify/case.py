@@ -1,0 +1,81 @@
+"""One test case: a model configuration, the weights' seed, a (left-padded) prompt and a generation length."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvverify.config import ModelConfig
+from kvverify.model import ReferenceModel
+
+
+@dataclass(frozen=True)
+class Case:
+    """prompt: one list of token ids per row, all the same length, left-padded with ``pad[row]`` leading
+    positions that the attention mask hides (their token ids are kept but ignored)."""
+
+    config: ModelConfig
+    prompt: tuple[tuple[int, ...], ...]
+    pad: tuple[int, ...]
+    max_new_tokens: int
+    seed: int = 0
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt[0])
+
+    @property
+    def total_len(self) -> int:
+        """Tokens the cache holds once generation ends (the last token is chosen but never fed)."""
+        return self.prompt_len + self.max_new_tokens - 1
+
+    def tokens(self) -> torch.Tensor:
+        """(B, T) long."""
+        return torch.tensor(self.prompt, dtype=torch.long, device=self.config.device)
+
+    def attention_mask(self) -> torch.Tensor:
+        """(B, T) long: 0 for left padding, 1 for tokens."""
+        positions = torch.arange(self.prompt_len)
+        mask = (positions[None, :] >= torch.tensor(self.pad)[:, None]).long()
+        return mask.to(self.config.device)
+
+    def model(self) -> ReferenceModel:
+        return build_model(self.config, self.seed)
+
+    def describe(self) -> str:
+        """A readable summary: the non-default config fields, the prompt and the length."""
+        c = self.config
+        fields = ", ".join(
+            f"{name}={getattr(c, name)!r}"
+            for name in (
+                "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                "norm", "positional", "sliding_window", "max_seq_len", "max_batch_size",
+            )
+        )
+        fields += f", dtype={str(c.dtype).removeprefix('torch.')!r}, numerics={c.numerics!r}"
+        lines = [
+            f"config: ModelConfig({fields})",
+            f"weights seed: {self.seed}",
+            f"prompt: batch {self.batch} x {self.prompt_len} tokens, left padding per row {list(self.pad)}",
+            f"max_new_tokens: {self.max_new_tokens} (the cache ends holding {self.total_len} tokens)",
+        ]
+        return "\n".join(lines)
+
+
+_MODELS: dict[tuple[ModelConfig, int], ReferenceModel] = {}
+
+
+def build_model(config: ModelConfig, seed: int) -> ReferenceModel:
+    """A reference model, memoised (the last 32): strategies revisit the same small shapes often."""
+    key = (config, seed)
+    if key not in _MODELS:
+        if len(_MODELS) >= 32:
+            _MODELS.pop(next(iter(_MODELS)))
+        _MODELS[key] = ReferenceModel(config, seed=seed)
+    return _MODELS[key]

@@ -1,0 +1,154 @@
+"""Comparing two generations: bit for bit, or within a stated tolerance with identical greedy tokens.
+
+A mismatch is reported as the first diverging step and batch row, with the max absolute and relative
+error, the distance in ULPs and the tokens on both sides, never as a bare ``AssertionError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvverify.model import Generation
+
+_INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Logits may differ by ``atol + rtol * |expected|``; greedy tokens must agree except right after a
+    near tie, a step where the expected top-two logits are closer than the allowed error: from there on the
+    two generations may legitimately continue differently, so the comparison stops at that step."""
+
+    atol: float
+    rtol: float = 0.0
+    why: str = ""
+
+
+#: Fast numerics (standard kernels), cached vs uncached logits on the reference model. Measured by
+#: ``python -m kvverify.measure_tolerance`` over 300 random configurations of the property suite's strategy
+#: (positional scheme, norm, window, GQA, left padding): the largest observed max-abs difference, times 8.
+#: Larger models and longer sequences need more; :func:`kvverify.compare.tolerance_for` is the one place
+#: that picks it.
+FAST_TOLERANCES: dict[torch.dtype, Tolerance] = {
+    torch.float64: Tolerance(atol=1e-11, why="float64: observed max 5e-14 on logits of magnitude < 10"),
+    torch.float32: Tolerance(atol=2e-5, why="float32: observed max 2.4e-6"),
+    torch.bfloat16: Tolerance(atol=0.25, why="bfloat16: observed max 0.0625 (a few bf16 ULPs at |logit|~4)"),
+    torch.float16: Tolerance(atol=0.03, why="float16: observed max 0.0039"),
+}
+
+
+def tolerance_for(dtype: torch.dtype) -> Tolerance:
+    return FAST_TOLERANCES[dtype]
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """The first place two generations disagree."""
+
+    step: int
+    row: int
+    max_abs: float
+    max_rel: float
+    ulps: int
+    expected_tokens: list[int]
+    actual_tokens: list[int]
+    reason: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.reason} at step {self.step}, batch row {self.row}: "
+            f"max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}, {self.ulps} ULPs\n"
+            f"  expected tokens: {self.expected_tokens}\n"
+            f"  actual tokens:   {self.actual_tokens}"
+        )
+
+
+class GenerationMismatch(AssertionError):
+    """Cached and uncached generations differ; ``mismatch`` says where and by how much."""
+
+    def __init__(self, mismatch: Mismatch, context: str = "") -> None:
+        self.mismatch = mismatch
+        super().__init__(f"{context}{mismatch}")
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest number of representable values between corresponding elements of two float tensors."""
+    if a.numel() == 0:
+        return 0
+    int_type = _INT_OF_WIDTH[a.element_size()]
+    lowest = torch.iinfo(int_type).min
+
+    def ordered(x: torch.Tensor) -> torch.Tensor:
+        bits = x.contiguous().view(int_type).to(torch.int64)
+        return torch.where(bits < 0, lowest - bits, bits)
+
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    distance = (ordered(a) - ordered(b)).abs().masked_fill(both_nan, 0)
+    return int(distance.max())
+
+
+def _errors(expected: torch.Tensor, actual: torch.Tensor) -> tuple[float, float]:
+    e, a = expected.double(), actual.double()
+    diff = (e - a).abs().nan_to_num(nan=float("inf"))
+    return float(diff.max()), float((diff / e.abs().clamp_min(1e-30)).max())
+
+
+def _mismatch(expected: Generation, actual: Generation, step: int, row: int, reason: str) -> Mismatch:
+    e, a = expected.logits[row, step], actual.logits[row, step]
+    max_abs, max_rel = _errors(e, a)
+    return Mismatch(
+        step=step,
+        row=row,
+        max_abs=max_abs,
+        max_rel=max_rel,
+        ulps=ulp_distance(e, a),
+        expected_tokens=expected.tokens[row, : step + 1].tolist(),
+        actual_tokens=actual.tokens[row, : step + 1].tolist(),
+        reason=reason,
+    )
+
+
+def _check_shapes(expected: Generation, actual: Generation) -> None:
+    if expected.logits.shape != actual.logits.shape:
+        raise ValueError(f"generations differ in shape: {tuple(expected.logits.shape)} vs {tuple(actual.logits.shape)}")
+
+
+def first_difference(expected: Generation, actual: Generation, tolerance: Tolerance | None = None) -> Mismatch | None:
+    """None when the generations agree: bitwise with no tolerance, else within it with identical tokens."""
+    _check_shapes(expected, actual)
+    steps, rows = expected.logits.shape[1], expected.logits.shape[0]
+    alive = torch.ones(rows, dtype=torch.bool)  # rows not yet split by a near tie
+    for step in range(steps):
+        e, a = expected.logits[:, step], actual.logits[:, step]  # (B, vocab)
+        if tolerance is None:
+            same = (e == a) | (torch.isnan(e) & torch.isnan(a))
+            bad_rows = ~same.all(-1) & alive
+            reason = "logits differ (bitwise comparison)"
+        else:
+            allowed = tolerance.atol + tolerance.rtol * e.abs()
+            bad_rows = ~((e - a).abs() <= allowed).all(-1) & alive
+            reason = f"logits differ beyond atol={tolerance.atol:g}, rtol={tolerance.rtol:g}"
+        if bool(bad_rows.any()):
+            return _mismatch(expected, actual, step, int(bad_rows.nonzero()[0]), reason)
+        for row in ((expected.tokens[:, step] != actual.tokens[:, step]) & alive).nonzero().flatten().tolist():
+            if tolerance is None or not _near_tie(e[row], tolerance):
+                return _mismatch(expected, actual, step, row, "greedy tokens differ")
+            alive[row] = False  # both choices are within the tolerance of the best: the paths may split here
+    return None
+
+
+def _near_tie(logits: torch.Tensor, tolerance: Tolerance) -> bool:
+    top2 = logits.double().topk(2).values
+    gap = float(top2[0] - top2[1])
+    return gap <= 2 * (tolerance.atol + tolerance.rtol * float(top2[0].abs()))
+
+
+def assert_same_generation(
+    expected: Generation, actual: Generation, tolerance: Tolerance | None = None, context: str = ""
+) -> None:
+    """Raise :class:`GenerationMismatch` at the first difference (see :func:`first_difference`)."""
+    mismatch = first_difference(expected, actual, tolerance)
+    if mismatch is not None:
+        raise GenerationMismatch(mismatch, context)
