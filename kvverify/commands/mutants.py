@@ -1,0 +1,173 @@
+"""``kvverify mutants``: the property suite against the catalogue of buggy caches, with a kill table.
+
+Every mutant of :data:`kvverify.mutants.MUTANTS` runs through the suite; a mutant is killed when some
+property fails (or errors) on it. The correct built-in caches, and transformers' ``DynamicCache`` and
+``StaticCache`` when transformers is installed, run as controls and must pass. The conventional grid of
+:mod:`kvverify.baseline` runs against the same mutants for comparison. Exit 0 only when every mutant is
+killed and every control passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvverify.protocol import CacheFactory
+
+HELP = "run the suite against the catalogue of buggy caches: a kill table"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", choices=("ci", "dev", "thorough"), default="ci",
+                        help="Hypothesis profile of the suite (default: ci)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every suite run (default: 0)")
+    parser.add_argument("--only", nargs="+", metavar="MUTANT", help="run only these mutants (and the controls)")
+    parser.add_argument("--no-controls", action="store_true", help="skip the correct caches")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the conventional grid")
+    parser.add_argument("--details", action="store_true", help="print each killing property's full report")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One mutant's outcome under the suite and under the baseline grid."""
+
+    name: str
+    killed: bool
+    killer: str  # the first property that failed, or "" when none did
+    first_failure_seconds: float | None
+    cpu_seconds: float
+    example: str  # the shrunk failing case, on one line
+    detail: str
+    baseline_killed: bool | None  # None when the baseline was not run
+    baseline_cpu_seconds: float
+
+
+def _minimal_case(detail: str, width: int = 160) -> str:
+    """The shrunk example of a failure report on one line, the model config reduced to its telling fields."""
+    lines = detail.splitlines()
+    if "minimal case:" not in lines:
+        return ""
+    parts = []
+    for line in lines[lines.index("minimal case:") + 1 :]:
+        if not line.strip():
+            break
+        line = line.strip()
+        if line.startswith("config: ModelConfig("):
+            fields = dict(re.findall(r"(\w+)=('[^']*'|[^,)]+)", line))
+            keep = ("n_layers", "n_heads", "n_kv_heads", "sliding_window", "dtype", "positional")
+            line = "config: " + " ".join(f"{k}={fields[k].strip(chr(39))}" for k in keep if k in fields)
+        parts.append(line)
+    text = "; ".join(parts)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _controls() -> dict[str, CacheFactory]:
+    from kvverify.caches import BUILTIN_CACHES
+
+    controls: dict[str, CacheFactory] = dict(BUILTIN_CACHES)
+    try:
+        from kvverify.adapters import import_transformers
+
+        import_transformers()
+        from kvverify.adapters.hf import dynamic_cache, static_cache
+    except ImportError:  # transformers is optional: its caches are controls only when installed
+        return controls
+    controls["transformers-dynamic"] = dynamic_cache
+    controls["transformers-static"] = static_cache
+    return controls
+
+
+def _run_mutant(name: str, factory: CacheFactory, profile: str, seed: int, with_baseline: bool) -> Row:
+    from kvverify.baseline import run_baseline
+    from kvverify.suite import run_suite
+
+    start = time.process_time()
+    result = run_suite(factory, target=f"mutant:{name}", profile=profile, seed=seed)
+    cpu = time.process_time() - start
+    failure = result.failures[0] if result.failures else None
+    baseline = run_baseline(factory) if with_baseline else None
+    return Row(
+        name=name,
+        killed=failure is not None,
+        killer=failure.name if failure else "",
+        first_failure_seconds=getattr(failure, "first_failure_seconds", None) if failure else None,
+        cpu_seconds=cpu,
+        example=_minimal_case(failure.detail) if failure else "",
+        detail=failure.detail if failure else "",
+        baseline_killed=baseline.killed if baseline else None,
+        baseline_cpu_seconds=baseline.cpu_seconds if baseline else 0.0,
+    )
+
+
+def _print_table(rows: Sequence[Row], with_baseline: bool) -> None:
+    name_width = max(len("mutant"), *(len(r.name) for r in rows))
+    killer_width = max(len("killed by"), *(len(r.killer) for r in rows))
+    header = f"{'mutant':<{name_width}}  {'suite':<8}  {'killed by':<{killer_width}}  {'to fail':>8}"
+    header += "  baseline" if with_baseline else ""
+    print(header + "  shrunk example")
+    print("-" * (len(header) + 16))
+    for r in rows:
+        to_fail = f"{r.first_failure_seconds:.1f}s" if r.first_failure_seconds is not None else "-"
+        line = f"{r.name:<{name_width}}  {'killed' if r.killed else 'SURVIVED':<8}  {r.killer:<{killer_width}}  "
+        line += f"{to_fail:>8}"
+        if with_baseline:
+            line += f"  {'killed' if r.baseline_killed else 'survived':<8}"
+        print(f"{line}  {r.example}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvverify.mutants import MUTANTS
+    from kvverify.suite import run_suite
+
+    names = list(MUTANTS) if not args.only else list(args.only)
+    unknown = [name for name in names if name not in MUTANTS]
+    if unknown:
+        print(f"unknown mutant(s) {unknown}; expected some of: {', '.join(MUTANTS)}")
+        return EXIT_USAGE
+    with_baseline = not args.no_baseline
+
+    rows = []
+    for name in names:
+        rows.append(_run_mutant(name, MUTANTS[name].factory, args.profile, args.seed, with_baseline))
+        print(f"  {name}: {'killed by ' + rows[-1].killer if rows[-1].killed else 'survived'}", flush=True)
+    print()
+    _print_table(rows, with_baseline)
+    if args.details:
+        for r in rows:
+            if r.killed:
+                print(f"\n[{r.name}] killed by {r.killer}\n{r.detail}")
+
+    killed = sum(r.killed for r in rows)
+    suite_cpu = sum(r.cpu_seconds for r in rows)
+    print(f"\nsuite ({args.profile} profile, seed {args.seed}): killed {killed}/{len(rows)} "
+          f"in {suite_cpu:.1f} CPU seconds")
+    failing_times = sorted(r.first_failure_seconds for r in rows if r.first_failure_seconds is not None)
+    if failing_times:
+        median = failing_times[len(failing_times) // 2]
+        print(f"  time to first failure: median {median:.1f}s, max {failing_times[-1]:.1f}s")
+    if with_baseline:
+        baseline_killed = sum(bool(r.baseline_killed) for r in rows)
+        baseline_cpu = sum(r.baseline_cpu_seconds for r in rows)
+        print(f"baseline (transformers-style grid): killed {baseline_killed}/{len(rows)} "
+              f"in {baseline_cpu:.1f} CPU seconds")
+
+    controls_ok = True
+    if not args.no_controls:
+        print("\ncontrols (correct caches; every property must pass):")
+        for name, factory in _controls().items():
+            result = run_suite(factory, target=f"control:{name}", profile=args.profile, seed=args.seed)
+            failed = ", ".join(r.name for r in result.failures)
+            controls_ok &= result.ok
+            print(f"  {name:<24} {'passed' if result.ok else 'FAILED: ' + failed}")
+            if not result.ok and args.details:
+                for failure in result.failures:
+                    print(f"\n[{name}] {failure.name}\n{failure.detail}")
+
+    survivors = [r.name for r in rows if not r.killed]
+    if survivors:
+        print(f"\nsurvived: {', '.join(survivors)}")
+    return EXIT_OK if not survivors and controls_ok else EXIT_FAILED
