@@ -1,0 +1,207 @@
+"""Write a :class:`~kvverify.profiling.results.Profile` as report.html (self-contained), report.md and results.json."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from kvverify.profiling.plots import FIGURES
+from kvverify.profiling.results import CacheRow, Profile
+
+WITHOUT_CACHE_NOTE = (
+    "The seed puts the memory of generation without a cache at `2 * hidden_size * 1 * decoder_length` elements. "
+    "No K/V survives between uncached steps, but each step recomputes the whole prefix: it materializes the "
+    "activations of every prefix position in every layer and, in eager attention, a heads × t × t score matrix "
+    "(and its softmax), so its transient peak grows with t² and passes the cache's bytes within a few hundred "
+    "tokens (the dash-dotted line in the memory plot is that estimate, from `kvverify.analysis.uncached_peak_bytes`)."
+)
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None or value < 0 else f"{value / 2**20:.3f}"
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{1e3 * value:.3f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+ROW_HEADER = (
+    "preset",
+    "cache",
+    "length",
+    "cached ms/token",
+    "uncached ms/token",
+    "speedup",
+    "held MiB",
+    "formula MiB",
+    "held/formula",
+    "held/layout",
+    "memray peak MiB",
+    "churn MiB",
+    "GFLOP/token cached",
+    "GFLOP/token uncached",
+)
+
+
+def row_cells(row: CacheRow) -> list[str]:
+    name = row.cache if row.window is None else f"{row.cache} (W={row.window})"
+    return [
+        row.preset,
+        name,
+        str(row.length),
+        _ms(row.cached_step_s),
+        _ms(row.uncached_step_s),
+        _ratio(row.speedup),
+        _mib(row.held_bytes),
+        _mib(row.formula_bytes),
+        _ratio(row.held_over_formula),
+        _ratio(row.held_over_predicted),
+        _mib(row.memray_peak_bytes),
+        _mib(row.churn_bytes),
+        f"{row.flops_cached / 1e9:.4f}",
+        f"{row.flops_uncached / 1e9:.3f}",
+    ]
+
+
+RATIO_HEADER = (
+    "reference cache",
+    "transformers cache",
+    "prompt",
+    "new tokens",
+    "rounds",
+    "reference ms/token",
+    "transformers ms/token",
+    "reference / transformers",
+)
+
+
+def ratio_cells(profile: Profile) -> list[list[str]]:
+    return [
+        [
+            r.reference_cache,
+            r.transformers_cache,
+            str(r.prompt),
+            str(r.new_tokens),
+            str(r.rounds),
+            _ms(r.reference_s_per_token),
+            _ms(r.transformers_s_per_token),
+            _ratio(r.ratio),
+        ]
+        for r in profile.ratios
+    ]
+
+
+def _environment_lines(profile: Profile) -> list[str]:
+    return [f"{key}: {value}" for key, value in profile.environment.items()]
+
+
+def _presets(profile: Profile) -> list[str]:
+    return list(dict.fromkeys(row.preset for row in profile.rows))
+
+
+def render_figures(profile: Profile) -> list[tuple[str, str, bytes]]:
+    """(file stem, caption, PNG) for every figure of every preset."""
+    return [
+        (f"{stem}_{preset}", f"{caption} ({preset})", draw(profile, preset))
+        for preset in _presets(profile)
+        for stem, caption, draw in FIGURES
+    ]
+
+
+def markdown(profile: Profile, figures: list[tuple[str, str, bytes]]) -> str:
+    def table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+            "| " + " | ".join(r) + " |" for r in rows
+        ]
+
+    lines = ["# kvverify profile", "", *[f"- {line}" for line in _environment_lines(profile)], ""]
+    lines += [f"Measured in {profile.seconds:.1f} s. Numerics: fast. Batch 1.", ""]
+    lines += ["## Reference vs transformers, cached decode, alternating in one process", ""]
+    lines += [*table(RATIO_HEADER, ratio_cells(profile)), ""]
+    lines += ["## Every cache at every length", ""]
+    lines += [*table(ROW_HEADER, [row_cells(row) for row in profile.rows]), ""]
+    lines += [
+        "held/formula: bytes the cache's tensors hold over `kvverify.analysis.kv_bytes` for the tokens "
+        "it holds; held/layout: over the prediction for its layout (capacity for preallocated and paged "
+        "caches). Churn: every byte memray saw allocated while the cache was built and took the tokens "
+        "(its own updates, replayed without the model).",
+        "",
+    ]
+    lines += ["## Without a cache", "", WITHOUT_CACHE_NOTE, ""]
+    lines += [
+        f"tracemalloc saw {profile.tracemalloc_bytes} bytes and memray {profile.memray_bytes} bytes while "
+        "one 8 MiB torch tensor was allocated: torch's CPU allocations are invisible to tracemalloc.",
+        "",
+    ]
+    if profile.cuda:
+        lines += ["## CUDA", "", *[f"- {key}: {value}" for key, value in profile.cuda.items()], ""]
+    if profile.skipped:
+        lines += ["## Not measured", "", *[f"- {reason}" for reason in profile.skipped], ""]
+    lines += ["## Figures", ""] + [f"![{caption}]({stem}.png)" for stem, caption, _ in figures] + [""]
+    return "\n".join(lines)
+
+
+def html_page(profile: Profile, figures: list[tuple[str, str, bytes]]) -> str:
+    def table(header: tuple[str, ...], rows: list[list[str]]) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    images = "".join(
+        f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for _, caption, png in figures
+    )
+    environment = "".join(f"<li>{html.escape(line)}</li>" for line in _environment_lines(profile))
+    skipped = "".join(f"<li>{html.escape(reason)}</li>" for reason in profile.skipped)
+    cuda = (
+        ""
+        if not profile.cuda
+        else "<h2>CUDA</h2><ul>"
+        + "".join(f"<li>{html.escape(f'{k}: {v}')}</li>" for k, v in profile.cuda.items())
+        + "</ul>"
+    )
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+        "figure{display:inline-block;margin:.5em}img{max-width:560px}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>kvverify profile</title><style>{style}</style>"
+        f"</head><body><h1>kvverify profile</h1><ul>{environment}</ul>"
+        f"<p>Measured in {profile.seconds:.1f} s. Numerics: fast. Batch 1.</p>"
+        f"<h2>Reference vs transformers, cached decode, alternating in one process</h2>"
+        f"{table(RATIO_HEADER, ratio_cells(profile))}<h2>Figures</h2>{images}"
+        f"<h2>Every cache at every length</h2>{table(ROW_HEADER, [row_cells(r) for r in profile.rows])}"
+        f"<h2>Without a cache</h2><p>{html.escape(WITHOUT_CACHE_NOTE)}</p>"
+        f"<p>tracemalloc saw {profile.tracemalloc_bytes} bytes and memray {profile.memray_bytes} bytes while one "
+        f"8 MiB torch tensor was allocated.</p>{cuda}"
+        + (f"<h2>Not measured</h2><ul>{skipped}</ul>" if skipped else "")
+        + "</body></html>"
+    )
+
+
+def write_report(profile: Profile, out_dir: Path) -> list[Path]:
+    """Write report.html, report.md (with its PNGs beside it) and results.json into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = render_figures(profile)
+    written = []
+    for stem, _, png in figures:
+        path = out_dir / f"{stem}.png"
+        path.write_bytes(png)
+        written.append(path)
+    for name, text in (
+        ("report.html", html_page(profile, figures)),
+        ("report.md", markdown(profile, figures)),
+        ("results.json", json.dumps(profile.as_dict(), indent=2, default=str)),
+    ):
+        path = out_dir / name
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written

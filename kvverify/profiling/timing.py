@@ -1,0 +1,135 @@
+"""Wall-clock time of prefill and of one decode step, cached and uncached, and side-by-side ratios.
+
+A *step function* maps ``(tokens (B, T), cache or None, start)`` to the last position's logits (B, vocab);
+the reference model and transformers' ``LlamaForCausalLM`` each get one, so both are timed the same way.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvverify.model import ReferenceModel
+
+StepFn = Callable[[torch.Tensor, Any, int], torch.Tensor]
+
+
+def reference_step(model: ReferenceModel) -> StepFn:
+    """The reference model's step: ``start`` is the slot of the first new token."""
+
+    @torch.no_grad()
+    def step(tokens: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
+        logits: torch.Tensor = model(tokens, cache=cache, start=start, last_only=True)[:, -1]
+        return logits
+
+    return step
+
+
+def llama_step(llama: Any) -> StepFn:
+    """transformers' step: the cache knows where new tokens go, so ``start`` is not passed."""
+    from kvverify.profiling.transformers_side import cache_keyword, llama_logits
+
+    keyword = cache_keyword(llama)
+
+    def step(tokens: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
+        return llama_logits(llama, tokens, cache, keyword)
+
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class CachedTiming:
+    prefill_s: float  # one forward over the `context` prompt tokens, filling the cache
+    step_s: float  # median of the decode steps that follow (one token each)
+
+
+def time_cached(step: StepFn, cache: Any, tokens: torch.Tensor, context: int) -> CachedTiming:
+    """Prefill ``tokens[:, :context]`` into ``cache``, then decode the remaining columns one at a time.
+
+    tokens: (B, context + steps) with steps >= 1.
+    """
+    steps = tokens.shape[1] - context
+    if context < 1 or steps < 1:
+        raise ValueError(f"need a context >= 1 and at least one step; got context={context}, tokens={tokens.shape[1]}.")
+    _sync(tokens.device)
+    begin = time.perf_counter()
+    step(tokens[:, :context], cache, 0)
+    _sync(tokens.device)
+    prefill = time.perf_counter() - begin
+    samples = []
+    for position in range(context, context + steps):
+        begin = time.perf_counter()
+        step(tokens[:, position : position + 1], cache, position)
+        _sync(tokens.device)
+        samples.append(time.perf_counter() - begin)
+    return CachedTiming(prefill_s=prefill, step_s=statistics.median(samples))
+
+
+def time_uncached(step: StepFn, tokens: torch.Tensor, repeats: int) -> float:
+    """Median time of a forward over all of ``tokens`` (B, T): the work of one uncached decode step at length T."""
+    samples = []
+    for _ in range(repeats):
+        _sync(tokens.device)
+        begin = time.perf_counter()
+        step(tokens, None, 0)
+        _sync(tokens.device)
+        samples.append(time.perf_counter() - begin)
+    return statistics.median(samples)
+
+
+def greedy_seconds_per_token(
+    step: StepFn, make_cache: Callable[[], Any], prompt: torch.Tensor, new_tokens: int
+) -> float:
+    """Seconds per generated token of a greedy generation with a fresh cache: prefill, then one token per step."""
+    cache = make_cache()
+    _sync(prompt.device)
+    begin = time.perf_counter()
+    logits = step(prompt, cache, 0)
+    position = prompt.shape[1]
+    for _ in range(new_tokens - 1):
+        token = logits.argmax(-1, keepdim=True)  # (B, 1)
+        logits = step(token, cache, position)
+        position += 1
+    _sync(prompt.device)
+    return (time.perf_counter() - begin) / new_tokens
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """Two timings measured alternately in one process: ``ratio`` is the median of per-round first/second."""
+
+    first_s: tuple[float, ...]
+    second_s: tuple[float, ...]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(a / b for a, b in zip(self.first_s, self.second_s, strict=True))
+
+    @property
+    def first_median_s(self) -> float:
+        return statistics.median(self.first_s)
+
+    @property
+    def second_median_s(self) -> float:
+        return statistics.median(self.second_s)
+
+
+def alternating(first: Callable[[], float], second: Callable[[], float], rounds: int) -> Ratio:
+    """Run ``first`` and ``second`` in turn (one warm-up each, then ``rounds`` rounds); each returns seconds."""
+    first()
+    second()
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(first())
+        b.append(second())
+    return Ratio(first_s=tuple(a), second_s=tuple(b))

@@ -1,0 +1,48 @@
+"""Shared fixtures of the time and memory profiles (run by ``tox -e bench`` and ``tox -e memory``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from kvverify.config import ModelConfig
+from kvverify.model import ReferenceModel
+
+#: Context lengths of the time profiles, per preset (each within the preset's max_seq_len).
+LENGTHS: dict[str, tuple[int, ...]] = {"bench": (64, 256, 512, 1024, 2048), "tiny": (16, 64, 120)}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "benchmark: a pytest-benchmark time profile (tox -e bench)")
+    config.addinivalue_line("markers", "memory: a memray host-memory profile or limit_memory gate (tox -e memory)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped with a reason without one")
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    """Timings at one torch thread, as the README's figures are."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fast_config(preset: str, **overrides: Any) -> ModelConfig:
+    return ModelConfig.preset(preset, numerics="fast", **overrides)
+
+
+_MODELS: dict[ModelConfig, ReferenceModel] = {}
+
+
+def reference(config: ModelConfig) -> ReferenceModel:
+    """One reference model per configuration for the whole session."""
+    if config not in _MODELS:
+        _MODELS[config] = ReferenceModel(config)
+    return _MODELS[config]
+
+
+def tokens(config: ModelConfig, length: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(length)
+    return torch.randint(0, config.vocab_size, (1, length), generator=generator)  # (1, length)
