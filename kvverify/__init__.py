@@ -1,20 +1,59 @@
-"""kvverify: property-based correctness and profiling for LLM KV caches."""
+"""kvverify: property-based correctness and profiling for LLM KV caches.
+
+Names are imported on first use, so that importing :mod:`kvverify` (as pytest does for the plugin, in every
+run once the package is installed) does not import torch.
+"""
 
 from __future__ import annotations
 
-from kvverify.caches import BUILTIN_CACHES, ContiguousCache, PagedCache, SlidingWindowCache, StaticCache
-from kvverify.config import ConfigError, ModelConfig
-from kvverify.inputs import InputError
-from kvverify.model import Generation, ReferenceModel
-from kvverify.protocol import CacheFactory, KVCache, capabilities
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvverify.caches import BUILTIN_CACHES, ContiguousCache, PagedCache, SlidingWindowCache, StaticCache
+    from kvverify.config import ConfigError, ModelConfig
+    from kvverify.contract import CheckedCache, ContractViolation
+    from kvverify.inputs import InputError
+    from kvverify.loading import TargetError, load_factory
+    from kvverify.model import Generation, ReferenceModel
+    from kvverify.protocol import CacheDeclaration, CacheFactory, KVCache, capabilities
+    from kvverify.suite import CacheCheckFailed, SuiteResult, check_cache
 
 __version__ = "0.1.0"
 
+_HOMES: dict[str, str] = {
+    "BUILTIN_CACHES": "kvverify.caches",
+    "ContiguousCache": "kvverify.caches",
+    "PagedCache": "kvverify.caches",
+    "SlidingWindowCache": "kvverify.caches",
+    "StaticCache": "kvverify.caches",
+    "ConfigError": "kvverify.config",
+    "ModelConfig": "kvverify.config",
+    "CheckedCache": "kvverify.contract",
+    "ContractViolation": "kvverify.contract",
+    "InputError": "kvverify.inputs",
+    "TargetError": "kvverify.loading",
+    "load_factory": "kvverify.loading",
+    "Generation": "kvverify.model",
+    "ReferenceModel": "kvverify.model",
+    "CacheDeclaration": "kvverify.protocol",
+    "CacheFactory": "kvverify.protocol",
+    "KVCache": "kvverify.protocol",
+    "capabilities": "kvverify.protocol",
+    "CacheCheckFailed": "kvverify.suite",
+    "SuiteResult": "kvverify.suite",
+    "check_cache": "kvverify.suite",
+}
+
 __all__ = [
     "BUILTIN_CACHES",
+    "CacheCheckFailed",
+    "CacheDeclaration",
     "CacheFactory",
+    "CheckedCache",
     "ConfigError",
     "ContiguousCache",
+    "ContractViolation",
     "Generation",
     "InputError",
     "KVCache",
@@ -23,5 +62,21 @@ __all__ = [
     "ReferenceModel",
     "SlidingWindowCache",
     "StaticCache",
+    "SuiteResult",
+    "TargetError",
     "capabilities",
+    "check_cache",
+    "load_factory",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'kvverify' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

@@ -7,8 +7,9 @@ from kvverify.suite import SuiteResult
 _MARK = {"passed": "PASS", "failed": "FAIL", "skipped": "skip", "error": "ERROR"}
 
 
-def print_results(result: SuiteResult, command: str = "") -> None:
-    """One line per property (target, property, examples, verdict, seconds), then each failure's report."""
+def print_results(result: SuiteResult) -> None:
+    """One line per property (target, property, examples, verdict, seconds), then each failure's report and
+    the command that reproduces it."""
     width = max((len(r.name) for r in result.results), default=8)
     for r in result.results:
         extra = f"  ({r.detail})" if r.verdict == "skipped" else ""
@@ -17,6 +18,6 @@ def print_results(result: SuiteResult, command: str = "") -> None:
     for r in result.failures:
         print(f"\n--- {result.target} · {r.name} ---")
         print(r.detail)
-        if command:
-            print(f"reproduce: {command} --property {r.name}")
+        if r.reproduce:
+            print(f"reproduce: {r.reproduce}")
         print(flush=True)

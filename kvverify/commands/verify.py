@@ -1,7 +1,8 @@
 """``kvverify verify [MODULE:FACTORY] [--profile ci|dev|thorough] [--max-examples N] [--seed N] [--junitxml PATH]``.
 
-Without a target it verifies the built-in caches. Exit 0 when every property holds, 1 when one fails,
-2 when the command is wrong or the target unusable.
+Without a target it verifies the built-in caches. Exit 0 when every property holds, 1 when a property or the
+contract fails, 2 when the command is wrong or the target unusable. Every failure prints the one-line command
+that reproduces it: the same seed, profile and example count run the same examples.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--property", action="append", dest="properties", metavar="NAME",
                         help="run only this property (repeatable)")
     parser.add_argument("--junitxml", metavar="PATH", help="also write a JUnit XML report")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="seconds one example may take before the cache is reported as hanging "
+                        "(default: 60)")
 
 
 def _targets(spec: str | None) -> list[tuple[str, object]]:
@@ -59,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
         expected = ", ".join(sorted(PROPERTIES))
         print(f"kvverify verify: unknown property {unknown[0]!r}; expected one of {expected}", file=sys.stderr)
         return EXIT_USAGE
+    if args.time_limit is not None and args.time_limit <= 0:
+        print(f"kvverify verify: --time-limit must be > 0 seconds; got {args.time_limit}", file=sys.stderr)
+        return EXIT_USAGE
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     try:
         targets = _targets(args.target)
@@ -72,12 +79,13 @@ def run(args: argparse.Namespace) -> int:
         for name, factory in targets:
             try:
                 result = run_suite(factory, target=name, profile=args.profile, seed=seed,  # type: ignore[arg-type]
-                                   properties=args.properties)
+                                   properties=args.properties, time_limit=_time_limit(args),
+                                   reproduce=_reproduce_command(args, name, seed))
             except TargetError as error:
                 print(f"kvverify verify: {error}", file=sys.stderr)
                 return EXIT_USAGE
             results.append(result)
-            print_results(result, command=_reproduce_command(args, name, seed))
+            print_results(result)
     print(f"\n{sum(len(r.results) for r in results)} checks in {time.perf_counter() - started:.1f} s", flush=True)
     if args.junitxml:
         from kvverify.junit import write_junit
@@ -86,9 +94,17 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
 
+def _time_limit(args: argparse.Namespace) -> float:
+    from kvverify.watchdog import DEFAULT_TIME_LIMIT
+
+    return float(args.time_limit) if args.time_limit is not None else DEFAULT_TIME_LIMIT
+
+
 def _reproduce_command(args: argparse.Namespace, name: str, seed: int) -> str:
-    target = args.target or name
-    parts = ["kvverify verify", target, f"--profile {args.profile}", f"--seed {seed}"]
+    """The command that runs the same examples again (``--property NAME`` is added per failure)."""
+    parts = ["kvverify verify", args.target or name, f"--profile {args.profile}", f"--seed {seed}"]
     if args.max_examples is not None:
         parts.append(f"--max-examples {args.max_examples}")
-    return " ".join(p for p in parts if p)
+    if args.time_limit is not None:
+        parts.append(f"--time-limit {args.time_limit:g}")
+    return " ".join(parts)

@@ -7,17 +7,19 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from hypothesis import given
 from hypothesis import seed as hypothesis_seed
+from hypothesis.errors import HypothesisException
 
 from kvverify.protocol import CacheFactory
 from kvverify.settings import profile_settings
 from kvverify.suite.properties import PROPERTIES, Property
 from kvverify.suite.target import Target, make_target
+from kvverify.watchdog import DEFAULT_TIME_LIMIT, ExampleTimeout, run_with_time_limit
 
 Verdict = Literal["passed", "failed", "skipped", "error"]
 
@@ -57,29 +59,43 @@ class CacheCheckFailed(AssertionError):
 
     def __init__(self, result: SuiteResult) -> None:
         self.result = result
-        reports = "\n\n".join(f"[{r.name}] {r.detail}" for r in result.failures)
+        reports = "\n\n".join(
+            f"[{r.name}] {r.detail}" + (f"\nreproduce: {r.reproduce}" if r.reproduce else "") for r in result.failures
+        )
         super().__init__(f"{len(result.failures)} propert(y/ies) failed for {result.target}:\n\n{reports}")
 
 
-def _failure_report(error: BaseException, case: Any) -> str:
+def _failure_report(error: BaseException, case: Any, where: str = "", label: str = "minimal case") -> str:
+    """The error, the case (its config, prompt and length), where the cache went wrong, the reproduction blob."""
     lines = [f"{type(error).__name__}: {error}" if not isinstance(error, AssertionError) else str(error)]
+    if where:
+        lines += ["", where]
     if case is not None and hasattr(case, "describe"):
-        lines += ["", "minimal case:", *("  " + line for line in case.describe().splitlines())]
+        lines += ["", f"{label}:", *("  " + line for line in case.describe().splitlines())]
+    elif case is not None:
+        lines += ["", f"{label}: {case!r}"]
     notes = [n for n in getattr(error, "__notes__", []) if "reproduce_failure" in n or "@reproduce" in n]
     lines += notes
-    if not isinstance(error, AssertionError):
-        lines += ["", "raised at:", *traceback.format_exception(error)[-3:]]
+    if not isinstance(error, (AssertionError, ExampleTimeout)):
+        lines += ["", "raised at:", *traceback.format_tb(error.__traceback__)[-2:]]
     return "\n".join(line.rstrip() for line in lines)
 
 
-def property_test(prop: Property, target: Target, *, profile: str = "ci", seed: int | None = None) -> Any:
+def _checked(prop: Property, target: Target, case: Any, time_limit: float | None) -> None:
+    run_with_time_limit(lambda: prop.check(target, case), time_limit, f"one example of {prop.name}")
+
+
+def property_test(
+    prop: Property, target: Target, *, profile: str = "ci", seed: int | None = None,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
+) -> Any:
     """The Hypothesis test of one property against one target, ready to call (or to return from a pytest test)."""
-    settings = profile_settings(profile)
+    settings = profile_settings(profile, prop.name)
 
     @settings
     @given(case=prop.strategy(target))
     def test(case: Any) -> None:
-        prop.check(target, case)
+        _checked(prop, target, case, time_limit)
 
     return hypothesis_seed(seed)(test) if seed is not None else test
 
@@ -96,16 +112,23 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run_property(prop: Property, target: Target, *, profile: str = "ci", seed: int | None = None) -> PropertyResult:
+def run_property(
+    prop: Property, target: Target, *, profile: str = "ci", seed: int | None = None,
+    time_limit: float | None = DEFAULT_TIME_LIMIT, locate: bool = True,
+) -> PropertyResult:
+    """Run one property; a failure's report says where the cache first went wrong unless ``locate`` is False.
+    Each example may take ``time_limit`` seconds (None: no limit)."""
     with torch_threads(1):
-        return _run_property(prop, target, profile=profile, seed=seed)
+        return _run_property(prop, target, profile=profile, seed=seed, time_limit=time_limit, locate=locate)
 
 
-def _run_property(prop: Property, target: Target, *, profile: str, seed: int | None) -> PropertyResult:
+def _run_property(
+    prop: Property, target: Target, *, profile: str, seed: int | None, time_limit: float | None, locate: bool
+) -> PropertyResult:
     missing = prop.needs - target.capabilities
     if missing:
         return PropertyResult(prop.name, "skipped", 0, 0.0, f"the cache has no {', '.join(sorted(missing))}()")
-    settings = profile_settings(profile)
+    settings = profile_settings(profile, prop.name)
     progress = _Progress(start=time.perf_counter())
 
     @settings
@@ -113,7 +136,7 @@ def _run_property(prop: Property, target: Target, *, profile: str, seed: int | N
     def test(case: Any) -> None:
         progress.last_case = case
         try:
-            prop.check(target, case)
+            _checked(prop, target, case, time_limit)
         except BaseException:
             if progress.first_failure is None:
                 progress.first_failure = time.perf_counter() - progress.start
@@ -125,12 +148,30 @@ def _run_property(prop: Property, target: Target, *, profile: str, seed: int | N
         test = hypothesis_seed(seed)(test)
     try:
         test()
+    except ExampleTimeout as timeout:  # not shrunk: every shrinking step could hang as long again
+        detail = _failure_report(timeout, progress.last_case, label="case (not shrunk)")
+        return _failed(prop, progress, detail)
+    except HypothesisException as error:  # the strategy or settings, not the cache: an error of the suite
+        return PropertyResult(prop.name, "error", progress.passed, time.perf_counter() - progress.start,
+                              f"{type(error).__name__}: {error}")
     except Exception as error:  # the minimal failing case's error, after shrinking
-        return PropertyResult(
-            prop.name, "failed", progress.passed, time.perf_counter() - progress.start,
-            _failure_report(error, progress.last_case), first_failure_seconds=progress.first_failure,
-        )
+        where = _locate(prop, target, progress.last_case, time_limit) if locate else ""
+        return _failed(prop, progress, _failure_report(error, progress.last_case, where))
     return PropertyResult(prop.name, "passed", progress.passed, time.perf_counter() - progress.start)
+
+
+def _failed(prop: Property, progress: _Progress, detail: str) -> PropertyResult:
+    return PropertyResult(prop.name, "failed", progress.passed, time.perf_counter() - progress.start, detail,
+                          first_failure_seconds=progress.first_failure)
+
+
+def _locate(prop: Property, target: Target, case: Any, time_limit: float | None) -> str:
+    from kvverify.locate import locate
+
+    try:
+        return locate(prop.check, target, case, time_limit)
+    except Exception as error:  # locating is a courtesy: never let it hide the failure itself
+        return f"where: could not be located ({type(error).__name__}: {error})."
 
 
 @dataclass
@@ -148,28 +189,64 @@ def run_suite(
     profile: str = "ci",
     seed: int | None = None,
     properties: Sequence[str] | None = None,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
+    reproduce: str | None = None,
+    stop_at_first_failure: bool = False,
 ) -> SuiteResult:
-    """Run every property (or the named ones) against the cache the factory builds."""
+    """Run every property (or the named ones) against the cache the factory builds.
+
+    ``stop_at_first_failure``: skip the remaining properties once one fails (a kill is a kill).
+
+    ``reproduce``: a command that reruns the suite with this seed; each failure gets it with ``--property NAME``.
+    Raises :class:`~kvverify.loading.TargetError` when the factory is unusable.
+    """
     chosen = list(PROPERTIES) if properties is None else list(properties)
     unknown = [name for name in chosen if name not in PROPERTIES]
     if unknown:
         raise ValueError(f"unknown propert(y/ies) {unknown}; expected some of {sorted(PROPERTIES)}")
     seed = random.randrange(2**32) if seed is None else seed
-    described = make_target(factory, target)
-    results = [run_property(PROPERTIES[name], described, profile=profile, seed=seed) for name in chosen]
+    described = make_target(factory, target, time_limit=time_limit)
+    results = []
+    for name in chosen:
+        result = run_property(PROPERTIES[name], described, profile=profile, seed=seed, time_limit=time_limit)
+        if reproduce and result.verdict in ("failed", "error"):
+            result = replace(result, reproduce=f"{reproduce} --property {name}")
+        results.append(result)
+        if stop_at_first_failure and result.verdict in ("failed", "error"):
+            break
     return SuiteResult(target, seed, profile, results)
 
 
 def check_cache(
-    factory: CacheFactory, *, profile: str = "ci", seed: int | None = None, name: str | None = None
+    factory: CacheFactory,
+    *,
+    profile: str = "ci",
+    seed: int | None = None,
+    name: str | None = None,
+    max_examples: int | None = None,
+    properties: Sequence[str] | None = None,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
 ) -> SuiteResult:
-    """Run the whole suite against a cache; raise :class:`CacheCheckFailed` with every failure's report.
+    """Run the property suite against the caches ``factory(config)`` builds; return the result when every
+    property holds, else raise :class:`CacheCheckFailed` with every failure's report (where the cache went
+    wrong, and the call that reproduces it). An unusable factory raises :class:`~kvverify.loading.TargetError`.
 
     >>> import kvverify
     >>> kvverify.check_cache(kvverify.ContiguousCache.from_config, profile="dev")  # doctest: +SKIP
     """
+    from kvverify.settings import override_examples
+
     label = name or str(getattr(factory, "__qualname__", "cache"))
-    result = run_suite(factory, target=label, profile=profile, seed=seed)
+    seed = random.randrange(2**32) if seed is None else seed
+    options = f"profile={profile!r}, seed={seed}" + (f", max_examples={max_examples}" if max_examples else "")
+    with override_examples(profile, max_examples):
+        result = run_suite(factory, target=label, profile=profile, seed=seed, properties=properties,
+                           time_limit=time_limit)
+    result.results[:] = [
+        replace(r, reproduce=f"kvverify.check_cache({label}, {options}, properties=[{r.name!r}])")
+        if r.verdict in ("failed", "error") else r
+        for r in result.results
+    ]
     if not result.ok:
         raise CacheCheckFailed(result)
     return result

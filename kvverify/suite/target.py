@@ -1,13 +1,23 @@
-"""A cache under test: its factory, what it declares about itself, and what it can do."""
+"""A cache under test: its factory, what it declares about itself, and what it can do.
+
+Every cache a property builds comes from :meth:`Target.new_cache`, wrapped in a
+:class:`~kvverify.contract.CheckedCache` that checks the protocol's contract on every call.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from kvverify.compare import Tolerance, tolerance_for
 from kvverify.config import ModelConfig
+from kvverify.contract import CheckedCache, UpdateObserver
+from kvverify.loading import TargetError, check_cache_object, factory_failed
 from kvverify.protocol import CacheDeclaration, CacheFactory, KVCache, capabilities, declaration_of
+from kvverify.watchdog import DEFAULT_TIME_LIMIT, ExampleTimeout, run_with_time_limit
 
 #: The configuration a target is probed with to detect its optional methods.
 PROBE_CONFIG = ModelConfig(vocab_size=16, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64,
@@ -16,15 +26,20 @@ PROBE_CONFIG = ModelConfig(vocab_size=16, d_model=8, n_layers=2, n_heads=2, n_kv
 
 @dataclass(frozen=True)
 class Target:
-    """name: how reports call it (``module:factory`` or a built-in name)."""
+    """name: how reports call it (``module:factory`` or a built-in name); observe: makes an observer for each
+    new cache (used to locate a failure)."""
 
     name: str
     factory: CacheFactory
     declaration: CacheDeclaration = field(default_factory=CacheDeclaration)
     capabilities: frozenset[str] = frozenset()
+    observe: Callable[[], UpdateObserver] | None = None
 
     def new_cache(self, config: ModelConfig) -> KVCache:
-        return self.factory(config)
+        """A fresh cache from the factory, checked against the contract for a model of ``config``."""
+        cache = self.factory(config)
+        check_cache_object(self.name, cache)
+        return CheckedCache(cache, config, self.observe() if self.observe is not None else None)
 
     def tolerance(self, config: ModelConfig) -> Tolerance | None:
         """None for a bitwise comparison: strict numerics with an exact cache."""
@@ -46,8 +61,57 @@ class Target:
         return constraints
 
 
-def make_target(factory: CacheFactory, name: str | None = None) -> Target:
-    """Describe a factory: its declaration (on the factory or on a probe cache) and its optional methods."""
-    probe = factory(PROBE_CONFIG)
+def make_target(factory: CacheFactory, name: str | None = None, *,
+                time_limit: float | None = DEFAULT_TIME_LIMIT) -> Target:
+    """Describe a factory: its declaration (on the factory or on a probe cache) and the optional methods that
+    work (present, and not raising ``NotImplementedError`` when tried on a probe cache).
+
+    Raises :class:`~kvverify.loading.TargetError` when the factory raises, hangs, returns something that is not
+    a cache, or returns the same object twice.
+    """
     label = name or getattr(factory, "__qualname__", None) or repr(factory)
-    return Target(label, factory, declaration_of(probe, factory), capabilities(probe))
+    probe, second = _build(factory, label, time_limit), _build(factory, label, time_limit)
+    if probe is second:
+        raise TargetError(
+            f"target {label!r}: the factory returned the same {type(probe).__name__} object twice; expected a "
+            "fresh, empty cache on every call (each example starts from an empty cache). Build a new one inside "
+            "the factory."
+        )
+    offered = capabilities(probe)
+    working = frozenset(m for m in offered if _works(factory, m)) if offered else offered
+    return Target(label, factory, declaration_of(probe, factory), working)
+
+
+def _build(factory: CacheFactory, label: str, time_limit: float | None) -> object:
+    try:
+        cache: object = run_with_time_limit(lambda: factory(PROBE_CONFIG), time_limit, f"target {label!r}: the factory")
+    except ExampleTimeout as timeout:
+        raise TargetError(str(timeout)) from None
+    except Exception as error:
+        raise factory_failed(label, error) from error
+    check_cache_object(label, cache)
+    return cache
+
+
+def _works(factory: CacheFactory, method: str) -> bool:
+    """False when the method raises NotImplementedError on a probe cache holding two tokens per layer."""
+    try:
+        cache = factory(PROBE_CONFIG)
+        c = PROBE_CONFIG
+        for layer in range(c.n_layers):
+            kv = torch.zeros(1, c.n_kv_heads, 2, c.head_dim, dtype=c.dtype)
+            cache.update(kv, kv.clone(), layer, {"cache_position": torch.arange(2)})
+    except Exception:
+        return True  # the properties will say what is wrong with update()
+    call: dict[str, Callable[[], object]] = {
+        "crop": lambda: cache.crop(1),  # type: ignore[attr-defined]
+        "reorder_cache": lambda: cache.reorder_cache(torch.zeros(1, dtype=torch.long)),  # type: ignore[attr-defined]
+        "reset": lambda: cache.reset(),  # type: ignore[attr-defined]
+    }
+    try:
+        call[method]()
+    except NotImplementedError:
+        return False
+    except Exception:
+        return True
+    return True

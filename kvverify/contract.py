@@ -1,0 +1,220 @@
+"""The protocol's contract, checked on every call: a wrapper around the cache under test.
+
+:class:`CheckedCache` forwards each call to the cache and, after every ``update``, checks what came back:
+
+- a pair of tensors ``(batch, n_kv_heads, S, head_dim)`` with ``S`` per the protocol's rule against the
+  ``N`` tokens written (``S >= N``; or, with a sliding window, ``min(N, W - 1 + T)`` newest tokens at least);
+- the model's dtype and device, finite values where the inputs were finite;
+- the tensors passed in were not modified;
+- once a forward has written every layer, ``get_seq_length(layer)`` equals the tokens written, for each layer.
+
+It keeps its own count of tokens written per layer through ``crop``, ``reorder_cache`` and ``reset``, and
+offers those only when the wrapped cache has them, so capability detection sees the same cache.
+A broken rule raises :class:`ContractViolation`, an ``AssertionError``, so Hypothesis shrinks it like any
+failed property.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any, Protocol
+
+import torch
+
+from kvverify.config import ModelConfig
+from kvverify.cropping import crop_convention, tokens_kept
+from kvverify.protocol import OPTIONAL_METHODS, KVCache
+
+
+class ContractViolation(AssertionError):
+    """The cache broke the protocol (see :class:`kvverify.KVCache`); the message says which rule, where and
+    what came."""
+
+
+class UpdateObserver(Protocol):
+    """Told about every call that reaches the cache (see :mod:`kvverify.locate`)."""
+
+    def updated(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor,
+                keys: torch.Tensor, values: torch.Tensor, written: int) -> None: ...
+
+    def cropped(self, kept: int) -> None: ...
+
+    def reordered(self, beam_idx: torch.Tensor) -> None: ...
+
+    def was_reset(self) -> None: ...
+
+
+class CheckedCache:
+    """``inner`` checked against the contract for a model of ``config``; an ``observer`` sees every call."""
+
+    def __init__(self, inner: KVCache, config: ModelConfig, observer: UpdateObserver | None = None) -> None:
+        self.inner = inner
+        self.config = config
+        self.observer = observer
+        self._written = [0] * config.n_layers
+        self._inputs_finite = True
+        self._forwards = 0
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys_in, values_in = key_states.clone(), value_states.clone()
+        count = key_states.shape[-2]
+        self._inputs_finite = self._inputs_finite and _finite(keys_in) and _finite(values_in)
+        where = f"step {self._forwards}, layer {layer_idx} (a {count}-token update)"
+        try:
+            result = self.inner.update(key_states, value_states, layer_idx, cache_kwargs)
+        except Exception as error:
+            raise ContractViolation(
+                f"{where}: update() raised {type(error).__name__}: {error}{_where(error)}. Expected it to store "
+                f"the new tokens and return (keys, values); {self._written[layer_idx]} tokens were written to "
+                "this layer before."
+            ) from error
+        self._written[layer_idx] += count
+        keys, values = self._check_result(result, where, key_states.shape[0], count, self._written[layer_idx])
+        if not (torch.equal(keys_in, key_states) and torch.equal(values_in, value_states)):
+            raise ContractViolation(
+                f"{where}: update() modified the key_states or value_states passed to it. Expected them "
+                "untouched (the model may still use them); copy before changing them in place."
+            )
+        if self.observer is not None:
+            self.observer.updated(layer_idx, keys_in, values_in, keys, values, self._written[layer_idx])
+        if layer_idx == self.config.n_layers - 1:
+            self._forwards += 1
+            self._check_lengths(f"after step {self._forwards - 1} (every layer written)")
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.inner.get_seq_length(layer_idx))
+
+    def __getattr__(self, name: str) -> Any:
+        """The optional methods the inner cache has (checked); other public attributes of the inner cache."""
+        if name.startswith("_") or name in ("inner", "config", "observer"):
+            raise AttributeError(name)
+        if name in OPTIONAL_METHODS:
+            if not callable(getattr(self.inner, name, None)):
+                raise AttributeError(f"{type(self.inner).__name__} has no {name}()")
+            return getattr(self, f"_checked_{name}")
+        return getattr(self.inner, name)
+
+    def _checked_crop(self, argument: int) -> None:
+        convention = crop_convention(self.inner)
+        self.inner.crop(argument)  # type: ignore[attr-defined]  # present: see __getattr__
+        self._written = [tokens_kept(convention, argument, n) for n in self._written]
+        if self.observer is not None:
+            self.observer.cropped(self._written[0])
+        self._check_lengths(f"after crop({argument})")
+
+    def _checked_reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self.inner.reorder_cache(beam_idx)  # type: ignore[attr-defined]
+        if self.observer is not None:
+            self.observer.reordered(beam_idx)
+        self._check_lengths("after reorder_cache()")
+
+    def _checked_reset(self) -> None:
+        self.inner.reset()  # type: ignore[attr-defined]
+        self._written = [0] * self.config.n_layers
+        self._inputs_finite = True
+        if self.observer is not None:
+            self.observer.was_reset()
+        self._check_lengths("after reset()")
+
+    def _check_result(
+        self, result: object, where: str, batch: int, count: int, written: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (isinstance(result, (tuple, list)) and len(result) == 2
+                and all(isinstance(t, torch.Tensor) for t in result)):
+            came = f"a {type(result).__name__} of {len(result)}" if isinstance(result, (tuple, list)) else (
+                f"a {type(result).__name__}")
+            raise ContractViolation(
+                f"{where}: update() returned {came}; expected a tuple (keys, values) of two tensors."
+            )
+        keys, values = result
+        c = self.config
+        for name, tensor in (("keys", keys), ("values", values)):
+            shape = tuple(tensor.shape)
+            if len(shape) != 4 or shape[0] != batch or shape[1] != c.n_kv_heads or shape[3] != c.head_dim:
+                raise ContractViolation(
+                    f"{where}: update() returned {name} of shape {shape}; expected (batch={batch}, "
+                    f"n_kv_heads={c.n_kv_heads}, seq, head_dim={c.head_dim})"
+                    + (" (grouped-query heads repeated before caching?)" if len(shape) == 4
+                       and shape[1] == c.n_heads != c.n_kv_heads else "") + "."
+                )
+            if tensor.dtype != c.dtype:
+                raise ContractViolation(
+                    f"{where}: update() returned {name} of dtype {tensor.dtype}; expected the model's {c.dtype}."
+                )
+            if not _same_device(tensor.device, c.device):
+                raise ContractViolation(
+                    f"{where}: update() returned {name} on device {tensor.device}; expected the model's {c.device}."
+                )
+        if keys.shape[2] != values.shape[2]:
+            raise ContractViolation(
+                f"{where}: update() returned {keys.shape[2]} key slots but {values.shape[2]} value slots; "
+                "expected the same number."
+            )
+        self._check_slots(keys.shape[2], where, count, written)
+        held = min(keys.shape[2], written)
+        if self._inputs_finite and not (_finite(keys[:, :, :held]) and _finite(values[:, :, :held])):
+            raise ContractViolation(
+                f"{where}: update() returned NaN or infinite values in the {held} slots holding tokens, although "
+                "every key and value written was finite."
+            )
+        return keys, values
+
+    def _check_slots(self, slots: int, where: str, count: int, written: int) -> None:
+        """``S >= N``, or a window's newest ``min(N, W - 1 + T)`` tokens at least."""
+        if slots >= written:
+            return
+        window = self.config.sliding_window
+        if window is None:
+            raise ContractViolation(
+                f"{where}: update() returned {slots} slots but {written} tokens were written and the model has no "
+                f"sliding window; expected at least {written} (slot i holding token i)."
+            )
+        needed = min(written, window - 1 + count)
+        if slots < needed:
+            raise ContractViolation(
+                f"{where}: update() returned {slots} slots; with a sliding window of {window} and {count} new "
+                f"tokens the queries need the newest {needed} of the {written} tokens written."
+            )
+
+    def _check_lengths(self, when: str) -> None:
+        for layer, expected in enumerate(self._written):
+            try:
+                reported = self.inner.get_seq_length(layer)
+            except Exception as error:
+                raise ContractViolation(
+                    f"{when}: get_seq_length({layer}) raised {type(error).__name__}: {error}{_where(error)}; "
+                    f"expected {expected}, the tokens written to layer {layer}."
+                ) from error
+            if not _int_like(reported) or int(reported) != expected:
+                raise ContractViolation(
+                    f"{when}: get_seq_length({layer}) returned {reported!r}; expected {expected}, the tokens "
+                    f"written to layer {layer} (for a sliding window: tokens seen, not tokens kept)."
+                )
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
+
+
+def _int_like(value: object) -> bool:
+    """An int, or a 0-d integer tensor (what transformers' static caches return)."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.dtype.is_floating_point
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _same_device(actual: torch.device, expected: str) -> bool:
+    wanted = torch.device(expected)
+    return actual.type == wanted.type and (wanted.index is None or actual.index == wanted.index)
+
+
+def _where(error: BaseException) -> str:
+    frames = traceback.extract_tb(error.__traceback__)
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
