@@ -57,21 +57,26 @@ def model_configs(
     sliding_window: Any = None,
     n_layers: Any = None,
     max_batch_size: int = 4,
-    max_seq_len: int = 64,
+    max_seq_len: Any = None,
 ) -> ModelConfig:
     """Valid :class:`ModelConfig` s: MHA, GQA and MQA, every positional scheme and norm, windows or none.
 
     ``sliding_window`` left at None draws no window half the time and a window of 1 to 12 otherwise; pass
-    an int, a collection or a strategy to fix it, or ``st.none()`` for no window.
+    an int, a collection or a strategy to fix it, or ``st.none()`` for no window. ``max_seq_len`` left at
+    None draws 16, 24 or 64 (short buffers are cheap to fill exactly); ``n_layers`` left at None draws 3 or
+    more three times in four (bugs that need a third layer).
     Invariant: ``n_heads`` is a multiple of ``n_kv_heads``; ``head_dim`` is even (RoPE needs pairs).
     """
-    if max_batch_size < 1 or max_seq_len < 2:
-        raise InvalidArgument(f"max_batch_size >= 1 and max_seq_len >= 2 required; got {max_batch_size}, {max_seq_len}")
+    seq_strategy = st.sampled_from([16, 24, 64]) if max_seq_len is None else _strategy(max_seq_len, "max_seq_len")
+    seq_len = draw(seq_strategy, label="max_seq_len")
+    if max_batch_size < 1 or seq_len < 2:
+        raise InvalidArgument(f"max_batch_size >= 1 and max_seq_len >= 2 required; got {max_batch_size}, {seq_len}")
     n_kv_heads = draw(st.integers(1, 3), label="n_kv_heads")
     group = draw(st.sampled_from([1, 2, 4]), label="query heads per KV head")
     head_dim = draw(st.sampled_from([2, 4, 8]), label="head_dim")
     d_model = draw(st.sampled_from([8, 16, 24]), label="d_model")
-    layers = draw(_strategy(n_layers, "n_layers") if n_layers is not None else st.integers(1, 4), label="n_layers")
+    default_layers = st.sampled_from([1, 2, 3, 4]) | st.integers(3, 4)
+    layers = draw(_strategy(n_layers, "n_layers") if n_layers is not None else default_layers, label="n_layers")
     window_strategy = (
         st.none() | st.integers(1, 12) if sliding_window is None else _strategy(sliding_window, "sliding_window")
     )
@@ -86,7 +91,7 @@ def model_configs(
         norm=draw(_strategy(norm, "norm"), label="norm"),
         positional=draw(_strategy(positional, "positional"), label="positional"),
         sliding_window=draw(window_strategy, label="sliding_window"),
-        max_seq_len=max_seq_len,
+        max_seq_len=seq_len,
         max_batch_size=max_batch_size,
         dtype=_dtype(draw(_strategy(dtype, "dtype"), label="dtype")),
         numerics=draw(_strategy(numerics, "numerics"), label="numerics"),
@@ -110,7 +115,8 @@ def prompts(
     )
     if not 1 <= batch <= config.max_batch_size:
         raise InvalidArgument(f"batch_size must lie in [1, {config.max_batch_size}]; got {batch}")
-    size = draw(_strategy(length, "length") if length is not None else st.integers(1, 12), label="prompt length")
+    default_length = st.integers(1, min(12, config.max_seq_len))
+    size = draw(_strategy(length, "length") if length is not None else default_length, label="prompt length")
     tokens = st.integers(0, config.vocab_size - 1)
     rows = tuple(tuple(draw(st.lists(tokens, min_size=size, max_size=size))) for _ in range(batch))
     pads = tuple(draw(st.integers(0, size - 1)) if left_padding else 0 for _ in range(batch))
@@ -119,8 +125,11 @@ def prompts(
 
 def boundary_lengths(config: ModelConfig) -> list[int]:
     """Total lengths at which caches break most: either side of the window, its multiples, the paged block
-    size and powers of two."""
+    size, powers of two and a full buffer (``max_seq_len``, when it is at most 32: longer ones are slow to fill
+    without a cache)."""
     marks = {PAGED_BLOCK_SIZE, 2 * PAGED_BLOCK_SIZE, 8, 16, 32}
+    if config.max_seq_len <= 32:
+        marks.add(config.max_seq_len)
     if config.sliding_window is not None:
         w = config.sliding_window
         marks |= {w, 2 * w, 3 * w}
@@ -147,16 +156,20 @@ def cases(
     config: ModelConfig | st.SearchStrategy[ModelConfig] | None = None,
     batch_size: Any = None,
     left_padding: bool = True,
+    prompt_length: Any = None,
     **config_kwargs: Any,
 ) -> Case:
     """A :class:`Case`: a config (from :func:`model_configs` with ``config_kwargs`` unless given), a weights
-    seed, a prompt and a generation length."""
+    seed, a prompt (of ``prompt_length`` tokens when given, at most ``max_seq_len``) and a generation length."""
     if config is None:
         config = model_configs(**config_kwargs)
     elif config_kwargs:
         raise InvalidArgument(f"pass either config or model_configs arguments, not both: {sorted(config_kwargs)}")
     cfg = draw(_strategy(config, "config"), label="config")
-    rows, pads = draw(prompts(cfg, batch_size=batch_size, left_padding=left_padding), label="prompt")
+    length = None
+    if prompt_length is not None:
+        length = min(draw(_strategy(prompt_length, "prompt_length"), label="prompt length"), cfg.max_seq_len)
+    rows, pads = draw(prompts(cfg, batch_size=batch_size, length=length, left_padding=left_padding), label="prompt")
     new = draw(generation_lengths(cfg, len(rows[0])))
     seed = draw(st.integers(0, 3), label="weights seed")
     return Case(config=cfg, prompt=rows, pad=pads, max_new_tokens=new, seed=seed)

@@ -40,3 +40,4 @@ def _one_torch_thread() -> Iterator[None]:
 @pytest.fixture(params=sorted(BUILTIN_CACHES), scope="module")
 def builtin_target(request: pytest.FixtureRequest) -> Target:
     return make_target(BUILTIN_CACHES[request.param], request.param)
+

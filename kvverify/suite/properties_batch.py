@@ -1,0 +1,98 @@
+"""Rows of a left-padded batch are independent: each is what it would be generated alone."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from hypothesis import strategies as st
+
+from kvverify.case import Case
+from kvverify.model import Generation, ReferenceModel
+from kvverify.suite.property import Property, expect_same, strict_cases
+from kvverify.suite.target import Target
+
+#: The padding token's id in a padded case: its embedding is zero, as with ``nn.Embedding(padding_idx=0)``.
+PAD_ID = 0
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    """case: the batch; zero_pad_embedding: the model's padding token (id 0, placed in every padded slot)
+    has an all-zero embedding, so under RMSNorm without learned positions its keys are exactly zero."""
+
+    case: Case
+    zero_pad_embedding: bool
+
+    def describe(self) -> str:
+        pad = "token 0 with a zero embedding (padding_idx=0)" if self.zero_pad_embedding else "random tokens"
+        return f"{self.case.describe()}\nleft padding holds {pad}; each row is also generated alone"
+
+    def model(self) -> ReferenceModel:
+        return _zero_pad_model(self.case) if self.zero_pad_embedding else self.case.model()
+
+
+_ZERO_PAD_MODELS: dict[tuple[object, int], ReferenceModel] = {}
+
+
+def _zero_pad_model(case: Case) -> ReferenceModel:
+    """The case's model with the padding token's embedding zeroed (memoised, the last 8)."""
+    key = (case.config, case.seed)
+    if key not in _ZERO_PAD_MODELS:
+        if len(_ZERO_PAD_MODELS) >= 8:
+            _ZERO_PAD_MODELS.pop(next(iter(_ZERO_PAD_MODELS)))
+        model = copy.deepcopy(case.model())
+        model.tok_embeddings.data[PAD_ID] = 0
+        _ZERO_PAD_MODELS[key] = model
+    return _ZERO_PAD_MODELS[key]
+
+
+@st.composite
+def padded_batches(draw: st.DrawFn, target: Target) -> PaddedBatch:
+    # invariant: with zero_pad_embedding every padded slot holds PAD_ID
+    most = target.declaration.max_batch_size or 4
+    batch = st.integers(2, most) if most >= 2 else st.just(1)
+    case = draw(strict_cases(target, batch_size=batch), label="case")
+    zero = draw(st.booleans(), label="zero padding embedding")
+    if zero:
+        padded = zip(case.prompt, case.pad, strict=True)
+        rows = tuple(tuple(PAD_ID if i < pad else t for i, t in enumerate(row)) for row, pad in padded)
+        case = Case(case.config, rows, case.pad, case.max_new_tokens, case.seed)
+    return PaddedBatch(case, zero)
+
+
+def _row(generation: Generation, row: int) -> Generation:
+    return Generation(
+        tokens=generation.tokens[row : row + 1],
+        logits=generation.logits[row : row + 1],
+        sequences=generation.sequences[row : row + 1],
+        attention_mask=generation.attention_mask[row : row + 1],
+        cache=None,
+    )
+
+
+def check_batch_independence(target: Target, plan: PaddedBatch) -> None:
+    case, model = plan.case, plan.model()
+    prompt, mask, new = case.tokens(), case.attention_mask(), case.max_new_tokens
+    expected = model.generate(prompt, new, use_cache=False, attention_mask=mask)
+    batched = model.generate(prompt, new, cache=target.new_cache(case.config), attention_mask=mask)
+    expect_same(target, case, expected, batched, "cached generation of the left-padded batch differs from uncached")
+    for row in range(case.batch):
+        alone = model.generate(
+            prompt[row : row + 1], new, cache=target.new_cache(case.config), attention_mask=mask[row : row + 1]
+        )
+        what = f"row {row} generated alone (same left padding {case.pad[row]}) differs from row {row} of the batch"
+        expect_same(target, case, _row(expected, row), alone, what)
+
+
+BATCH_INDEPENDENCE = Property(
+    name="batch_independence",
+    summary=(
+        "Row i of a left-padded batch equals row i generated alone with the same padding, also when the "
+        "padding token's embedding (hence its keys) is exactly zero: writes to the wrong batch row, rows "
+        "sharing state, positions not derived from the mask, lengths counted from non-zero slots."
+    ),
+    needs=frozenset(),
+    strategy=padded_batches,
+    check=check_batch_independence,
+)

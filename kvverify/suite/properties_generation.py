@@ -1,0 +1,99 @@
+"""Whole generations through the cache: cached ≡ uncached, and a generation continued from its cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hypothesis import reject
+from hypothesis import strategies as st
+
+from kvverify.case import Case
+from kvverify.suite.property import Property, expect_same, join, numerics_cases, random_tokens
+from kvverify.suite.target import Target
+
+
+def check_cached_equals_uncached(target: Target, case: Case) -> None:
+    model = case.model()
+    prompt, mask = case.tokens(), case.attention_mask()
+    expected = model.generate(prompt, case.max_new_tokens, use_cache=False, attention_mask=mask)
+    cache = target.new_cache(case.config)
+    actual = model.generate(prompt, case.max_new_tokens, cache=cache, attention_mask=mask)
+    expect_same(target, case, expected, actual, "cached generation differs from uncached")
+
+
+CACHED_EQUALS_UNCACHED = Property(
+    name="cached_equals_uncached",
+    summary=(
+        "Greedy generation through the cache gives the same logits as recomputing the whole prefix every step "
+        "(bit for bit in strict numerics): dropped, duplicated, stale or misplaced keys and values, wrong "
+        "eviction, unmasked slots, wrong dtype or batch row."
+    ),
+    needs=frozenset(),
+    strategy=numerics_cases,
+    check=check_cached_equals_uncached,
+)
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """Generate ``case.max_new_tokens`` tokens, append ``extra`` tokens per row (a new user turn; none is
+    plain continued decoding), then generate ``more`` tokens from the returned cache."""
+
+    case: Case
+    extra: tuple[tuple[int, ...], ...]
+    more: int
+
+    def describe(self) -> str:
+        return "\n".join(
+            (self.case.describe(), f"then: {len(self.extra[0])} appended tokens per row {list(self.extra)}, "
+             f"then {self.more} more tokens from the returned cache")
+        )
+
+
+@st.composite
+def continuations(draw: st.DrawFn, target: Target) -> Continuation:
+    # invariant: prompt + first + extra + more - 1 <= max_seq_len
+    case = draw(numerics_cases(target), label="case")
+    room = case.config.max_seq_len - case.total_len  # tokens left for extra + more
+    if room < 1:  # the case fills the cache: split its generation in two instead
+        first = draw(st.integers(1, max(1, case.max_new_tokens - 1)), label="first part")
+        case = Case(case.config, case.prompt, case.pad, first, case.seed)
+        room = case.config.max_seq_len - case.total_len
+    if room < 1:
+        reject()  # a prompt as long as the cache: nothing can follow it
+    more = draw(st.integers(1, min(room, 12)), label="more tokens")
+    extra = draw(st.integers(0, min(room - more, 4)), label="appended tokens")
+    tokens = random_tokens(draw, case.config, case.batch, extra, "appended tokens")
+    return Continuation(case, tokens, more)
+
+
+def check_continuation(target: Target, plan: Continuation) -> None:
+    case = plan.case
+    model = case.model()
+    prompt, mask = case.tokens(), case.attention_mask()
+    cache = target.new_cache(case.config)
+    first = model.generate(prompt, case.max_new_tokens, cache=cache, attention_mask=mask)
+    expected_first = model.generate(prompt, case.max_new_tokens, use_cache=False, attention_mask=mask)
+    expect_same(target, case, expected_first, first, "first generation differs from uncached")
+    extra = torch.tensor(plan.extra, dtype=torch.long, device=prompt.device).reshape(case.batch, -1)
+    sequences = torch.cat((first.sequences, extra), dim=1)
+    mask2 = torch.cat((first.attention_mask, torch.ones_like(extra)), dim=1)
+    assert first.cache is not None
+    second = model.generate(sequences, plan.more, cache=first.cache, attention_mask=mask2)
+    expected_second = model.generate(sequences, plan.more, use_cache=False, attention_mask=mask2)
+    expect_same(target, case, join(expected_first, expected_second), join(first, second),
+                "generation continued from the returned cache differs from generating it at once")
+
+
+CONTINUATION = Property(
+    name="continuation",
+    summary=(
+        "Generating n tokens, optionally appending a new turn, and continuing m more from the returned cache "
+        "equals generating it all at once, with RoPE, learned and ALiBi positions and left padding: positions "
+        "restarting or not derived from the mask, offsets advanced by the wrong count, state lost between calls."
+    ),
+    needs=frozenset(),
+    strategy=continuations,
+    check=check_continuation,
+)

@@ -1,0 +1,115 @@
+"""What a property is, and the comparisons every property shares."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import torch
+from hypothesis import strategies as st
+from hypothesis import target as hypothesis_target
+from hypothesis.control import currently_in_test_context
+
+from kvverify.case import Case
+from kvverify.compare import GenerationMismatch, first_difference
+from kvverify.config import ModelConfig
+from kvverify.model import Generation
+from kvverify.strategies import cases
+from kvverify.suite.target import Target
+
+Ex = TypeVar("Ex")
+
+
+@dataclass(frozen=True)
+class Property:
+    """name: a test-id-friendly name; summary: one sentence, with the bug classes it catches;
+    needs: optional cache methods it uses (skipped, with the reason, when the target lacks one)."""
+
+    name: str
+    summary: str
+    needs: frozenset[str]
+    strategy: Callable[[Target], st.SearchStrategy[Any]]
+    check: Callable[[Target, Any], None]
+
+
+def expect_same(target: Target, case: Case, expected: Generation, actual: Generation, what: str) -> None:
+    """Compare bit for bit, or within the target's tolerance; steer Hypothesis toward larger errors."""
+    expect_same_for(target, case.config, expected, actual, what)
+
+
+def expect_same_for(
+    target: Target, config: ModelConfig, expected: Generation, actual: Generation, what: str, label: str = ""
+) -> None:
+    """:func:`expect_same` for a configuration rather than a whole case. ``label`` names the comparison for
+    ``hypothesis.target`` (each comparison of one example needs its own; ``what`` when empty)."""
+    tolerance = target.tolerance(config)
+    mismatch = first_difference(expected, actual, tolerance)
+    if tolerance is not None and currently_in_test_context():
+        error = float((expected.logits.double() - actual.logits.double()).abs().nan_to_num(1e30).max())
+        hypothesis_target(error, label=f"max abs logit error: {label or what}")
+    if mismatch is not None:
+        raise GenerationMismatch(mismatch, f"{what}: ")
+
+
+def as_generation(logits: torch.Tensor) -> Generation:
+    """Forward logits (B, T, vocab) viewed as a generation of T greedy steps, for :func:`expect_same`."""
+    tokens = logits.argmax(-1)
+    return Generation(tokens=tokens, logits=logits, sequences=tokens, attention_mask=tokens, cache=None)
+
+
+def join(first: Generation, second: Generation) -> Generation:
+    """Two generations, the second continuing the first, as one (tokens and logits concatenated)."""
+    return Generation(
+        tokens=torch.cat((first.tokens, second.tokens), dim=1),
+        logits=torch.cat((first.logits, second.logits), dim=1),
+        sequences=second.sequences,
+        attention_mask=second.attention_mask,
+        cache=second.cache,
+    )
+
+
+def expect_length(cache: object, expected: int, what: str) -> None:
+    """``get_seq_length()`` must report ``expected`` tokens."""
+    length = cache.get_seq_length()  # type: ignore[attr-defined]
+    assert length == expected, f"{what}: get_seq_length() is {length!r}, expected {expected}"
+
+
+def numerics_cases(target: Target, **kwargs: Any) -> st.SearchStrategy[Case]:
+    """Strict numerics in float32/float64 three times in four; fast numerics in any dtype otherwise."""
+    constraints = {**target.config_constraints(), **kwargs}
+    strict = cases(dtype=("float32", "float64"), numerics="strict", **constraints)
+    fast = cases(dtype=("float32", "float64", "bfloat16", "float16"), numerics="fast", **constraints)
+    return st.one_of(strict, strict, strict, fast)
+
+
+def strict_cases(target: Target, **kwargs: Any) -> st.SearchStrategy[Case]:
+    """Strict numerics only (float32/float64): for comparisons that are exact only there (batch invariance)."""
+    return cases(dtype=("float32", "float64"), numerics="strict", **{**target.config_constraints(), **kwargs})
+
+
+class Draw(Protocol):
+    """What ``@st.composite`` functions and ``st.data()`` both offer: draw a value from a strategy."""
+
+    def __call__(self, strategy: st.SearchStrategy[Ex], label: Any = None) -> Ex: ...
+
+
+def random_tokens(draw: Draw, config: ModelConfig, rows: int, count: int, label: str) -> tuple[tuple[int, ...], ...]:
+    """``rows`` lists of ``count`` token ids."""
+    ids = st.integers(0, config.vocab_size - 1)
+    return tuple(tuple(draw(st.lists(ids, min_size=count, max_size=count), label=label)) for _ in range(rows))
+
+
+def with_room(case: Case, room: int) -> Case | None:
+    """The case with ``max_new_tokens`` cut so that ``room`` more tokens fit in ``max_seq_len``; None when even
+    one new token leaves no room."""
+    spare = case.config.max_seq_len - case.total_len - room
+    if spare >= 0:
+        return case
+    new = case.max_new_tokens + spare
+    return Case(case.config, case.prompt, case.pad, new, case.seed) if new >= 1 else None
+
+
+def tensor(rows: tuple[tuple[int, ...], ...], like: torch.Tensor) -> torch.Tensor:
+    """Token rows as a (B, T) long tensor on ``like``'s device (T may be 0)."""
+    return torch.tensor(rows, dtype=torch.long, device=like.device).reshape(len(rows), -1)

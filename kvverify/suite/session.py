@@ -1,0 +1,163 @@
+"""A cache under test driven side by side with a trivially correct model of it.
+
+The model is the token sequence itself: after every append the expected keys, values and logits come from one
+uncached-style prefill of the whole sequence into :class:`ListCache`. Contents are compared by the protocol's
+S vs N rule (:class:`kvverify.protocol.KVCache`); lengths after every operation; logits after every append.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from kvverify.caches._common import resolve_crop
+from kvverify.cropping import CROP_REFUSALS, crop_argument, crop_convention
+from kvverify.model import ReferenceModel
+from kvverify.protocol import KVCache
+from kvverify.suite.property import as_generation, expect_same_for
+from kvverify.suite.target import Target
+
+
+class ListCache:
+    """The trivially correct cache: per layer, keys and values concatenated."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx == len(self.keys):
+            self.keys.append(key_states)
+            self.values.append(value_states)
+        else:
+            self.keys[layer_idx] = torch.cat((self.keys[layer_idx], key_states), dim=-2)
+            self.values[layer_idx] = torch.cat((self.values[layer_idx], value_states), dim=-2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys[layer_idx].shape[-2] if layer_idx < len(self.keys) else 0
+
+
+class Recorder:
+    """Passes updates through to a cache and keeps what each layer's last update returned."""
+
+    def __init__(self, inner: KVCache) -> None:
+        self.inner = inner
+        self.returned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.inner.update(key_states, value_states, layer_idx, cache_kwargs)
+        self.returned[layer_idx] = (keys, values)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.inner.get_seq_length(layer_idx)
+
+
+class Session:
+    """The target's cache and the sequence it should hold: (B, N) tokens and their attention mask."""
+
+    def __init__(self, target: Target, model: ReferenceModel, batch: int) -> None:
+        self.target, self.model, self.config = target, model, model.config
+        self.cache = target.new_cache(self.config)
+        device = self.config.device
+        self.tokens = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        self.log: list[str] = []
+
+    @property
+    def length(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def room(self) -> int:
+        return self.config.max_seq_len - self.length
+
+    def _expect_lengths(self, what: str) -> None:
+        for layer in range(self.config.n_layers):
+            length = self.cache.get_seq_length(layer)
+            assert length == self.length, (
+                f"after {what}: get_seq_length({layer}) is {length!r}, expected {self.length} "
+                f"(operations so far: {'; '.join(self.log)})"
+            )
+
+    def append(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Feed (B, T) tokens (mask: (B, T), ones when None); compare logits and every layer's contents."""
+        mask = torch.ones_like(tokens) if mask is None else mask
+        start = self.length
+        sequence, full_mask = torch.cat((self.tokens, tokens), dim=1), torch.cat((self.mask, mask), dim=1)
+        self.log.append(f"append {tokens.shape[1]} tokens at {start}")
+        recorder = Recorder(self.cache)
+        logits = self.model(tokens, cache=recorder, start=start, attention_mask=full_mask)
+        expected_cache = ListCache()
+        expected = self.model(sequence, cache=expected_cache, attention_mask=full_mask)[:, start:]
+        what = f"operations {'; '.join(self.log)}"
+        expect_same_for(self.target, self.config, as_generation(expected), as_generation(logits),
+                        f"logits of the last append differ from a prefill of the whole sequence ({what})",
+                        label=f"append {len(self.log)}")
+        exact = self.target.tolerance(self.config) is None  # a lossy cache's contents are only judged by logits
+        for layer, (keys, values) in recorder.returned.items() if exact else ():
+            self._expect_contents(layer, "keys", keys, expected_cache.keys[layer], what)
+            self._expect_contents(layer, "values", values, expected_cache.values[layer], what)
+        self.tokens, self.mask = sequence, full_mask
+        self._expect_lengths(self.log[-1])
+
+    def _expect_contents(self, layer: int, name: str, got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+        batch, heads, total, dim = want.shape
+        assert got.dim() == 4 and (got.shape[0], got.shape[1], got.shape[3]) == (batch, heads, dim), (
+            f"layer {layer} returned {name} of shape {tuple(got.shape)}; the protocol needs "
+            f"(batch={batch}, n_kv_heads={heads}, seq, head_dim={dim}) ({what})"
+        )
+        held = got.shape[2]
+        got_aligned = got[:, :, :total] if held >= total else got
+        want_aligned = want if held >= total else want[:, :, total - held :]
+        assert torch.equal(got_aligned, want_aligned), (
+            f"layer {layer} returned {name} that differ from the tokens it should hold: {held} slots for "
+            f"{total} tokens, max abs error {float((got_aligned.double() - want_aligned.double()).abs().max()):.3g} "
+            f"({what})"
+        )
+
+    def crop(self, argument: int) -> bool:
+        """crop(argument), in the protocol's meaning, on both; False when the cache refused (then it must be as
+        it was, which the next steps check)."""
+        convention = crop_convention(self.cache)
+        asked = crop_argument(convention, argument, self.length)
+        self.log.append(f"crop({asked}) of {self.length}")
+        try:
+            self.cache.crop(asked)  # type: ignore[attr-defined]
+        except CROP_REFUSALS:
+            return False
+        kept = resolve_crop(argument, self.length)
+        self.tokens, self.mask = self.tokens[:, :kept], self.mask[:, :kept]
+        self._expect_lengths(self.log[-1])
+        return True
+
+    def reorder(self, beam_idx: list[int]) -> None:
+        self.log.append(f"reorder_cache({beam_idx})")
+        index = torch.tensor(beam_idx, dtype=torch.long, device=self.tokens.device)
+        self.cache.reorder_cache(index)  # type: ignore[attr-defined]
+        self.tokens, self.mask = self.tokens[index], self.mask[index]
+        self._expect_lengths(self.log[-1])
+
+    def reset(self) -> None:
+        self.log.append("reset()")
+        self.cache.reset()  # type: ignore[attr-defined]
+        self.tokens, self.mask = self.tokens[:, :0], self.mask[:, :0]
+        self._expect_lengths(self.log[-1])
+
+    def fork(self, junk: torch.Tensor) -> None:
+        """Continue with a deep copy; the original takes ``junk`` tokens, which the copy must not see."""
+        self.log.append(f"fork (deepcopy), original fed {junk.shape[1]} other tokens")
+        original, self.cache = self.cache, copy.deepcopy(self.cache)
+        if junk.shape[1] and self.length:
+            mask = torch.cat((self.mask, torch.ones_like(junk)), dim=1)
+            self.model(junk, cache=original, start=self.length, attention_mask=mask)
+        self._expect_lengths(self.log[-1])

@@ -1,0 +1,157 @@
+"""Random sequences of update / crop / reorder / reset / fork against a trivially correct model of the cache.
+
+Two ways in, sharing :class:`~kvverify.suite.session.Session`: the ``stateful`` property draws a whole
+:class:`Program` (so the suite's runner runs, shrinks and reports it like any property), and
+:func:`machine_for` builds a :class:`hypothesis.stateful.RuleBasedStateMachine` for
+``run_state_machine_as_test``. Destructive operations are rarer than appends in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+
+from kvverify.case import Case, build_model
+from kvverify.config import ModelConfig
+from kvverify.suite.property import Draw, Property, random_tokens, strict_cases, tensor
+from kvverify.suite.session import Session
+from kvverify.suite.target import Target
+
+#: Operation kinds and the optional cache method each needs (None: always available).
+KINDS: dict[str, str | None] = {"append": None, "crop": "crop", "reorder": "reorder_cache", "reset": "reset",
+                                "fork": None}
+
+
+@dataclass(frozen=True)
+class Operation:
+    """tokens: (B, T) for append, or the tokens the original takes after a fork; argument: crop's; beam: reorder's."""
+
+    kind: str
+    tokens: tuple[tuple[int, ...], ...] = ()
+    argument: int = 0
+    beam: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        if self.kind == "append":
+            return f"append {len(self.tokens[0])} tokens"
+        if self.kind == "crop":
+            return f"crop({self.argument})"
+        if self.kind == "reorder":
+            return f"reorder_cache({list(self.beam)})"
+        return "fork (deepcopy)" if self.kind == "fork" else "reset()"
+
+
+@dataclass(frozen=True)
+class Program:
+    """Prefill ``case``'s prompt, run ``operations``, then append one token to observe the final state."""
+
+    case: Case
+    operations: tuple[Operation, ...]
+    last: tuple[tuple[int, ...], ...]
+
+    def describe(self) -> str:
+        return f"{self.case.describe()}\noperations: {'; '.join(str(op) for op in self.operations) or 'none'}"
+
+
+def _operation(draw: Draw, config: ModelConfig, batch: int, capabilities: frozenset[str]) -> Operation:
+    kinds = [k for k, need in KINDS.items() if need is None or need in capabilities]
+    appends = ["append"] * 3 * (len(kinds) - 1)  # destructive operations are rarer than appends
+    kind = draw(st.sampled_from(appends + kinds), label="operation")
+    if kind in ("append", "fork"):
+        count = draw(st.integers(1, 4), label="tokens")
+        return Operation(kind, tokens=random_tokens(draw, config, batch, count, "tokens"))
+    if kind == "crop":
+        return Operation(kind, argument=draw(st.integers(-20, 20), label="crop argument"))
+    if kind == "reorder":
+        rows = list(range(batch))
+        beam = draw(st.permutations(rows) | st.lists(st.sampled_from(rows), min_size=batch, max_size=batch))
+        return Operation(kind, beam=tuple(beam))
+    return Operation(kind)
+
+
+@st.composite
+def programs(draw: st.DrawFn, target: Target) -> Program:
+    case = draw(strict_cases(target), label="case")
+    count = draw(st.integers(1, 8), label="operations")
+    operations = tuple(_operation(draw, case.config, case.batch, target.capabilities) for _ in range(count))
+    return Program(case, operations, random_tokens(draw, case.config, case.batch, 1, "last token"))
+
+
+def apply(session: Session, operation: Operation) -> bool:
+    """Run one operation on the session; False when the cache refused a crop."""
+    rows = tensor(operation.tokens, session.tokens) if operation.tokens else None
+    if operation.kind == "append" and rows is not None:
+        if session.room >= 1:
+            session.append(rows[:, : session.room])
+    elif operation.kind == "fork" and rows is not None:
+        session.fork(rows[:, : session.room])
+    elif operation.kind == "crop":
+        return session.crop(operation.argument)
+    elif operation.kind == "reorder":
+        session.reorder(list(operation.beam))
+    elif operation.kind == "reset":
+        session.reset()
+    return True
+
+
+def check_program(target: Target, program: Program) -> None:
+    case = program.case
+    session = Session(target, case.model(), case.batch)
+    session.append(case.tokens(), case.attention_mask())
+    for operation in program.operations:
+        apply(session, operation)  # after a refused crop the cache must be as it was: later steps check that
+    if session.room >= 1:
+        session.append(tensor(program.last, session.tokens))
+
+
+STATEFUL = Property(
+    name="stateful",
+    summary=(
+        "Random sequences of appends, crop, reorder_cache, reset and fork (deepcopy) agree after every step "
+        "with a trivially correct list-of-tensors cache in lengths, returned keys and values and logits: bugs "
+        "that need several operations in a row, shared storage between copies, wrong returned shapes or heads."
+    ),
+    needs=frozenset(),
+    strategy=programs,
+    check=check_program,
+)
+
+
+def machine_for(target: Target, config: ModelConfig, *, batch: int = 2, seed: int = 0) -> type[RuleBasedStateMachine]:
+    """A state machine driving ``target`` with a model of ``config``; run it with
+    ``hypothesis.stateful.run_state_machine_as_test(machine_for(...))``."""
+    model = build_model(config, seed)
+    capabilities = target.capabilities
+
+    class CacheMachine(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.session = Session(target, model, batch)
+            self.stopped = False
+
+        @initialize(data=st.data())
+        def prefill(self, data: st.DataObject) -> None:
+            length = data.draw(st.integers(1, min(8, config.max_seq_len)), label="prompt length")
+            self.session.append(tensor(random_tokens(data.draw, config, batch, length, "prompt"), self.session.tokens))
+
+        @precondition(lambda self: not self.stopped and self.session.room >= 1)
+        @rule(data=st.data())
+        def decode_one(self, data: st.DataObject) -> None:
+            apply(self.session, Operation("append", tokens=random_tokens(data.draw, config, batch, 1, "token")))
+
+        @precondition(lambda self: not self.stopped and self.session.room >= 1)
+        @rule(data=st.data())
+        def append_chunk(self, data: st.DataObject) -> None:
+            count = data.draw(st.integers(2, 4), label="tokens")
+            apply(self.session, Operation("append", tokens=random_tokens(data.draw, config, batch, count, "tokens")))
+
+        @precondition(lambda self: not self.stopped)
+        @rule(data=st.data())
+        def destructive(self, data: st.DataObject) -> None:
+            operation = _operation(data.draw, config, batch, capabilities)
+            if operation.kind != "append":
+                apply(self.session, operation)  # a refused crop leaves the cache as it was
+
+    return CacheMachine

@@ -1,0 +1,28 @@
+"""Running a packaged property (kvverify.suite) as a pytest test."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+
+from kvverify.settings import PROFILE_EXAMPLES, examples_for
+from kvverify.suite import PROPERTIES
+from kvverify.suite.target import Target
+
+
+def check_property(name: str, target: Target) -> None:
+    """Run one packaged property against a target under the loaded profile, with that property's share of
+    its examples (``kvverify.settings.PROPERTY_SHARE``); skip with the reason when the target lacks a method."""
+    prop = PROPERTIES[name]
+    missing = prop.needs - target.capabilities
+    if missing:
+        pytest.skip(f"{target.name} has no {', '.join(sorted(missing))}()")
+    profile = settings.get_current_profile_name().removeprefix("kvverify-")
+    examples = examples_for(profile, name) if profile in PROFILE_EXAMPLES else settings.default.max_examples
+
+    @settings(max_examples=examples)
+    @given(case=prop.strategy(target))
+    def check(case: object) -> None:
+        prop.check(target, case)
+
+    check()
