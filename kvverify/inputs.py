@@ -59,7 +59,9 @@ def check_generate_inputs(
     if not use_cache and cache is not None:
         raise InputError("a cache was passed with use_cache=False; pass use_cache=True or drop the cache.")
     if cache is not None:
-        past = cache.get_seq_length()
+        past: object = cache.get_seq_length()
+        if isinstance(past, torch.Tensor) and past.numel() == 1 and not past.is_floating_point():
+            past = int(past)  # transformers' static caches return a 0-d tensor
         if not isinstance(past, int) or past < 0 or past >= length:
             raise InputError(
                 f"the cache holds {past!r} tokens but the prompt has {length}: pass the whole sequence "

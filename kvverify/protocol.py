@@ -7,7 +7,7 @@ unchanged and a cache written against this protocol plugs into transformers' mod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -86,12 +86,15 @@ class CacheDeclaration:
     sliding_window: the window the cache implements; the suite then only builds models with that window.
     max_batch_size: the largest batch the cache takes.
     max_seq_len: the most tokens it holds.
+    crop_argument: what ``crop(n)`` means: ``"keep"`` the first n tokens (the protocol's meaning, as in
+        transformers 4) or ``"remove"`` -n tokens (transformers 5); see :mod:`kvverify.cropping`.
     """
 
     lossy_atol: float | None = None
     sliding_window: int | None = None
     max_batch_size: int | None = None
     max_seq_len: int | None = None
+    crop_argument: Literal["keep", "remove"] | None = None
 
 
 def declaration_of(*objects: object) -> CacheDeclaration:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvverify.protocol import CacheFactory
+from kvverify.suite.runner import PropertyResult
 
 HELP = "run the suite against the catalogue of buggy caches: a kill table"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -86,7 +87,7 @@ def _run_mutant(name: str, factory: CacheFactory, profile: str, seed: int, with_
     from kvverify.suite import run_suite
 
     start = time.process_time()
-    result = run_suite(factory, target=f"mutant:{name}", profile=profile, seed=seed)
+    result = run_suite(factory, target=f"mutant:{name}", profile=profile, seed=seed, stop_at_first_failure=True)
     cpu = time.process_time() - start
     failure = result.failures[0] if result.failures else None
     baseline = run_baseline(factory) if with_baseline else None
@@ -94,13 +95,24 @@ def _run_mutant(name: str, factory: CacheFactory, profile: str, seed: int, with_
         name=name,
         killed=failure is not None,
         killer=failure.name if failure else "",
-        first_failure_seconds=getattr(failure, "first_failure_seconds", None) if failure else None,
+        first_failure_seconds=_time_to_kill(result.results),
         cpu_seconds=cpu,
         example=_minimal_case(failure.detail) if failure else "",
         detail=failure.detail if failure else "",
         baseline_killed=baseline.killed if baseline else None,
         baseline_cpu_seconds=baseline.cpu_seconds if baseline else 0.0,
     )
+
+
+def _time_to_kill(results: Sequence[PropertyResult]) -> float | None:
+    """Seconds from the start of the suite to the first failing example: the properties that passed before
+    the killer, then the killer up to its first failure."""
+    for index, result in enumerate(results):
+        if result.verdict in ("failed", "error"):
+            before = sum(r.seconds for r in results[:index])
+            first = result.first_failure_seconds
+            return before + (first if first is not None else result.seconds)
+    return None
 
 
 def _print_table(rows: Sequence[Row], with_baseline: bool) -> None:
