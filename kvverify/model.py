@@ -49,7 +49,7 @@ class StepContext:
     total: int  # N: tokens written after this forward
     key_is_token: torch.Tensor  # (B, N) bool, False for padding
     position_ids: torch.Tensor  # (B, N) long
-    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin: (B, 1, T, head_dim)
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin: (B or 1, 1, T, head_dim)
     alibi_slopes: torch.Tensor | None  # (H,)
     cache_position: torch.Tensor  # (T,) long: slots start .. total-1
     dense: bool  # no padding and no ALiBi: the mask is geometry alone (used by fast numerics)
@@ -59,8 +59,9 @@ def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
-class _FusedWeight:
-    """Weights concatenated along d_out for one matmul in fast numerics (QKV, gate-up).
+class _PackedWeight:
+    """Weights for fast numerics, concatenated along d_out (QKV, gate-up: one matmul) and stored transposed,
+    (d_in, sum of d_out): ``x @ packed`` reads the weight row by row, the faster layout on CPU for few rows.
 
     Rebuilt when a source is replaced (``param.data = ...``, ``.to()``) or modified in place (its version
     counter moves); the sources are kept alive so a freed pointer is never mistaken for the same weight.
@@ -72,10 +73,10 @@ class _FusedWeight:
         self._value: torch.Tensor | None = None
 
     def get(self, *weights: torch.Tensor) -> torch.Tensor:
-        key = tuple((w.data_ptr(), w._version) for w in weights)
+        key = tuple([(w.data_ptr(), w._version) for w in weights])
         if self._value is None or key != self._key:
             self._sources = tuple(w.detach() for w in weights)
-            self._value = torch.cat(self._sources)  # (sum of d_out, d_in)
+            self._value = torch.cat(self._sources).t().contiguous()  # (d_in, sum of d_out)
             self._key = key
         return self._value
 
@@ -90,14 +91,22 @@ class _RopeTable:
 
     def lookup(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids: (B, T) -> cos, signed sin: (B, 1, T, head_dim)."""
+        cos_table, sin_table = self._on(position_ids.device)
+        return cos_table[position_ids][:, None], sin_table[position_ids][:, None]
+
+    def span(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions ``start .. end-1`` for every row, as views -> cos, signed sin: (1, 1, T, head_dim)."""
+        cos_table, sin_table = self._on(device)
+        return cos_table[None, None, start:end], sin_table[None, None, start:end]
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
-        if self._tables is None or self._tables[0].device != position_ids.device:
-            every = torch.arange(c.max_seq_len, device=position_ids.device)[None]  # (1, max_seq_len)
+        if self._tables is None or self._tables[0].device != device:
+            every = torch.arange(c.max_seq_len, device=device)[None]  # (1, max_seq_len)
             cos, sin = numerics.rope_tables(every, c.head_dim, c.rope_theta, c.dtype, False)
             cos, sin = numerics.fast_rope_tables(cos, sin)
             self._tables = cos[0, 0], sin[0, 0]  # (max_seq_len, head_dim)
-        cos_table, sin_table = self._tables
-        return cos_table[position_ids][:, None], sin_table[position_ids][:, None]
+        return self._tables
 
 
 class Attention(nn.Module):
@@ -109,7 +118,7 @@ class Attention(nn.Module):
         self.wk = _param(c.n_kv_heads * c.head_dim, c.d_model)
         self.wv = _param(c.n_kv_heads * c.head_dim, c.d_model)
         self.wo = _param(c.d_model, c.n_heads * c.head_dim)
-        self._qkv = _FusedWeight()
+        self._qkv, self._wo = _PackedWeight(), _PackedWeight()
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None) -> torch.Tensor:
         if self.config.numerics == "fast":
@@ -135,7 +144,7 @@ class Attention(nn.Module):
         c = self.config
         batch, t, _ = x.shape
         n_q, n_kv = c.n_heads, c.n_kv_heads
-        qkv = numerics.linear(x, self._qkv.get(self.wq, self.wk, self.wv), False)
+        qkv = numerics.fast_linear(x, self._qkv.get(self.wq, self.wk, self.wv))
         qkv = qkv.view(batch, t, n_q + 2 * n_kv, c.head_dim).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
         qk, v = qkv[:, : n_q + n_kv], qkv[:, n_q + n_kv :]
         if ctx.rope is not None:
@@ -153,7 +162,7 @@ class Attention(nn.Module):
             key_slots = torch.arange(ctx.total - s, ctx.total, device=k.device)
             visible, bias = self._mask(ctx, key_slots)
             out = numerics.attention(q, k, v, visible, bias, False)
-        return numerics.linear(out.transpose(1, 2).reshape(batch, t, -1), self.wo, False)
+        return numerics.fast_linear(out.transpose(1, 2).reshape(batch, t, -1), self._wo.get(self.wo))
 
     @staticmethod
     def _align_to_slots(
@@ -196,12 +205,12 @@ class MLP(nn.Module):
         self.w_gate = _param(config.d_ff, config.d_model)
         self.w_up = _param(config.d_ff, config.d_model)
         self.w_down = _param(config.d_model, config.d_ff)
-        self._gate_up = _FusedWeight()
+        self._gate_up, self._down = _PackedWeight(), _PackedWeight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.strict:  # one matmul for gate and up
-            gate, up = numerics.linear(x, self._gate_up.get(self.w_gate, self.w_up), False).chunk(2, dim=-1)
-            return numerics.linear(nn.functional.silu(gate) * up, self.w_down, False)
+            gate, up = numerics.fast_linear(x, self._gate_up.get(self.w_gate, self.w_up)).chunk(2, dim=-1)
+            return numerics.fast_linear(nn.functional.silu(gate).mul_(up), self._down.get(self.w_down))
         gate = numerics.elementwise(nn.functional.silu, numerics.linear(x, self.w_gate, self.strict), self.strict)
         return numerics.linear(gate * numerics.linear(x, self.w_up, self.strict), self.w_down, self.strict)
 
@@ -213,13 +222,22 @@ class Norm(nn.Module):
         self.weight = _param(config.d_model)
         self.bias = _param(config.d_model) if config.norm == "layer" else None
         self.fast = config.numerics == "fast"
+        self._eps_tensor: torch.Tensor | None = None  # eps for fast_rms_norm, in the dtype and device last seen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast and x.dtype in (torch.float32, torch.float64):  # the fused kernels, same formula
-            return numerics.fast_norm(x, self.weight, self.bias, self.eps)
+        if self.fast and x.dtype in (torch.float32, torch.float64):  # the fast kernels, same formula
+            if self.bias is None:
+                return numerics.fast_rms_norm(x, self.weight, self._eps_like(x))
+            return numerics.fast_layer_norm(x, self.weight, self.bias, self.eps)
         if self.bias is None:
             return numerics.rms_norm(x, self.weight, self.eps, self.strict)
         return numerics.layer_norm(x, self.weight, self.bias, self.eps, self.strict)
+
+    def _eps_like(self, x: torch.Tensor) -> torch.Tensor:
+        eps = self._eps_tensor
+        if eps is None or eps.dtype != x.dtype or eps.device != x.device:
+            eps = self._eps_tensor = torch.tensor(self.eps, dtype=x.dtype, device=x.device)
+        return eps
 
 
 class Block(nn.Module):
@@ -230,7 +248,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), ctx, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.mlp(self.mlp_norm(x))
+        return x
 
 
 class ReferenceModel(nn.Module):
@@ -248,6 +267,7 @@ class ReferenceModel(nn.Module):
         slopes = numerics.alibi_slopes(config.n_heads) if config.positional == "alibi" else None
         self.alibi_slopes = slopes.to(config.dtype).to(config.device) if slopes is not None else None
         self._rope_table = _RopeTable(config)
+        self._lm_head = _PackedWeight()
         self._init_weights(seed)
 
     @torch.no_grad()
@@ -281,6 +301,23 @@ class ReferenceModel(nn.Module):
         (B, 1, vocab) with ``last_only``.
         """
         c = self.config
+        if c.numerics == "fast" and attention_mask is None:
+            ctx = self._unpadded_context(tokens, start)
+        else:
+            ctx = self._context(tokens, start, attention_mask)
+        x = self.tok_embeddings[tokens]  # (B, T, d_model)
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings[ctx.position_ids[:, start:]]
+        for layer in self.layers:
+            x = layer(x, ctx, cache)
+        if last_only:
+            x = x[:, -1:]
+        if c.numerics == "fast":
+            return numerics.fast_linear(self.final_norm(x), self._lm_head.get(self.lm_head))
+        return numerics.linear(self.final_norm(x), self.lm_head, c.numerics == "strict")
+
+    def _context(self, tokens: torch.Tensor, start: int, attention_mask: torch.Tensor | None) -> StepContext:
+        c = self.config
         batch, t = tokens.shape
         total = start + t
         if attention_mask is None:
@@ -296,15 +333,20 @@ class ReferenceModel(nn.Module):
                 rope = numerics.rope_tables(new_positions, c.head_dim, c.rope_theta, c.dtype, c.numerics == "strict")
         cache_position = torch.arange(start, total, device=tokens.device)
         dense = c.numerics == "fast" and self.alibi_slopes is None and bool(key_is_token.all())
-        ctx = StepContext(start, total, key_is_token, position_ids, rope, self.alibi_slopes, cache_position, dense)
-        x = self.tok_embeddings[tokens]  # (B, T, d_model)
-        if self.pos_embeddings is not None:
-            x = x + self.pos_embeddings[new_positions]
-        for layer in self.layers:
-            x = layer(x, ctx, cache)
-        if last_only:
-            x = x[:, -1:]
-        return numerics.linear(self.final_norm(x), self.lm_head, c.numerics == "strict")
+        return StepContext(start, total, key_is_token, position_ids, rope, self.alibi_slopes, cache_position, dense)
+
+    def _unpadded_context(self, tokens: torch.Tensor, start: int) -> StepContext:
+        """:meth:`_context` without an attention mask, for fast numerics: positions are the slots, so RoPE
+        rows are views of the table and nothing waits on a tensor's value."""
+        batch, t = tokens.shape
+        total = start + t
+        slots = torch.arange(total, device=tokens.device)  # (N,)
+        key_is_token = torch.ones(batch, total, dtype=torch.bool, device=tokens.device)
+        rope = self._rope_table.span(start, total, tokens.device) if self.config.positional == "rope" else None
+        dense = self.alibi_slopes is None
+        return StepContext(
+            start, total, key_is_token, slots.expand(batch, total), rope, self.alibi_slopes, slots[start:], dense
+        )
 
     @torch.no_grad()
     def generate(
@@ -326,6 +368,8 @@ class ReferenceModel(nn.Module):
         from kvverify.inputs import check_generate_inputs
 
         mask = check_generate_inputs(self.config, prompt, max_new_tokens, attention_mask, use_cache, cache)
+        # Without padding, fast numerics needs no mask: generated tokens never add any.
+        unpadded = self.config.numerics == "fast" and bool(mask.all())
         sequences = prompt
         chosen_tokens: list[torch.Tensor] = []
         chosen_logits: list[torch.Tensor] = []
@@ -337,10 +381,11 @@ class ReferenceModel(nn.Module):
         for _ in range(max_new_tokens):
             if use_cache:
                 new = sequences[:, past:]
-                logits = self(new, cache=cache, start=past, attention_mask=mask, last_only=True)[:, -1]
+                step_mask = None if unpadded else mask
+                logits = self(new, cache=cache, start=past, attention_mask=step_mask, last_only=True)[:, -1]
                 past = sequences.shape[1]
             else:
-                logits = self(sequences, attention_mask=mask, last_only=True)[:, -1]
+                logits = self(sequences, attention_mask=None if unpadded else mask, last_only=True)[:, -1]
             token = logits.argmax(-1, keepdim=True)  # (B, 1)
             chosen_tokens.append(token)
             chosen_logits.append(logits)
