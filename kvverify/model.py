@@ -377,7 +377,7 @@ class ReferenceModel(nn.Module):
             from kvverify.caches import ContiguousCache
 
             cache = ContiguousCache() if cache is None else cache
-            past = cache.get_seq_length()
+            past = int(cache.get_seq_length())  # transformers' static caches return a 0-d tensor
         for _ in range(max_new_tokens):
             if use_cache:
                 new = sequences[:, past:]
