@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvverify import numerics
+from kvverify import fast_decode, numerics
 from kvverify.config import ModelConfig
 from kvverify.protocol import KVCache
 
@@ -269,6 +269,7 @@ class ReferenceModel(nn.Module):
         self._rope_table = _RopeTable(config)
         self._lm_head = _PackedWeight()
         self._init_weights(seed)
+        self._decode_step = fast_decode.DecodeStep(self) if fast_decode.supports(config) else None
 
     @torch.no_grad()
     def _init_weights(self, seed: int) -> None:
@@ -301,6 +302,10 @@ class ReferenceModel(nn.Module):
         (B, 1, vocab) with ``last_only``.
         """
         c = self.config
+        step = self._decode_step  # fast numerics: one unpadded, cached token takes the flat step (fast_decode)
+        one_token = tokens.shape[1] == 1 and attention_mask is None and start < c.max_seq_len
+        if step is not None and cache is not None and one_token:
+            return step(tokens, cache, start)[:, None]
         if c.numerics == "fast" and attention_mask is None:
             ctx = self._unpadded_context(tokens, start)
         else:
