@@ -84,17 +84,19 @@ def check_crop(target: Target, plan: CropPlan) -> None:
     try:
         cache.crop(argument)  # type: ignore[attr-defined]
     except CROP_REFUSALS:  # a cache may refuse a crop it cannot do; it must then be as it was
-        if plan.held + len(plan.then[0]) + plan.more - 1 > case.config.max_seq_len:
-            reject()
         kept, what = plan.held, f"after a refused crop({argument}) of {plan.held} tokens"
     else:
         kept, what = resolve_crop(plan.argument, plan.held), f"after crop({argument}) of {plan.held} tokens"
     expect_length(cache, kept, what)
-    then = tensor(plan.then, full)
+    room = case.config.max_seq_len - kept  # a refused crop keeps the drafts: continue with what still fits
+    if room < 1:
+        reject()
+    then = tensor(plan.then, full)[:, :room]
+    more = min(plan.more, room - then.shape[1] + 1)
     prompt = torch.cat((full[:, :kept], then), dim=1)
     mask = torch.cat((full_mask[:, :kept], torch.ones_like(then)), dim=1)
-    actual = model.generate(prompt, plan.more, cache=cache, attention_mask=mask)
-    expected = model.generate(prompt, plan.more, use_cache=False, attention_mask=mask)
+    actual = model.generate(prompt, more, cache=cache, attention_mask=mask)
+    expected = model.generate(prompt, more, use_cache=False, attention_mask=mask)
     expect_same(target, case, expected, actual, f"{what} (to {kept}), continuing differs from never appending")
 
 
