@@ -23,7 +23,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvverify", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="kvverify",
+        description="Property-based correctness and profiling for LLM KV caches.",
+        epilog="Exit codes: 0 everything held, 1 a property or the contract failed, 2 usage error or unusable target.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in COMMANDS.items():
