@@ -76,9 +76,11 @@ def expect_length(cache: object, expected: int, what: str) -> None:
 
 
 def numerics_cases(target: Target, **kwargs: Any) -> st.SearchStrategy[Case]:
-    """Strict numerics in float32/float64 three times in four; fast numerics in any dtype otherwise."""
+    """Strict numerics three times in four (float32 and float64 mostly, the half types too: strict numerics is
+    bitwise in every dtype); fast numerics in any dtype otherwise."""
     constraints = {**target.config_constraints(), **kwargs}
-    strict = cases(dtype=("float32", "float64"), numerics="strict", **constraints)
+    strict = cases(dtype=("float32", "float64", "float32", "float64", "bfloat16", "float16"), numerics="strict",
+                   **constraints)
     fast = cases(dtype=("float32", "float64", "bfloat16", "float16"), numerics="fast", **constraints)
     return st.one_of(strict, strict, strict, fast)
 
