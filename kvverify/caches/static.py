@@ -33,14 +33,15 @@ class StaticCache:
         self.batch_size = max_batch_size
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> StaticCache:
+    def from_config(cls, config: ModelConfig, dtype: torch.dtype | None = None) -> StaticCache:
+        """Buffers for ``config``'s shape, in ``dtype`` (default: the model's)."""
         return cls(
             n_layers=config.n_layers,
             max_batch_size=config.max_batch_size,
             n_kv_heads=config.n_kv_heads,
             max_seq_len=config.max_seq_len,
             head_dim=config.head_dim,
-            dtype=config.dtype,
+            dtype=config.dtype if dtype is None else dtype,
             device=config.device,
         )
 

@@ -144,16 +144,8 @@ class _StoredAs(StaticCache):
     storage: torch.dtype = torch.float32
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> StaticCache:
-        return cls(
-            n_layers=config.n_layers,
-            max_batch_size=config.max_batch_size,
-            n_kv_heads=config.n_kv_heads,
-            max_seq_len=config.max_seq_len,
-            head_dim=config.head_dim,
-            dtype=cls.storage,
-            device=config.device,
-        )
+    def from_config(cls, config: ModelConfig, dtype: torch.dtype | None = None) -> StaticCache:
+        return super().from_config(config, dtype=cls.storage)
 
 
 class DowncastToBfloat16(_StoredAs):
