@@ -19,7 +19,7 @@ PROPERTY_SHARE: dict[str, float] = {
     "sliding_window": 0.15,
     "batch_independence": 0.15,
     "crop": 0.2,
-    "reorder": 0.15,
+    "reorder": 0.3,
     "reset": 0.15,
     "stateful": 0.25,
 }

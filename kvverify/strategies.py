@@ -138,14 +138,18 @@ def boundary_lengths(config: ModelConfig) -> list[int]:
 
 @st.composite
 def generation_lengths(draw: st.DrawFn, /, config: ModelConfig, prompt_len: int) -> int:
-    """``max_new_tokens`` for a prompt: often one that ends (or passes) a boundary of :func:`boundary_lengths`."""
+    """``max_new_tokens`` for a prompt: often one that ends (or passes) a boundary of :func:`boundary_lengths`,
+    and, for buffers of at most 32 tokens, one in five that fills the buffer exactly."""
     room = config.max_seq_len - prompt_len + 1
     plain = st.integers(1, min(room, 24))
     targets = [n - prompt_len + 1 for n in boundary_lengths(config)]
     aimed = [n for n in targets if 1 <= n <= room]
-    if aimed:
-        return draw(plain | st.sampled_from(aimed), label="max_new_tokens")
-    return draw(plain, label="max_new_tokens")
+    if not aimed:
+        return draw(plain, label="max_new_tokens")
+    choices = [plain, st.sampled_from(aimed), plain, st.sampled_from(aimed)]
+    if config.max_seq_len <= 32:
+        choices.append(st.just(room))  # the cache ends holding exactly max_seq_len tokens
+    return draw(st.one_of(choices), label="max_new_tokens")
 
 
 @st.composite
