@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import settings
 
-from kvverify.settings import PROFILE_EXAMPLES, examples_for
-from kvverify.suite import PROPERTIES
+from kvverify.settings import PROFILE_EXAMPLES
+from kvverify.suite import PROPERTIES, property_test
 from kvverify.suite.target import Target
 
 
@@ -18,11 +18,4 @@ def check_property(name: str, target: Target) -> None:
     if missing:
         pytest.skip(f"{target.name} has no {', '.join(sorted(missing))}()")
     profile = settings.get_current_profile_name().removeprefix("kvverify-")
-    examples = examples_for(profile, name) if profile in PROFILE_EXAMPLES else settings.default.max_examples
-
-    @settings(max_examples=examples)
-    @given(case=prop.strategy(target))
-    def check(case: object) -> None:
-        prop.check(target, case)
-
-    check()
+    property_test(prop, target, profile=profile if profile in PROFILE_EXAMPLES else None)()

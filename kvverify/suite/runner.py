@@ -86,17 +86,20 @@ def _checked(prop: Property, target: Target, case: Any, time_limit: float | None
 
 
 def property_test(
-    prop: Property, target: Target, *, profile: str = "ci", seed: int | None = None,
+    prop: Property, target: Target, *, profile: str | None = "ci", seed: int | None = None,
     time_limit: float | None = DEFAULT_TIME_LIMIT,
 ) -> Any:
-    """The Hypothesis test of one property against one target, ready to call (or to return from a pytest test)."""
-    settings = profile_settings(profile, prop.name)
+    """The Hypothesis test of one property against one target, ready to call (or to return from a pytest test).
 
-    @settings
+    ``profile``: a kvverify profile, giving this property its share of examples; None keeps the settings
+    Hypothesis has loaded."""
+
     @given(case=prop.strategy(target))
     def test(case: Any) -> None:
         _checked(prop, target, case, time_limit)
 
+    if profile is not None:
+        test = profile_settings(profile, prop.name)(test)
     return hypothesis_seed(seed)(test) if seed is not None else test
 
 
