@@ -3,13 +3,15 @@
 The module path (:meth:`kvverify.model.ReferenceModel.forward`) spends most of a one-token step on Python:
 module calls, a :class:`~kvverify.model.StepContext`, weight checks in every layer. :class:`DecodeStep` runs
 the same kernels on the same packed weights from flat per-layer tuples (as gpt-fast's ``decode_one_token``),
-checking the weights once per step. It covers the simple case only: fast numerics, one new token per row, no
-padding, no ALiBi, so every key the cache returns is visible (the newest ``sliding_window`` of them with a
-window). The model runs everything else through its modules.
+checking the weights once per step, with each residual add fused into the projection before it (``addmm_``).
+It covers the simple case only: fast numerics, one new token per row, no padding, no ALiBi, so every key the
+cache returns is visible (the newest ``sliding_window`` of them with a window). The model runs everything else
+through its modules.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, NamedTuple, cast
@@ -31,10 +33,10 @@ class _Layer(NamedTuple):
     """One block's weights, as the module path uses them (the packed ones are shared, not copied)."""
 
     layer_idx: int
-    attn_norm: NormFn
+    attn_norm: NormFn | None  # None: numerics.fast_rms_unit (the weight is folded into qkv)
     qkv: torch.Tensor  # (d_model, (H + 2 Hkv) * D)
     wo: torch.Tensor  # (H * D, d_model)
-    mlp_norm: NormFn
+    mlp_norm: NormFn | None  # None: numerics.fast_rms_unit (the weight is folded into gate_up)
     gate_up: torch.Tensor  # (d_model, 2 d_ff)
     down: torch.Tensor  # (d_ff, d_model)
 
@@ -47,8 +49,9 @@ def supports(config: ModelConfig) -> bool:
 class DecodeStep:
     """``step(tokens (B, 1), cache, start) -> logits (B, vocab)`` for a token at slot ``start`` of every row,
     without padding, equal to ``model(tokens, cache=cache, start=start)[:, -1]`` for a model that
-    :func:`supports` it. Weights are read again whenever a parameter of the model is replaced or modified in
-    place (the check of :class:`~kvverify.model._PackedWeight`, once per step for the whole model)."""
+    :func:`supports` it, up to the rounding of a fused residual add (``addmm``). Weights are read again
+    whenever a parameter of the model is replaced or modified in place (the check of
+    :class:`~kvverify.model._PackedWeight`, once per step for the whole model)."""
 
     def __init__(self, model: ReferenceModel) -> None:
         if not supports(model.config):
@@ -62,46 +65,68 @@ class DecodeStep:
         self._window = c.sliding_window
         # Every module whose parameters the step reads; a step compares their (pointer, version) pairs.
         self._watched: tuple[nn.Module, ...] = (model, model.final_norm, *model.layers.modules())
-        self._key: tuple[tuple[int, int], ...] = ()
+        self._key: list[tuple[int, int]] = []
         self._sources: tuple[torch.Tensor, ...] = ()  # kept alive so a freed pointer is never reused unseen
         self._layers: tuple[_Layer, ...] = ()
         self._final_norm: NormFn = _identity
         self._embeddings = self._lm_head = torch.empty(0)  # (vocab, d_model), (d_model, vocab)
         self._positions: torch.Tensor | None = None  # learned: (max_seq_len, d_model)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, signed sin: (max_seq_len, D)
+        self._slots = torch.empty(0, dtype=torch.long)  # (max_seq_len,): 0, 1, 2... for cache_position
+        self._eps = torch.empty(0)  # 0-d: the norms' eps in the activations' dtype
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        # On a CPU a decoded token is the weights' memory traffic plus a fixed cost per kernel call, and that cost
+        # grows several-fold right after a projection has streamed its weight through the caches. Hence one fused
+        # call where two would do (addmm_ for the residual, norm weights folded into the projections), the norm
+        # and RoPE inline, and lookups instead of per-step tensors (slots, RoPE rows).
         self._refresh()
         n_q, n_kv, head_dim, window = self._n_q, self._n_kv, self._head_dim, self._window
         batch = tokens.shape[0]
         total = start + 1  # N: tokens in the cache after this step
-        cache_kwargs = {"cache_position": torch.arange(start, total, device=tokens.device)}  # (1,)
-        x = self._embeddings[tokens.view(batch)]  # (B, d_model)
+        cache_kwargs = {"cache_position": self._slots[start:total]}  # (1,)
+        x = self._embeddings.index_select(0, tokens.view(batch))  # (B, d_model), a new tensor: updated in place
         if self._positions is not None:
             x = x + self._positions[start]
-        if self._rope is not None:
-            cos, sin = self._rope[0][start], self._rope[1][start]  # (D,)
+        rope = self._rope
+        if rope is not None:
+            cos, sin = rope[0][start], rope[1][start]  # (D,)
+        qkv_shape = (batch, n_q + 2 * n_kv, 1, head_dim)
+        rows_shape = (batch, n_kv, n_q // n_kv, head_dim)  # a KV head's queries as rows (dense_attention)
+        scale, half = 1.0 / math.sqrt(head_dim), head_dim // 2  # as numerics.dense_attention
+        mm, rsqrt, addcmul, vector_norm = torch.mm, torch.rsqrt, torch.addcmul, torch.linalg.vector_norm
+        sdpa, silu = nn.functional.scaled_dot_product_attention, nn.functional.silu
+        eps, inv_d = self._eps, 1 / x.shape[-1]
         for layer in self._layers:
-            qkv = torch.mm(layer.attn_norm(x), layer.qkv).view(batch, n_q + 2 * n_kv, 1, head_dim)
+            if layer.attn_norm is None:  # numerics.fast_rms_unit, inline
+                n = vector_norm(x, dim=-1, keepdim=True)
+                h = x * rsqrt(addcmul(eps, n, n, value=inv_d))
+            else:
+                h = layer.attn_norm(x)
+            qkv = mm(h, layer.qkv).view(qkv_shape)  # (B, H + 2 Hkv, 1, D)
             qk, v = qkv[:, : n_q + n_kv], qkv[:, n_q + n_kv :]  # (B, H + Hkv, 1, D), (B, Hkv, 1, D)
-            if self._rope is not None:
-                qk = numerics.fast_apply_rope(qk, cos, sin)
-            q, k = qk[:, :n_q], qk[:, n_q:]  # (B, H, 1, D), (B, Hkv, 1, D)
-            k, v = cache.update(k, v, layer.layer_idx, cache_kwargs)  # (B, Hkv, S, D)
+            if rope is not None:  # numerics.fast_apply_rope, inline
+                qk = addcmul(qk * cos, qk.roll(half, -1), sin)
+            k, v = cache.update(qk[:, n_q:], v, layer.layer_idx, cache_kwargs)  # (B, Hkv, S, D)
             s = k.shape[-2]
             if s > total:  # a preallocated buffer: slots N.. are unwritten
                 k, v, s = k[:, :, :total], v[:, :, :total], total
             if window is not None and s > window:  # the query sees the newest `window` keys only
                 k, v = k[:, :, s - window :], v[:, :, s - window :]
-            out = numerics.dense_attention(q, k, v, causal=False)  # (B, H, 1, D)
-            x = x + torch.mm(out.view(batch, n_q * head_dim), layer.wo)
-            gate, up = torch.mm(layer.mlp_norm(x), layer.gate_up).chunk(2, dim=-1)  # (B, d_ff) each
-            x = x + torch.mm(nn.functional.silu(gate).mul_(up), layer.down)
-        return torch.mm(self._final_norm(x), self._lm_head)  # (B, vocab)
+            out = sdpa(qk[:, :n_q].reshape(rows_shape), k, v, scale=scale)  # (B, Hkv, H / Hkv, D)
+            x.addmm_(out.view(batch, n_q * head_dim), layer.wo)
+            if layer.mlp_norm is None:
+                n = vector_norm(x, dim=-1, keepdim=True)
+                h = x * rsqrt(addcmul(eps, n, n, value=inv_d))
+            else:
+                h = layer.mlp_norm(x)
+            gate_up = mm(h, layer.gate_up)  # (B, 2 d_ff)
+            d_ff = gate_up.shape[-1] // 2
+            x.addmm_(silu(gate_up[:, :d_ff]).mul_(gate_up[:, d_ff:]), layer.down)
+        return mm(self._final_norm(x), self._lm_head)  # (B, vocab)
 
     def _refresh(self) -> None:
-        watched = [p for m in self._watched for p in m._parameters.values() if p is not None]
-        key = tuple([(p.data_ptr(), p._version) for p in watched])
+        key = [(p.data_ptr(), p._version) for m in self._watched for p in m._parameters.values() if p is not None]
         if key != self._key:
             self._build()
             self._key = key
@@ -110,44 +135,52 @@ class DecodeStep:
         model = self.model
         self._sources = tuple(p.detach() for p in model.parameters())
         self._embeddings = model.tok_embeddings.detach()
-        dtype = self._embeddings.dtype  # of every activation, which picks the norm's kernels
+        probe = self._embeddings[:0]  # (0, d_model): an activation's dtype and device, which pick the norms
         layers = []
         for i, module in enumerate(model.layers):
             block = cast("Block", module)
             attn, mlp = block.attn, block.mlp
+            attn_scale, mlp_scale = _folded(block.attn_norm, probe), _folded(block.mlp_norm, probe)
             layers.append(
                 _Layer(
                     layer_idx=i,
-                    attn_norm=_norm_fn(block.attn_norm, dtype),
-                    qkv=attn._qkv.get(attn.wq, attn.wk, attn.wv),
+                    attn_norm=None if attn_scale is not None else _norm_fn(block.attn_norm, probe),
+                    qkv=attn._qkv.get(attn.wq, attn.wk, attn.wv, in_scale=attn_scale),
                     wo=attn._wo.get(attn.wo),
-                    mlp_norm=_norm_fn(block.mlp_norm, dtype),
-                    gate_up=mlp._gate_up.get(mlp.w_gate, mlp.w_up),
+                    mlp_norm=None if mlp_scale is not None else _norm_fn(block.mlp_norm, probe),
+                    gate_up=mlp._gate_up.get(mlp.w_gate, mlp.w_up, in_scale=mlp_scale),
                     down=mlp._down.get(mlp.w_down),
                 )
             )
         self._layers = tuple(layers)
-        self._final_norm = _norm_fn(model.final_norm, dtype)
-        self._lm_head = model._lm_head.get(model.lm_head)
+        self._final_norm = _norm_fn(model.final_norm, probe)
+        self._eps = model.final_norm._eps_like(probe)  # every norm's (one config); used where the weight is folded
+        self._lm_head = model._lm_head.get(model.lm_head, in_scale=_folded(model.final_norm, probe))
         self._positions = None if model.pos_embeddings is None else model.pos_embeddings.detach()
         self._rope = None
         if model.config.positional == "rope":
             cos, sin = model._rope_table.span(0, model.config.max_seq_len, self._embeddings.device)
             self._rope = cos[0, 0], sin[0, 0]
+        self._slots = torch.arange(model.config.max_seq_len, device=self._embeddings.device)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _norm_fn(norm: Norm, dtype: torch.dtype) -> NormFn:
-    """``norm.forward`` for inputs of ``dtype``, with its branch taken once."""
+def _folded(norm: Norm, probe: torch.Tensor) -> torch.Tensor | None:
+    """The weight ``norm`` folds into the next projection for activations like ``probe``, or None."""
+    return norm.weight if norm.folds(probe) else None
+
+
+def _norm_fn(norm: Norm, probe: torch.Tensor) -> NormFn:
+    """``norm`` for activations like ``probe`` (its dtype and device), as the module path applies it: without
+    the weight where :meth:`~kvverify.model.Norm.folds`, with the branch taken once."""
+    if norm.folds(probe):
+        return partial(numerics.fast_rms_unit, eps=norm._eps_like(probe))
     weight = norm.weight.detach()
     bias = None if norm.bias is None else norm.bias.detach()
-    if norm.fast and dtype in (torch.float32, torch.float64):
-        if bias is None:
-            eps = torch.tensor(norm.eps, dtype=dtype, device=weight.device)
-            return partial(numerics.fast_rms_norm, weight=weight, eps=eps)
+    if norm.fast and probe.dtype in (torch.float32, torch.float64) and bias is not None:
         return partial(numerics.fast_layer_norm, weight=weight, bias=bias, eps=norm.eps)
     if bias is None:
         return partial(numerics.rms_norm, weight=weight, eps=norm.eps, strict=norm.strict)

@@ -62,6 +62,8 @@ def _param(*shape: int) -> nn.Parameter:
 class _PackedWeight:
     """Weights for fast numerics, concatenated along d_out (QKV, gate-up: one matmul) and stored transposed,
     (d_in, sum of d_out): ``x @ packed`` reads the weight row by row, the faster layout on CPU for few rows.
+    With ``in_scale`` (d_in,), the weight of the RMSNorm before the projection, each input column is scaled
+    by it: ``(x * g) @ W.T == x @ (W * g).T``, which saves the norm one multiplication per call.
 
     Rebuilt when a source is replaced (``param.data = ...``, ``.to()``) or modified in place (its version
     counter moves); the sources are kept alive so a freed pointer is never mistaken for the same weight.
@@ -72,11 +74,15 @@ class _PackedWeight:
         self._sources: tuple[torch.Tensor, ...] = ()
         self._value: torch.Tensor | None = None
 
-    def get(self, *weights: torch.Tensor) -> torch.Tensor:
-        key = tuple([(w.data_ptr(), w._version) for w in weights])
+    def get(self, *weights: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
+        sources = weights if in_scale is None else (*weights, in_scale)
+        key = tuple([(w.data_ptr(), w._version) for w in sources])
         if self._value is None or key != self._key:
-            self._sources = tuple(w.detach() for w in weights)
-            self._value = torch.cat(self._sources).t().contiguous()  # (d_in, sum of d_out)
+            self._sources = tuple(w.detach() for w in sources)
+            packed = torch.cat(self._sources[: len(weights)])  # (sum of d_out, d_in)
+            if in_scale is not None:
+                packed = packed * self._sources[-1]
+            self._value = packed.t().contiguous()  # (d_in, sum of d_out)
             self._key = key
         return self._value
 
@@ -120,9 +126,12 @@ class Attention(nn.Module):
         self.wo = _param(c.d_model, c.n_heads * c.head_dim)
         self._qkv, self._wo = _PackedWeight(), _PackedWeight()
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None, in_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``in_scale``: the folded RMSNorm weight (fast numerics only, see :class:`_PackedWeight`)."""
         if self.config.numerics == "fast":
-            return self._forward_fast(x, ctx, cache)
+            return self._forward_fast(x, ctx, cache, in_scale)
         c, strict = self.config, self.config.numerics == "strict"
         batch, t, _ = x.shape
         q = numerics.linear(x, self.wq, strict).view(batch, t, c.n_heads, c.head_dim).transpose(1, 2)
@@ -138,13 +147,15 @@ class Attention(nn.Module):
         out = numerics.attention(q, k, v, visible, bias, strict)  # (B, H, T, D)
         return numerics.linear(out.transpose(1, 2).reshape(batch, t, -1), self.wo, strict)
 
-    def _forward_fast(self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None) -> torch.Tensor:
+    def _forward_fast(
+        self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None, in_scale: torch.Tensor | None
+    ) -> torch.Tensor:
         """The same attention with one QKV matmul, RoPE on queries and keys at once, and no mask tensor when
         every key is visible (one decoded token) or the mask is the square causal one (a prefill)."""
         c = self.config
         batch, t, _ = x.shape
         n_q, n_kv = c.n_heads, c.n_kv_heads
-        qkv = numerics.fast_linear(x, self._qkv.get(self.wq, self.wk, self.wv))
+        qkv = numerics.fast_linear(x, self._qkv.get(self.wq, self.wk, self.wv, in_scale=in_scale))
         qkv = qkv.view(batch, t, n_q + 2 * n_kv, c.head_dim).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
         qk, v = qkv[:, : n_q + n_kv], qkv[:, n_q + n_kv :]
         if ctx.rope is not None:
@@ -207,9 +218,11 @@ class MLP(nn.Module):
         self.w_down = _param(config.d_model, config.d_ff)
         self._gate_up, self._down = _PackedWeight(), _PackedWeight()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``in_scale``: the folded RMSNorm weight (fast numerics only, see :class:`_PackedWeight`)."""
         if not self.strict:  # one matmul for gate and up
-            gate, up = numerics.fast_linear(x, self._gate_up.get(self.w_gate, self.w_up)).chunk(2, dim=-1)
+            gate_up = numerics.fast_linear(x, self._gate_up.get(self.w_gate, self.w_up, in_scale=in_scale))
+            gate, up = gate_up.chunk(2, dim=-1)
             return numerics.fast_linear(nn.functional.silu(gate).mul_(up), self._down.get(self.w_down))
         gate = numerics.elementwise(nn.functional.silu, numerics.linear(x, self.w_gate, self.strict), self.strict)
         return numerics.linear(gate * numerics.linear(x, self.w_up, self.strict), self.w_down, self.strict)
@@ -233,6 +246,15 @@ class Norm(nn.Module):
             return numerics.rms_norm(x, self.weight, self.eps, self.strict)
         return numerics.layer_norm(x, self.weight, self.bias, self.eps, self.strict)
 
+    def folds(self, x: torch.Tensor) -> bool:
+        """Whether this norm's weight moves into the next projection for ``x``: fast RMSNorm in float32 or
+        float64. The caller then applies :meth:`unit` and passes ``weight`` as the projection's ``in_scale``."""
+        return self.fast and self.bias is None and x.dtype in (torch.float32, torch.float64)
+
+    def unit(self, x: torch.Tensor) -> torch.Tensor:
+        """RMSNorm without its weight, where :meth:`folds` is true."""
+        return numerics.fast_rms_unit(x, self._eps_like(x))
+
     def _eps_like(self, x: torch.Tensor) -> torch.Tensor:
         eps = self._eps_tensor
         if eps is None or eps.dtype != x.dtype or eps.device != x.device:
@@ -247,8 +269,12 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = Norm(config), MLP(config)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), ctx, cache)
-        x = x + self.mlp(self.mlp_norm(x))
+        if self.attn_norm.folds(x):  # the norms' weights live in the packed projections (see _PackedWeight)
+            x = x + self.attn(self.attn_norm.unit(x), ctx, cache, in_scale=self.attn_norm.weight)
+            x = x + self.mlp(self.mlp_norm.unit(x), in_scale=self.mlp_norm.weight)
+        else:
+            x = x + self.attn(self.attn_norm(x), ctx, cache)
+            x = x + self.mlp(self.mlp_norm(x))
         return x
 
 
@@ -317,6 +343,9 @@ class ReferenceModel(nn.Module):
             x = layer(x, ctx, cache)
         if last_only:
             x = x[:, -1:]
+        if c.numerics == "fast" and self.final_norm.folds(x):
+            lm_head = self._lm_head.get(self.lm_head, in_scale=self.final_norm.weight)
+            return numerics.fast_linear(self.final_norm.unit(x), lm_head)
         if c.numerics == "fast":
             return numerics.fast_linear(self.final_norm(x), self._lm_head.get(self.lm_head))
         return numerics.linear(self.final_norm(x), self.lm_head, c.numerics == "strict")

@@ -129,8 +129,16 @@ def fast_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> t
 
     x: (..., d); eps: 0-d, of x's dtype and device.
     """
+    return fast_rms_unit(x, eps) * weight
+
+
+def fast_rms_unit(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """:func:`fast_rms_norm` without the weight, for a norm whose weight is folded into the next projection.
+
+    x: (..., d); eps: 0-d, of x's dtype and device.
+    """
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (..., 1)
-    return x * torch.rsqrt(torch.addcmul(eps, norm, norm, value=1 / x.shape[-1])) * weight
+    return x * torch.rsqrt(torch.addcmul(eps, norm, norm, value=1 / x.shape[-1]))
 
 
 def fast_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
