@@ -63,8 +63,10 @@ class DecodeStep:
         c = model.config
         self._n_q, self._n_kv, self._head_dim = c.n_heads, c.n_kv_heads, c.head_dim
         self._window = c.sliding_window
-        # Every module whose parameters the step reads; a step compares their (pointer, version) pairs.
-        self._watched: tuple[nn.Module, ...] = (model, model.final_norm, *model.layers.modules())
+        # The parameters of every module the step reads (live dicts: a replaced parameter shows up); a step
+        # compares their (pointer, version) pairs.
+        watched = (model, model.final_norm, *model.layers.modules())
+        self._parameter_dicts = tuple(m._parameters for m in watched)
         self._key: list[tuple[int, int]] = []
         self._sources: tuple[torch.Tensor, ...] = ()  # kept alive so a freed pointer is never reused unseen
         self._layers: tuple[_Layer, ...] = ()
@@ -97,36 +99,36 @@ class DecodeStep:
         mm, rsqrt, addcmul, vector_norm = torch.mm, torch.rsqrt, torch.addcmul, torch.linalg.vector_norm
         sdpa, silu = nn.functional.scaled_dot_product_attention, nn.functional.silu
         eps, inv_d = self._eps, 1 / x.shape[-1]
-        for layer in self._layers:
-            if layer.attn_norm is None:  # numerics.fast_rms_unit, inline
+        for layer_idx, attn_norm, w_qkv, w_o, mlp_norm, w_gate_up, w_down in self._layers:
+            if attn_norm is None:  # numerics.fast_rms_unit, inline
                 n = vector_norm(x, dim=-1, keepdim=True)
                 h = x * rsqrt(addcmul(eps, n, n, value=inv_d))
             else:
-                h = layer.attn_norm(x)
-            qkv = mm(h, layer.qkv).view(qkv_shape)  # (B, H + 2 Hkv, 1, D)
+                h = attn_norm(x)
+            qkv = mm(h, w_qkv).view(qkv_shape)  # (B, H + 2 Hkv, 1, D)
             qk, v = qkv[:, : n_q + n_kv], qkv[:, n_q + n_kv :]  # (B, H + Hkv, 1, D), (B, Hkv, 1, D)
             if rope is not None:  # numerics.fast_apply_rope, inline
                 qk = addcmul(qk * cos, qk.roll(half, -1), sin)
-            k, v = cache.update(qk[:, n_q:], v, layer.layer_idx, cache_kwargs)  # (B, Hkv, S, D)
+            k, v = cache.update(qk[:, n_q:], v, layer_idx, cache_kwargs)  # (B, Hkv, S, D)
             s = k.shape[-2]
             if s > total:  # a preallocated buffer: slots N.. are unwritten
                 k, v, s = k[:, :, :total], v[:, :, :total], total
             if window is not None and s > window:  # the query sees the newest `window` keys only
                 k, v = k[:, :, s - window :], v[:, :, s - window :]
             out = sdpa(qk[:, :n_q].reshape(rows_shape), k, v, scale=scale)  # (B, Hkv, H / Hkv, D)
-            x.addmm_(out.view(batch, n_q * head_dim), layer.wo)
-            if layer.mlp_norm is None:
+            x.addmm_(out.view(batch, n_q * head_dim), w_o)
+            if mlp_norm is None:
                 n = vector_norm(x, dim=-1, keepdim=True)
                 h = x * rsqrt(addcmul(eps, n, n, value=inv_d))
             else:
-                h = layer.mlp_norm(x)
-            gate_up = mm(h, layer.gate_up)  # (B, 2 d_ff)
+                h = mlp_norm(x)
+            gate_up = mm(h, w_gate_up)  # (B, 2 d_ff)
             d_ff = gate_up.shape[-1] // 2
-            x.addmm_(silu(gate_up[:, :d_ff]).mul_(gate_up[:, d_ff:]), layer.down)
+            x.addmm_(silu(gate_up[:, :d_ff]).mul_(gate_up[:, d_ff:]), w_down)
         return mm(self._final_norm(x), self._lm_head)  # (B, vocab)
 
     def _refresh(self) -> None:
-        key = [(p.data_ptr(), p._version) for m in self._watched for p in m._parameters.values() if p is not None]
+        key = [(p.data_ptr(), p._version) for d in self._parameter_dicts for p in d.values() if p is not None]
         if key != self._key:
             self._build()
             self._key = key
