@@ -104,6 +104,15 @@ def greedy_seconds_per_token(
     return (time.perf_counter() - begin) / new_tokens
 
 
+def generate_seconds_per_token(generate: Callable[[Any], Any], make_cache: Callable[[], Any], new_tokens: int) -> float:
+    """Seconds per token of one call ``generate(cache)`` that produces ``new_tokens`` tokens into a fresh cache:
+    a library's own generation loop (``ReferenceModel.generate``, transformers' ``generate``), prefill included."""
+    cache = make_cache()
+    begin = time.perf_counter()
+    generate(cache)
+    return (time.perf_counter() - begin) / new_tokens
+
+
 @dataclass(frozen=True)
 class Ratio:
     """Two timings measured alternately in one process: ``ratio`` is the median of per-round first/second."""

@@ -44,3 +44,19 @@ def llama_logits(llama: Any, tokens: torch.Tensor, cache: Any | None, keyword: s
         out = llama(tokens, use_cache=True, logits_to_keep=1, **{keyword: cache})
     logits: torch.Tensor = out.logits[:, -1]
     return logits
+
+
+@torch.no_grad()
+def llama_generate(llama: Any, prompt: torch.Tensor, new_tokens: int, cache: Any, keyword: str) -> torch.Tensor:
+    """transformers' own greedy ``generate`` of exactly ``new_tokens`` tokens after ``prompt`` (B, T), unpadded,
+    into ``cache``: the path a transformers user takes. Returns the sequences (B, T + new_tokens)."""
+    sequences: torch.Tensor = llama.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        **{keyword: cache},
+    )
+    return sequences
