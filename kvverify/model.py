@@ -404,7 +404,7 @@ class ReferenceModel(nn.Module):
         mask = check_generate_inputs(self.config, prompt, max_new_tokens, attention_mask, use_cache, cache)
         # Without padding, fast numerics needs no mask: generated tokens never add any.
         unpadded = self.config.numerics == "fast" and bool(mask.all())
-        sequences = prompt
+        sequences = prompt  # grown every step only where a step needs it (uncached); else joined at the end
         chosen_tokens: list[torch.Tensor] = []
         chosen_logits: list[torch.Tensor] = []
         if use_cache:
@@ -412,21 +412,28 @@ class ReferenceModel(nn.Module):
 
             cache = ContiguousCache() if cache is None else cache
             past = int(cache.get_seq_length())  # transformers' static caches return a 0-d tensor
+            new = prompt[:, past:]
         for _ in range(max_new_tokens):
             if use_cache:
-                new = sequences[:, past:]
-                step_mask = None if unpadded else mask
-                logits = self(new, cache=cache, start=past, attention_mask=step_mask, last_only=True)[:, -1]
-                past = sequences.shape[1]
+                logits = self(new, cache=cache, start=past, attention_mask=None if unpadded else mask, last_only=True)
+                past += new.shape[1]
             else:
-                logits = self(sequences, attention_mask=None if unpadded else mask, last_only=True)[:, -1]
-            token = logits.argmax(-1, keepdim=True)  # (B, 1)
-            chosen_tokens.append(token)
-            chosen_logits.append(logits)
-            sequences = torch.cat((sequences, token), dim=1)
-            mask = torch.cat((mask, torch.ones_like(token)), dim=1)
+                logits = self(sequences, attention_mask=None if unpadded else mask, last_only=True)
+            last = logits[:, -1]  # (B, vocab)
+            new = last.argmax(-1, keepdim=True)  # (B, 1): the chosen token, the next step's input
+            chosen_tokens.append(new)
+            chosen_logits.append(last)
+            if not use_cache:
+                sequences = torch.cat((sequences, new), dim=1)
+            if not unpadded:  # a padded step reads the mask of every slot so far
+                mask = torch.cat((mask, torch.ones_like(new)), dim=1)
+        tokens = torch.cat(chosen_tokens, dim=1)  # (B, N)
+        if use_cache:
+            sequences = torch.cat((prompt, tokens), dim=1)
+        if unpadded:
+            mask = torch.cat((mask, torch.ones_like(tokens)), dim=1)
         return Generation(
-            tokens=torch.cat(chosen_tokens, dim=1),
+            tokens=tokens,
             logits=torch.stack(chosen_logits, dim=1),
             sequences=sequences,
             attention_mask=mask,
