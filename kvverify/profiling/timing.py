@@ -76,7 +76,12 @@ def time_cached(step: StepFn, cache: Any, tokens: torch.Tensor, context: int) ->
 
 
 def time_uncached(step: StepFn, tokens: torch.Tensor, repeats: int) -> float:
-    """Median time of a forward over all of ``tokens`` (B, T): the work of one uncached decode step at length T."""
+    """Median time of a forward over all of ``tokens`` (B, T): the work of one uncached decode step at length T.
+
+    One untimed forward first: the first call at a new shape pays one-off costs (packed weights, tables,
+    allocator growth) that are not the step's.
+    """
+    step(tokens, None, 0)
     samples = []
     for _ in range(repeats):
         _sync(tokens.device)

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from kvverify.profiling import timing
+
+
+def test_uncached_timing_leaves_out_the_first_call() -> None:
+    calls: list[int] = []
+
+    def step(tokens: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
+        calls.append(tokens.shape[1])
+        if len(calls) == 1:  # a cold first call, as a new shape's packed weights and tables make it
+            import time
+
+            time.sleep(0.2)
+        return tokens
+
+    seconds = timing.time_uncached(step, torch.zeros(1, 5, dtype=torch.long), repeats=2)
+    assert calls == [5, 5, 5], f"expected one untimed warm-up and two timed calls; got {len(calls)} calls"
+    assert seconds < 0.1, f"the cold first call leaked into the median: {seconds:.3f} s"
+
+
+def test_cached_timing_needs_context_and_steps() -> None:
+    with pytest.raises(ValueError, match="at least one step"):
+        timing.time_cached(lambda t, c, s: t, None, torch.zeros(1, 4, dtype=torch.long), context=4)
+
+
+def test_ratio_is_the_median_of_per_round_ratios() -> None:
+    ratio = timing.Ratio(first_s=(1.0, 2.0, 9.0), second_s=(2.0, 2.0, 10.0))
+    assert ratio.ratio == pytest.approx(0.9)
+    assert ratio.first_median_s == 2.0 and ratio.second_median_s == 2.0
