@@ -73,3 +73,22 @@ def test_small_plan_writes_the_three_files_with_plots(tmp_path: Path) -> None:
     assert (
         results["tracemalloc_vs_memray"]["memray_bytes"] > 100 * results["tracemalloc_vs_memray"]["tracemalloc_bytes"]
     )
+
+
+def test_ratios_time_both_loops_against_transformers(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from kvverify.profiling.plan import transformers_specs
+
+    plan = Plan(presets={"tiny": (8,)}, steps=1, repeats=1, ratio_rounds=1, ratio_tokens=3, prompt=4)
+    profile = run_profile(plan, [*builtin_specs(), *transformers_specs()], lambda *_: None, tmp_path)
+    rows = {(r.loop, r.reference_cache, r.transformers_cache): r for r in profile.ratios}
+    assert set(rows) == {
+        ("forward", "contiguous", "hf-dynamic"),
+        ("forward", "static", "hf-static"),
+        ("generate", "contiguous", "hf-dynamic"),
+    }, f"expected both loops timed; got {sorted(rows)} (skipped: {profile.skipped})"
+    for row in rows.values():
+        expected = row.reference_s_per_token / row.transformers_s_per_token  # one round: the ratio of the medians
+        assert row.ratio == pytest.approx(expected), f"{row}: the ratio must be reference / transformers"
+    write_report(profile, tmp_path)
+    assert "each library's generate()" in (tmp_path / "report.md").read_text(encoding="utf-8")

@@ -70,6 +70,7 @@ def row_cells(row: CacheRow) -> list[str]:
 
 
 RATIO_HEADER = (
+    "loop",
     "reference cache",
     "transformers cache",
     "prompt",
@@ -81,9 +82,13 @@ RATIO_HEADER = (
 )
 
 
+_LOOPS = {"forward": "one greedy loop over both forwards", "generate": "each library's generate()"}
+
+
 def ratio_cells(profile: Profile) -> list[list[str]]:
     return [
         [
+            _LOOPS[r.loop],
             r.reference_cache,
             r.transformers_cache,
             str(r.prompt),

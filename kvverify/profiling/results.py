@@ -63,6 +63,7 @@ class RatioRow:
     """The reference's cached decode against transformers', alternating in one process."""
 
     preset: str
+    loop: str  # "forward": one greedy loop drives both models' forward; "generate": each library's generate()
     reference_cache: str
     transformers_cache: str
     prompt: int

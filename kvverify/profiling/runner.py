@@ -21,8 +21,10 @@ from kvverify.profiling.results import CacheRow, Profile, RatioRow
 #: progress(done, total, what is starting)
 Progress = Callable[[int, int, str], None]
 
-#: (reference cache, transformers cache) pairs timed against each other.
+#: (reference cache, transformers cache) pairs timed against each other in one greedy forward loop.
 RATIO_PAIRS: tuple[tuple[str, str], ...] = (("contiguous", "hf-dynamic"), ("static", "hf-static"))
+#: The pair timed through each library's own generate(): their default caches.
+GENERATE_PAIR = ("contiguous", "hf-dynamic")
 
 
 class _Models:
@@ -166,29 +168,35 @@ def _ratios(
     by_name = {spec.name: spec for spec in specs}
     preset = next(iter(plan.presets))
     models = models_by_preset[preset]
-    rows = []
+    timed: list[tuple[str, str, str, timing.Ratio]] = []
     for ours, theirs in RATIO_PAIRS:
         if ours not in by_name or theirs not in by_name:
             profile.skipped.append(f"ratio {ours} vs {theirs}: one of them was not profiled")
             continue
-        ratio = _ratio(plan, models, by_name[ours], by_name[theirs])
-        rows.append(
-            RatioRow(
-                preset=preset,
-                reference_cache=ours,
-                transformers_cache=theirs,
-                prompt=plan.prompt,
-                new_tokens=plan.ratio_tokens,
-                rounds=plan.ratio_rounds,
-                reference_s_per_token=ratio.first_median_s,
-                transformers_s_per_token=ratio.second_median_s,
-                ratio=ratio.ratio,
-            )
+        timed.append(("forward", ours, theirs, _forward_ratio(plan, models, by_name[ours], by_name[theirs])))
+    ours, theirs = GENERATE_PAIR
+    if ours in by_name and theirs in by_name:
+        ratio = _generate_ratio(plan, models, by_name[ours], by_name[theirs], profile)
+        if ratio is not None:
+            timed.append(("generate", ours, theirs, ratio))
+    return [
+        RatioRow(
+            preset=preset,
+            loop=loop,
+            reference_cache=ours,
+            transformers_cache=theirs,
+            prompt=plan.prompt,
+            new_tokens=plan.ratio_tokens,
+            rounds=plan.ratio_rounds,
+            reference_s_per_token=ratio.first_median_s,
+            transformers_s_per_token=ratio.second_median_s,
+            ratio=ratio.ratio,
         )
-    return rows
+        for loop, ours, theirs, ratio in timed
+    ]
 
 
-def _ratio(plan: Plan, models: _Models, ours: CacheSpec, theirs: CacheSpec) -> timing.Ratio:
+def _forward_ratio(plan: Plan, models: _Models, ours: CacheSpec, theirs: CacheSpec) -> timing.Ratio:
     config = models.config
     prompt = _tokens(config, plan.prompt, seed=1)
     reference, llama = timing.reference_step(models.reference(None)), timing.llama_step(models.llama())
@@ -197,6 +205,32 @@ def _ratio(plan: Plan, models: _Models, ours: CacheSpec, theirs: CacheSpec) -> t
         return lambda: timing.greedy_seconds_per_token(step, lambda: spec.make(config), prompt, plan.ratio_tokens)
 
     return timing.alternating(run(reference, ours), run(llama, theirs), plan.ratio_rounds)
+
+
+def _generate_ratio(
+    plan: Plan, models: _Models, ours: CacheSpec, theirs: CacheSpec, profile: Profile
+) -> timing.Ratio | None:
+    """``ReferenceModel.generate`` against ``LlamaForCausalLM.generate``, when both choose the same tokens (else
+    the two timings would not be of the same work, and the row is left out with the reason)."""
+    from kvverify.profiling.transformers_side import cache_keyword, llama_generate
+
+    config, model, llama = models.config, models.reference(None), models.llama()
+    prompt, new_tokens, keyword = _tokens(config, plan.prompt, seed=1), plan.ratio_tokens, cache_keyword(llama)
+
+    def reference_generate(cache: Any) -> torch.Tensor:
+        return model.generate(prompt, new_tokens, cache=cache).sequences
+
+    def transformers_generate(cache: Any) -> torch.Tensor:
+        return llama_generate(llama, prompt, new_tokens, cache, keyword)
+
+    if not torch.equal(reference_generate(ours.make(config)), transformers_generate(theirs.make(config))):
+        profile.skipped.append("ratio through generate(): the two models chose different tokens")
+        return None
+    return timing.alternating(
+        lambda: timing.generate_seconds_per_token(reference_generate, lambda: ours.make(config), new_tokens),
+        lambda: timing.generate_seconds_per_token(transformers_generate, lambda: theirs.make(config), new_tokens),
+        plan.ratio_rounds,
+    )
 
 
 def _cuda(
