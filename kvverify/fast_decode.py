@@ -78,11 +78,16 @@ class DecodeStep:
         self._eps = torch.empty(0)  # 0-d: the norms' eps in the activations' dtype
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        self.refresh()
+        return self.decode(tokens, cache, start)
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """The step with the weights as last read by :meth:`refresh`: for a caller that knows no parameter has
+        changed since (``ReferenceModel.generate`` refreshes once per call)."""
         # On a CPU a decoded token is the weights' memory traffic plus a fixed cost per kernel call, and that cost
         # grows several-fold right after a projection has streamed its weight through the caches. Hence one fused
         # call where two would do (addmm_ for the residual, norm weights folded into the projections), the norm
         # and RoPE inline, and lookups instead of per-step tensors (slots, RoPE rows).
-        self._refresh()
         n_q, n_kv, head_dim, window = self._n_q, self._n_kv, self._head_dim, self._window
         batch = tokens.shape[0]
         total = start + 1  # N: tokens in the cache after this step
@@ -127,7 +132,8 @@ class DecodeStep:
             x.addmm_(silu(gate_up[:, :d_ff]).mul_(gate_up[:, d_ff:]), w_down)
         return mm(self._final_norm(x), self._lm_head)  # (B, vocab)
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
+        """Read the weights again if any parameter was replaced or modified in place since the last read."""
         key = [(p.data_ptr(), p._version) for d in self._parameter_dicts for p in d.values() if p is not None]
         if key != self._key:
             self._build()

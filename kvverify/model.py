@@ -407,6 +407,11 @@ class ReferenceModel(nn.Module):
         sequences = prompt  # grown every step only where a step needs it (uncached); else joined at the end
         chosen_tokens: list[torch.Tensor] = []
         chosen_logits: list[torch.Tensor] = []
+        # The flat decode step, its weights read once: nothing in this loop but the cache's own code runs between
+        # two steps, and a cache has no business changing the model's parameters.
+        flat = self._decode_step if use_cache and unpadded else None
+        if flat is not None:
+            flat.refresh()
         if use_cache:
             from kvverify.caches import ContiguousCache
 
@@ -414,12 +419,14 @@ class ReferenceModel(nn.Module):
             past = int(cache.get_seq_length())  # transformers' static caches return a 0-d tensor
             new = prompt[:, past:]
         for _ in range(max_new_tokens):
-            if use_cache:
+            if flat is not None and cache is not None and new.shape[1] == 1 and past < self.config.max_seq_len:
+                last = flat.decode(new, cache, past)  # (B, vocab)
+                past += 1
+            elif use_cache:
                 logits = self(new, cache=cache, start=past, attention_mask=None if unpadded else mask, last_only=True)
-                past += new.shape[1]
+                last, past = logits[:, -1], past + new.shape[1]
             else:
-                logits = self(sequences, attention_mask=None if unpadded else mask, last_only=True)
-            last = logits[:, -1]  # (B, vocab)
+                last = self(sequences, attention_mask=None if unpadded else mask, last_only=True)[:, -1]
             new = last.argmax(-1, keepdim=True)  # (B, 1): the chosen token, the next step's input
             chosen_tokens.append(new)
             chosen_logits.append(last)

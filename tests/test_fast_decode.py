@@ -105,17 +105,38 @@ def test_flat_step_drives_transformers_caches(cache_factory: str) -> None:
 
 def test_generate_uses_the_flat_step_when_unpadded() -> None:
     model = fast_model()
-    calls = []
     step = model._decode_step
     assert step is not None, "a fast, RoPE model must get a flat decode step"
+    calls, refreshes = [], []
+    decode, refresh = step.decode, step.refresh
 
     def counting(tokens: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
         calls.append(start)
-        return step(tokens, cache, start)
+        return decode(tokens, cache, start)
 
-    model._decode_step = counting  # type: ignore[assignment]
+    step.decode = counting  # type: ignore[method-assign]
+    step.refresh = lambda: refreshes.append(1) or refresh()  # type: ignore[method-assign]
     model.generate(prompt(model.config, length=6), 5)
     assert calls == [6, 7, 8, 9], f"expected one flat step per decoded token after the prefill; got slots {calls}"
+    assert refreshes == [1], f"generate must read the weights once per call; read them {len(refreshes)} times"
+
+
+def test_a_forward_call_reads_changed_weights_every_step() -> None:
+    model = fast_model()
+    config = model.config
+    tokens = prompt(config)
+    cache = BUILTIN_CACHES["contiguous"](config)
+    model(tokens, cache=cache)
+    before = model(tokens[:, :1], cache=cache, start=tokens.shape[1])
+    with torch.no_grad():
+        model.layers[0].attn_norm.weight.mul_(2.0)  # a folded norm weight: the packed qkv must be rebuilt
+    cache.crop(tokens.shape[1])
+    after = model(tokens[:, :1], cache=cache, start=tokens.shape[1])
+    with module_path(model):
+        cache.crop(tokens.shape[1])
+        expected = model(tokens[:, :1], cache=cache, start=tokens.shape[1])
+    assert not torch.allclose(before, after), "the norm weight changed; so must the logits"
+    assert torch.allclose(after, expected, rtol=0, atol=ATOL), "the flat step kept a stale folded weight"
 
 
 def test_padding_falls_back_to_the_module_path() -> None:
