@@ -21,7 +21,7 @@ from torch import nn
 
 from kvverify import numerics
 from kvverify.config import ModelConfig
-from kvverify.protocol import KVCache
+from kvverify.protocol import KVCache, written_slots
 
 if TYPE_CHECKING:
     from kvverify.model import Block, Norm, ReferenceModel
@@ -115,9 +115,8 @@ class DecodeStep:
             if rope is not None:  # numerics.fast_apply_rope, inline
                 qk = addcmul(qk * cos, qk.roll(half, -1), sin)
             k, v = cache.update(qk[:, n_q:], v, layer_idx, cache_kwargs)  # (B, Hkv, S, D)
+            k, v = written_slots(k, v, total)
             s = k.shape[-2]
-            if s > total:  # a preallocated buffer: slots N.. are unwritten
-                k, v, s = k[:, :, :total], v[:, :, :total], total
             if window is not None and s > window:  # the query sees the newest `window` keys only
                 k, v = k[:, :, s - window :], v[:, :, s - window :]
             out = sdpa(qk[:, :n_q].reshape(rows_shape), k, v, scale=scale)  # (B, Hkv, H / Hkv, D)

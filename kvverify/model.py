@@ -21,7 +21,7 @@ from torch import nn
 
 from kvverify import fast_decode, numerics
 from kvverify.config import ModelConfig
-from kvverify.protocol import KVCache
+from kvverify.protocol import KVCache, written_slots
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,8 @@ class Attention(nn.Module):
         if cache is not None:
             cache_position = torch.arange(ctx.start, ctx.total, device=x.device)
             k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position})
-        k, v, key_slots = self._align_to_slots(k, v, ctx.total)
+        k, v = written_slots(k, v, ctx.total)
+        key_slots = torch.arange(ctx.total - k.shape[-2], ctx.total, device=k.device)  # token slot of each key
         visible, bias = self._mask(ctx, key_slots)
         out = numerics.attention(q, k, v, visible, bias, strict)  # (B, H, T, D)
         return numerics.linear(out.transpose(1, 2).reshape(batch, t, -1), self.wo, strict)
@@ -163,10 +164,8 @@ class Attention(nn.Module):
         q, k = qk[:, :n_q], qk[:, n_q:]  # (B, H, T, D), (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, {"cache_position": ctx.cache_position})
-        s = k.shape[-2]
-        if s > ctx.total:  # see _align_to_slots
-            k, v, s = k[:, :, : ctx.total], v[:, :, : ctx.total], ctx.total
-        window = c.sliding_window
+        k, v = written_slots(k, v, ctx.total)
+        s, window = k.shape[-2], c.sliding_window
         if ctx.dense and (t == 1 or t == s) and (window is None or s <= window):
             out = numerics.dense_attention(q, k, v, causal=t > 1)  # (B, H, T, D)
         else:
@@ -174,19 +173,6 @@ class Attention(nn.Module):
             visible, bias = self._mask(ctx, key_slots)
             out = numerics.attention(q, k, v, visible, bias, False)
         return numerics.fast_linear(out.transpose(1, 2).reshape(batch, t, -1), self._wo.get(self.wo))
-
-    @staticmethod
-    def _align_to_slots(
-        k: torch.Tensor, v: torch.Tensor, total: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Map the S returned cache slots onto token slots (see :class:`kvverify.protocol.KVCache`).
-
-        Returns k, v: (B, Hkv, S', D) and the token slot of each key (S',).
-        """
-        s = k.shape[-2]
-        if s >= total:  # contiguous, or a preallocated buffer whose tail is unwritten
-            return k[:, :, :total], v[:, :, :total], torch.arange(total, device=k.device)
-        return k, v, torch.arange(total - s, total, device=k.device)  # a window: the newest s tokens
 
     def _mask(self, ctx: StepContext, key_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """visible: (B, 1, T, S') bool; bias: (B, H, T, S') for ALiBi, else None."""

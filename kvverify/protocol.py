@@ -17,6 +17,17 @@ from kvverify.config import ModelConfig
 OPTIONAL_METHODS: tuple[str, ...] = ("crop", "reorder_cache", "reset")
 
 
+def written_slots(keys: torch.Tensor, values: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``update`` returned, cut to the tokens it holds, by the S-vs-N rule of :class:`KVCache`: the first
+    N slots of a preallocated buffer (S > N); everything otherwise (S == N, or the newest S < N of a window).
+
+    keys, values: (B, Hkv, S, D) -> (B, Hkv, S', D) with S' = min(S, N); slot i holds token N - S' + i.
+    """
+    if keys.shape[-2] > total:
+        return keys[:, :, :total], values[:, :, :total]
+    return keys, values
+
+
 @runtime_checkable
 class KVCache(Protocol):
     """A key/value cache for a decoder-only transformer.
