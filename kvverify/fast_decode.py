@@ -3,7 +3,8 @@
 The module path (:meth:`kvverify.model.ReferenceModel.forward`) spends most of a one-token step on Python:
 module calls, a :class:`~kvverify.model.StepContext`, weight checks in every layer. :class:`DecodeStep` runs
 the same kernels on the same packed weights from flat per-layer tuples (as gpt-fast's ``decode_one_token``),
-checking the weights once per step, with each residual add fused into the projection before it (``addmm_``).
+checking the weights once per call (once per ``generate``, which drives :meth:`DecodeStep.decode` itself),
+with each residual add fused into the projection before it (``addmm_``).
 It covers the simple case only: fast numerics, one new token per row, no padding, no ALiBi, so every key the
 cache returns is visible (the newest ``sliding_window`` of them with a window). The model runs everything else
 through its modules.
@@ -49,9 +50,9 @@ def supports(config: ModelConfig) -> bool:
 class DecodeStep:
     """``step(tokens (B, 1), cache, start) -> logits (B, vocab)`` for a token at slot ``start`` of every row,
     without padding, equal to ``model(tokens, cache=cache, start=start)[:, -1]`` for a model that
-    :func:`supports` it, up to the rounding of a fused residual add (``addmm``). Weights are read again
-    whenever a parameter of the model is replaced or modified in place (the check of
-    :class:`~kvverify.model._PackedWeight`, once per step for the whole model)."""
+    :func:`supports` it, up to the rounding of a fused residual add (``addmm``). Each call first reads the
+    weights again if a parameter of the model was replaced or modified in place (:meth:`refresh`, the check of
+    :class:`~kvverify.model._PackedWeight` once for the whole model); :meth:`decode` skips that check."""
 
     def __init__(self, model: ReferenceModel) -> None:
         if not supports(model.config):
