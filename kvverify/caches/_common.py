@@ -24,4 +24,8 @@ def new_positions(cache_kwargs: dict[str, Any] | None, length: int, count: int, 
     position: torch.Tensor | None = (cache_kwargs or {}).get("cache_position")
     if position is None:
         return torch.arange(length, length + count, device=device)
-    return position.to(device=device, dtype=torch.long).reshape(-1)[-count:]
+    if position.dtype != torch.long or position.device != device:
+        position = position.to(device=device, dtype=torch.long)
+    if position.dim() != 1:
+        position = position.reshape(-1)
+    return position if position.shape[0] == count else position[-count:]

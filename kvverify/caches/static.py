@@ -54,15 +54,18 @@ class StaticCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= layer_idx < len(self.keys):
             raise IndexError(f"layer {layer_idx} is out of range for a StaticCache of {len(self.keys)} layers")
+        keys, values = self.keys[layer_idx], self.values[layer_idx]  # (max_batch, Hkv, max_seq_len, D)
         batch, _, count, _ = key_states.shape
-        if batch > self.keys[layer_idx].shape[0]:
-            raise ValueError(f"batch {batch} exceeds this StaticCache's max_batch_size {self.keys[layer_idx].shape[0]}")
+        if batch > keys.shape[0]:
+            raise ValueError(f"batch {batch} exceeds this StaticCache's max_batch_size {keys.shape[0]}")
         self.batch_size = batch
+        if batch < keys.shape[0]:
+            keys, values = keys[:batch], values[:batch]
         positions = new_positions(cache_kwargs, self.lengths[layer_idx], count, key_states.device)
-        self.keys[layer_idx][:batch].index_copy_(2, positions, key_states)
-        self.values[layer_idx][:batch].index_copy_(2, positions, value_states)
+        keys.index_copy_(2, positions, key_states)
+        values.index_copy_(2, positions, value_states)
         self.lengths[layer_idx] = max(self.lengths[layer_idx], int(positions.max()) + 1)
-        return self.keys[layer_idx][:batch], self.values[layer_idx][:batch]
+        return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]
