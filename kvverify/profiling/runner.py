@@ -198,39 +198,34 @@ def _ratios(
 
 def _forward_ratio(plan: Plan, models: _Models, ours: CacheSpec, theirs: CacheSpec) -> timing.Ratio:
     config = models.config
-    prompt = _tokens(config, plan.prompt, seed=1)
-    reference, llama = timing.reference_step(models.reference(None)), timing.llama_step(models.llama())
-
-    def run(step: timing.StepFn, spec: CacheSpec) -> Callable[[], float]:
-        return lambda: timing.greedy_seconds_per_token(step, lambda: spec.make(config), prompt, plan.ratio_tokens)
-
-    return timing.alternating(run(reference, ours), run(llama, theirs), plan.ratio_rounds)
+    return timing.forward_ratio(
+        models.reference(None),
+        models.llama(),
+        lambda: ours.make(config),
+        lambda: theirs.make(config),
+        _tokens(config, plan.prompt, seed=1),
+        plan.ratio_tokens,
+        plan.ratio_rounds,
+    )
 
 
 def _generate_ratio(
     plan: Plan, models: _Models, ours: CacheSpec, theirs: CacheSpec, profile: Profile
 ) -> timing.Ratio | None:
-    """``ReferenceModel.generate`` against ``LlamaForCausalLM.generate``, when both choose the same tokens (else
-    the two timings would not be of the same work, and the row is left out with the reason)."""
-    from kvverify.profiling.transformers_side import cache_keyword, llama_generate
-
-    config, model, llama = models.config, models.reference(None), models.llama()
-    prompt, new_tokens, keyword = _tokens(config, plan.prompt, seed=1), plan.ratio_tokens, cache_keyword(llama)
-
-    def reference_generate(cache: Any) -> torch.Tensor:
-        return model.generate(prompt, new_tokens, cache=cache).sequences
-
-    def transformers_generate(cache: Any) -> torch.Tensor:
-        return llama_generate(llama, prompt, new_tokens, cache, keyword)
-
-    if not torch.equal(reference_generate(ours.make(config)), transformers_generate(theirs.make(config))):
-        profile.skipped.append("ratio through generate(): the two models chose different tokens")
-        return None
-    return timing.alternating(
-        lambda: timing.generate_seconds_per_token(reference_generate, lambda: ours.make(config), new_tokens),
-        lambda: timing.generate_seconds_per_token(transformers_generate, lambda: theirs.make(config), new_tokens),
+    """The ``generate()`` row, left out with the reason when the two models choose different tokens."""
+    config = models.config
+    ratio = timing.generate_ratio(
+        models.reference(None),
+        models.llama(),
+        lambda: ours.make(config),
+        lambda: theirs.make(config),
+        _tokens(config, plan.prompt, seed=1),
+        plan.ratio_tokens,
         plan.ratio_rounds,
     )
+    if ratio is None:
+        profile.skipped.append("ratio through generate(): the two models chose different tokens")
+    return ratio
 
 
 def _cuda(

@@ -109,12 +109,16 @@ def greedy_seconds_per_token(
     return (time.perf_counter() - begin) / new_tokens
 
 
-def generate_seconds_per_token(generate: Callable[[Any], Any], make_cache: Callable[[], Any], new_tokens: int) -> float:
-    """Seconds per token of one call ``generate(cache)`` that produces ``new_tokens`` tokens into a fresh cache:
-    a library's own generation loop (``ReferenceModel.generate``, transformers' ``generate``), prefill included."""
+def generate_seconds_per_token(
+    generate: Callable[[Any], torch.Tensor], make_cache: Callable[[], Any], new_tokens: int
+) -> float:
+    """Seconds per token of one call ``generate(cache) -> sequences`` that produces ``new_tokens`` tokens into a
+    fresh cache: a library's own generation loop (``ReferenceModel.generate``, transformers' ``generate``),
+    prefill included."""
     cache = make_cache()
     begin = time.perf_counter()
-    generate(cache)
+    sequences = generate(cache)
+    _sync(sequences.device)
     return (time.perf_counter() - begin) / new_tokens
 
 
@@ -136,6 +140,55 @@ class Ratio:
     @property
     def second_median_s(self) -> float:
         return statistics.median(self.second_s)
+
+
+def forward_ratio(
+    model: ReferenceModel,
+    llama: Any,
+    make_ours: Callable[[], Any],
+    make_theirs: Callable[[], Any],
+    prompt: torch.Tensor,
+    new_tokens: int,
+    rounds: int,
+) -> Ratio:
+    """The reference (first) against ``LlamaForCausalLM`` (second), one greedy loop driving both forwards, each
+    with a fresh cache of its own per round."""
+    ours, theirs = reference_step(model), llama_step(llama)
+    return alternating(
+        lambda: greedy_seconds_per_token(ours, make_ours, prompt, new_tokens),
+        lambda: greedy_seconds_per_token(theirs, make_theirs, prompt, new_tokens),
+        rounds,
+    )
+
+
+def generate_ratio(
+    model: ReferenceModel,
+    llama: Any,
+    make_ours: Callable[[], Any],
+    make_theirs: Callable[[], Any],
+    prompt: torch.Tensor,
+    new_tokens: int,
+    rounds: int,
+) -> Ratio | None:
+    """``ReferenceModel.generate`` (first) against ``LlamaForCausalLM.generate`` (second), or None when the two
+    choose different tokens: their timings would then not be of the same work."""
+    from kvverify.profiling.transformers_side import cache_keyword, llama_generate
+
+    keyword = cache_keyword(llama)
+
+    def ours(cache: Any) -> torch.Tensor:
+        return model.generate(prompt, new_tokens, cache=cache).sequences
+
+    def theirs(cache: Any) -> torch.Tensor:
+        return llama_generate(llama, prompt, new_tokens, cache, keyword)
+
+    if not torch.equal(ours(make_ours()), theirs(make_theirs())):
+        return None
+    return alternating(
+        lambda: generate_seconds_per_token(ours, make_ours, new_tokens),
+        lambda: generate_seconds_per_token(theirs, make_theirs, new_tokens),
+        rounds,
+    )
 
 
 def alternating(first: Callable[[], float], second: Callable[[], float], rounds: int) -> Ratio:
