@@ -34,10 +34,10 @@ class _Layer(NamedTuple):
     """One block's weights, as the module path uses them (the packed ones are shared, not copied)."""
 
     layer_idx: int
-    attn_norm: NormFn | None  # None: numerics.fast_rms_unit (the weight is folded into qkv)
+    attn_norm: NormFn  # without its weight where the weight is folded into qkv
     qkv: torch.Tensor  # (d_model, (H + 2 Hkv) * D)
     wo: torch.Tensor  # (H * D, d_model)
-    mlp_norm: NormFn | None  # None: numerics.fast_rms_unit (the weight is folded into gate_up)
+    mlp_norm: NormFn  # without its weight where the weight is folded into gate_up
     gate_up: torch.Tensor  # (d_model, 2 d_ff)
     down: torch.Tensor  # (d_ff, d_model)
 
@@ -76,7 +76,6 @@ class DecodeStep:
         self._positions: torch.Tensor | None = None  # learned: (max_seq_len, d_model)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, signed sin: (max_seq_len, D)
         self._slots = torch.empty(0, dtype=torch.long)  # (max_seq_len,): 0, 1, 2... for cache_position
-        self._eps = torch.empty(0)  # 0-d: the norms' eps in the activations' dtype
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         self.refresh()
@@ -87,8 +86,8 @@ class DecodeStep:
         changed since (``ReferenceModel.generate`` refreshes once per call)."""
         # On a CPU a decoded token is the weights' memory traffic plus a fixed cost per kernel call, and that cost
         # grows several-fold right after a projection has streamed its weight through the caches. Hence one fused
-        # call where two would do (addmm_ for the residual, norm weights folded into the projections), the norm
-        # and RoPE inline, and lookups instead of per-step tensors (slots, RoPE rows).
+        # call where two would do (addmm_ for the residual, norm weights folded into the projections) and lookups
+        # instead of per-step tensors (slots, RoPE rows).
         n_q, n_kv, head_dim, window = self._n_q, self._n_kv, self._head_dim, self._window
         batch = tokens.shape[0]
         total = start + 1  # N: tokens in the cache after this step
@@ -101,20 +100,13 @@ class DecodeStep:
             cos, sin = rope[0][start], rope[1][start]  # (D,)
         qkv_shape = (batch, n_q + 2 * n_kv, 1, head_dim)
         rows_shape = (batch, n_kv, n_q // n_kv, head_dim)  # a KV head's queries as rows (dense_attention)
-        scale, half = 1.0 / math.sqrt(head_dim), head_dim // 2  # as numerics.dense_attention
-        mm, rsqrt, addcmul, vector_norm = torch.mm, torch.rsqrt, torch.addcmul, torch.linalg.vector_norm
-        sdpa, silu = nn.functional.scaled_dot_product_attention, nn.functional.silu
-        eps, inv_d = self._eps, 1 / x.shape[-1]
+        scale = 1.0 / math.sqrt(head_dim)  # as numerics.dense_attention
+        mm, sdpa, silu = torch.mm, nn.functional.scaled_dot_product_attention, nn.functional.silu
         for layer_idx, attn_norm, w_qkv, w_o, mlp_norm, w_gate_up, w_down in self._layers:
-            if attn_norm is None:  # numerics.fast_rms_unit, inline
-                n = vector_norm(x, dim=-1, keepdim=True)
-                h = x * rsqrt(addcmul(eps, n, n, value=inv_d))
-            else:
-                h = attn_norm(x)
-            qkv = mm(h, w_qkv).view(qkv_shape)  # (B, H + 2 Hkv, 1, D)
+            qkv = mm(attn_norm(x), w_qkv).view(qkv_shape)  # (B, H + 2 Hkv, 1, D)
             qk, v = qkv[:, : n_q + n_kv], qkv[:, n_q + n_kv :]  # (B, H + Hkv, 1, D), (B, Hkv, 1, D)
-            if rope is not None:  # numerics.fast_apply_rope, inline
-                qk = addcmul(qk * cos, qk.roll(half, -1), sin)
+            if rope is not None:
+                qk = numerics.fast_apply_rope(qk, cos, sin)
             k, v = cache.update(qk[:, n_q:], v, layer_idx, cache_kwargs)  # (B, Hkv, S, D)
             k, v = written_slots(k, v, total)
             s = k.shape[-2]
@@ -122,12 +114,7 @@ class DecodeStep:
                 k, v = k[:, :, s - window :], v[:, :, s - window :]
             out = sdpa(qk[:, :n_q].reshape(rows_shape), k, v, scale=scale)  # (B, Hkv, H / Hkv, D)
             x.addmm_(out.view(batch, n_q * head_dim), w_o)
-            if mlp_norm is None:
-                n = vector_norm(x, dim=-1, keepdim=True)
-                h = x * rsqrt(addcmul(eps, n, n, value=inv_d))
-            else:
-                h = mlp_norm(x)
-            gate_up = mm(h, w_gate_up)  # (B, 2 d_ff)
+            gate_up = mm(mlp_norm(x), w_gate_up)  # (B, 2 d_ff)
             d_ff = gate_up.shape[-1] // 2
             x.addmm_(silu(gate_up[:, :d_ff]).mul_(gate_up[:, d_ff:]), w_down)
         return mm(self._final_norm(x), self._lm_head)  # (B, vocab)
@@ -152,17 +139,16 @@ class DecodeStep:
             layers.append(
                 _Layer(
                     layer_idx=i,
-                    attn_norm=None if attn_scale is not None else _norm_fn(block.attn_norm, probe),
+                    attn_norm=_norm_fn(block.attn_norm, probe),
                     qkv=attn._qkv.get(attn.wq, attn.wk, attn.wv, in_scale=attn_scale),
                     wo=attn._wo.get(attn.wo),
-                    mlp_norm=None if mlp_scale is not None else _norm_fn(block.mlp_norm, probe),
+                    mlp_norm=_norm_fn(block.mlp_norm, probe),
                     gate_up=mlp._gate_up.get(mlp.w_gate, mlp.w_up, in_scale=mlp_scale),
                     down=mlp._down.get(mlp.w_down),
                 )
             )
         self._layers = tuple(layers)
         self._final_norm = _norm_fn(model.final_norm, probe)
-        self._eps = model.final_norm._eps_like(probe)  # every norm's (one config); used where the weight is folded
         self._lm_head = model._lm_head.get(model.lm_head, in_scale=_folded(model.final_norm, probe))
         self._positions = None if model.pos_embeddings is None else model.pos_embeddings.detach()
         self._rope = None

@@ -241,6 +241,13 @@ class Norm(nn.Module):
         """RMSNorm without its weight, where :meth:`folds` is true."""
         return numerics.fast_rms_unit(x, self._eps_like(x))
 
+    def before_projection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(normalized x, in_scale)`` for the projection that follows: ``(unit(x), weight)`` where the weight
+        folds into that projection (see :class:`_PackedWeight`), else ``(norm(x), None)``."""
+        if self.folds(x):
+            return self.unit(x), self.weight
+        return self(x), None
+
     def _eps_like(self, x: torch.Tensor) -> torch.Tensor:
         eps = self._eps_tensor
         if eps is None or eps.dtype != x.dtype or eps.device != x.device:
@@ -255,12 +262,10 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = Norm(config), MLP(config)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None) -> torch.Tensor:
-        if self.attn_norm.folds(x):  # the norms' weights live in the packed projections (see _PackedWeight)
-            x = x + self.attn(self.attn_norm.unit(x), ctx, cache, in_scale=self.attn_norm.weight)
-            x = x + self.mlp(self.mlp_norm.unit(x), in_scale=self.mlp_norm.weight)
-        else:
-            x = x + self.attn(self.attn_norm(x), ctx, cache)
-            x = x + self.mlp(self.mlp_norm(x))
+        h, in_scale = self.attn_norm.before_projection(x)
+        x = x + self.attn(h, ctx, cache, in_scale=in_scale)
+        h, in_scale = self.mlp_norm.before_projection(x)
+        x = x + self.mlp(h, in_scale=in_scale)
         return x
 
 
@@ -329,11 +334,9 @@ class ReferenceModel(nn.Module):
             x = layer(x, ctx, cache)
         if last_only:
             x = x[:, -1:]
-        if c.numerics == "fast" and self.final_norm.folds(x):
-            lm_head = self._lm_head.get(self.lm_head, in_scale=self.final_norm.weight)
-            return numerics.fast_linear(self.final_norm.unit(x), lm_head)
         if c.numerics == "fast":
-            return numerics.fast_linear(self.final_norm(x), self._lm_head.get(self.lm_head))
+            h, in_scale = self.final_norm.before_projection(x)
+            return numerics.fast_linear(h, self._lm_head.get(self.lm_head, in_scale=in_scale))
         return numerics.linear(self.final_norm(x), self.lm_head, c.numerics == "strict")
 
     def _context(self, tokens: torch.Tensor, start: int, attention_mask: torch.Tensor | None) -> StepContext:
