@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
@@ -168,14 +167,6 @@ def _folded(norm: Norm, probe: torch.Tensor) -> torch.Tensor | None:
 
 
 def _norm_fn(norm: Norm, probe: torch.Tensor) -> NormFn:
-    """``norm`` for activations like ``probe`` (its dtype and device), as the module path applies it: without
-    the weight where :meth:`~kvverify.model.Norm.folds`, with the branch taken once."""
-    if norm.folds(probe):
-        return partial(numerics.fast_rms_unit, eps=norm._eps_like(probe))
-    weight = norm.weight.detach()
-    bias = None if norm.bias is None else norm.bias.detach()
-    if norm.fast and probe.dtype in (torch.float32, torch.float64) and bias is not None:
-        return partial(numerics.fast_layer_norm, weight=weight, bias=bias, eps=norm.eps)
-    if bias is None:
-        return partial(numerics.rms_norm, weight=weight, eps=norm.eps, strict=norm.strict)
-    return partial(numerics.layer_norm, weight=weight, bias=bias, eps=norm.eps, strict=norm.strict)
+    """``norm`` as the module path applies it to activations like ``probe``: without the weight where
+    :meth:`~kvverify.model.Norm.folds` (the projection holds it), else whole."""
+    return norm.unit if norm.folds(probe) else norm.forward
