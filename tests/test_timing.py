@@ -33,3 +33,24 @@ def test_ratio_is_the_median_of_per_round_ratios() -> None:
     ratio = timing.Ratio(first_s=(1.0, 2.0, 9.0), second_s=(2.0, 2.0, 10.0))
     assert ratio.ratio == pytest.approx(0.9)
     assert ratio.first_median_s == 2.0 and ratio.second_median_s == 2.0
+
+
+def test_generate_ratio_refuses_to_time_different_work() -> None:
+    pytest.importorskip("transformers")
+    from kvverify.caches import ContiguousCache
+    from kvverify.config import ModelConfig
+    from kvverify.model import ReferenceModel
+    from kvverify.profiling.transformers_side import hf_cache, llama_from
+
+    config = ModelConfig.preset("tiny", numerics="fast")
+    ours, other = ReferenceModel(config, seed=0), ReferenceModel(config, seed=1)
+    prompt = torch.randint(0, config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(0))
+
+    def ratio_against(model: ReferenceModel) -> timing.Ratio | None:
+        llama = llama_from(model)
+        return timing.generate_ratio(
+            ours, llama, ContiguousCache, lambda: hf_cache("hf-dynamic", config), prompt, 8, rounds=1
+        )
+
+    assert ratio_against(ours) is not None, "the same weights choose the same tokens: the ratio must be timed"
+    assert ratio_against(other) is None, "other weights choose other tokens: their timings are not comparable"
