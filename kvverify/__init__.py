@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kvverify.caches import BUILTIN_CACHES, ContiguousCache, PagedCache, SlidingWindowCache, StaticCache
-    from kvverify.config import ConfigError, ModelConfig
-    from kvverify.contract import CheckedCache, ContractViolation
-    from kvverify.inputs import InputError
-    from kvverify.loading import TargetError, load_factory
-    from kvverify.model import Generation, ReferenceModel
     from kvverify.protocol import CacheDeclaration, CacheFactory, KVCache, capabilities
+    from kvverify.reference.config import ConfigError, ModelConfig
+    from kvverify.reference.inputs import InputError
+    from kvverify.reference.model import Generation, ReferenceModel
     from kvverify.suite import CacheCheckFailed, SuiteResult, check_cache
+    from kvverify.suite.contract import CheckedCache, ContractViolation
+    from kvverify.suite.loading import TargetError, load_factory
 
 __version__ = "0.1.0"
 
@@ -27,15 +27,15 @@ _HOMES: dict[str, str] = {
     "PagedCache": "kvverify.caches",
     "SlidingWindowCache": "kvverify.caches",
     "StaticCache": "kvverify.caches",
-    "ConfigError": "kvverify.config",
-    "ModelConfig": "kvverify.config",
-    "CheckedCache": "kvverify.contract",
-    "ContractViolation": "kvverify.contract",
-    "InputError": "kvverify.inputs",
-    "TargetError": "kvverify.loading",
-    "load_factory": "kvverify.loading",
-    "Generation": "kvverify.model",
-    "ReferenceModel": "kvverify.model",
+    "ConfigError": "kvverify.reference.config",
+    "ModelConfig": "kvverify.reference.config",
+    "CheckedCache": "kvverify.suite.contract",
+    "ContractViolation": "kvverify.suite.contract",
+    "InputError": "kvverify.reference.inputs",
+    "TargetError": "kvverify.suite.loading",
+    "load_factory": "kvverify.suite.loading",
+    "Generation": "kvverify.reference.model",
+    "ReferenceModel": "kvverify.reference.model",
     "CacheDeclaration": "kvverify.protocol",
     "CacheFactory": "kvverify.protocol",
     "KVCache": "kvverify.protocol",

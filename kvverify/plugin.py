@@ -11,7 +11,7 @@ first went wrong, and the command that reproduces it.
 
 Fixtures, for tests of your own: ``kv_cache_factory`` (the target's factory), ``kv_target`` (its
 :class:`~kvverify.suite.Target`), ``kv_reference_model`` (``(config, seed=0) -> ReferenceModel``) and
-``kv_cases`` (:func:`kvverify.strategies.cases` bound to the target's declared constraints).
+``kv_cases`` (:func:`kvverify.suite.strategies.cases` bound to the target's declared constraints).
 Markers: ``kvverify`` (on the generated items) and ``kv_needs(*methods)`` (skip unless the target has them).
 """
 
@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from kvverify.model import ReferenceModel
     from kvverify.protocol import CacheFactory
+    from kvverify.reference.model import ReferenceModel
     from kvverify.suite import Property, PropertyResult, Target
 
 #: The environment variable that names a target when ``--kv-cache`` is not given.
@@ -73,9 +73,9 @@ class _TargetSession:
 
     @classmethod
     def load(cls, config: pytest.Config, spec: str) -> _TargetSession:
-        from kvverify.loading import TargetError, load_factory
         from kvverify.suite import make_target
-        from kvverify.watchdog import DEFAULT_TIME_LIMIT
+        from kvverify.suite.loading import TargetError, load_factory
+        from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT
 
         max_examples = config.getoption("kv_max_examples")
         if max_examples is not None and max_examples < 1:
@@ -141,8 +141,8 @@ class PropertyItem(pytest.Item):
         self.add_marker("kvverify")
 
     def runtest(self) -> None:
-        from kvverify.settings import override_examples
         from kvverify.suite import run_property
+        from kvverify.suite.settings import override_examples
 
         state = self.state
         missing = sorted(self.prop.needs - state.target.capabilities)
@@ -189,7 +189,7 @@ def kv_target(request: pytest.FixtureRequest) -> Target:
 @pytest.fixture(scope="session")
 def kv_reference_model() -> Iterator[Callable[..., ReferenceModel]]:
     """``make(config, seed=0)``: the reference model for a :class:`~kvverify.ModelConfig` (memoised)."""
-    from kvverify.case import build_model
+    from kvverify.suite.case import build_model
 
     def make(config: Any, seed: int = 0) -> ReferenceModel:
         return build_model(config, seed)
@@ -199,10 +199,10 @@ def kv_reference_model() -> Iterator[Callable[..., ReferenceModel]]:
 
 @pytest.fixture(scope="session")
 def kv_cases(request: pytest.FixtureRequest) -> Callable[..., Any]:
-    """:func:`kvverify.strategies.cases`, bound to the target's declared constraints when a target is named."""
+    """:func:`kvverify.suite.strategies.cases`, bound to the target's declared constraints when a target is named."""
     import functools
 
-    from kvverify.strategies import cases
+    from kvverify.suite.strategies import cases
 
     state = _session(request.config)
     return functools.partial(cases, **state.target.config_constraints()) if state is not None else cases

@@ -11,7 +11,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
-from kvverify.config import ModelConfig
+from kvverify.reference.config import ModelConfig
 
 #: Optional methods, detected on each cache rather than assumed.
 OPTIONAL_METHODS: tuple[str, ...] = ("crop", "reorder_cache", "reset")
@@ -98,7 +98,7 @@ class CacheDeclaration:
     max_batch_size: the largest batch the cache takes.
     max_seq_len: the most tokens it holds.
     crop_argument: what ``crop(n)`` means: ``"keep"`` the first n tokens (the protocol's meaning, as in
-        transformers 4) or ``"remove"`` -n tokens (transformers 5); see :mod:`kvverify.cropping`.
+        transformers 4) or ``"remove"`` -n tokens (transformers 5); see :mod:`kvverify.suite.cropping`.
     """
 
     lossy_atol: float | None = None

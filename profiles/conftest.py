@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import torch
 
-from kvverify.config import ModelConfig
-from kvverify.model import ReferenceModel
+from kvverify.reference.config import ModelConfig
+from kvverify.reference.model import ReferenceModel
 
 #: Context lengths of the time profiles, per preset (each within the preset's max_seq_len).
 LENGTHS: dict[str, tuple[int, ...]] = {"bench": (64, 256, 512, 1024, 2048), "tiny": (16, 64, 120)}

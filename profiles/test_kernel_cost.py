@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from kvverify.config import ModelConfig
+from kvverify.reference.config import ModelConfig
 
 pytestmark = pytest.mark.benchmark
 

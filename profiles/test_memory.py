@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from kvverify import analysis
 from kvverify.caches import BUILTIN_CACHES
+from kvverify.profiling import analysis
 from kvverify.profiling.hostmem import held_bytes
 from kvverify.profiling.plan import BUILTIN_LAYOUTS
 from kvverify.profiling.replay import UpdatePlan, replay
@@ -65,7 +65,7 @@ def test_paged_footprint() -> None:
 CHURN_SCRIPT = """
 import json
 from kvverify.caches import BUILTIN_CACHES
-from kvverify.config import ModelConfig
+from kvverify.reference.config import ModelConfig
 from kvverify.profiling.hostmem import memray_allocations
 from kvverify.profiling.replay import UpdatePlan, replay
 out = {}

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from kvverify import analysis
 from kvverify.caches import BUILTIN_CACHES
+from kvverify.profiling import analysis
 from kvverify.profiling.hostmem import held_bytes
 from kvverify.profiling.timing import StepFn, llama_step, reference_step
 from profiles.conftest import LENGTHS, fast_config, reference, tokens

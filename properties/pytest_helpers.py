@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 from hypothesis import settings
 
-from kvverify.settings import PROFILE_EXAMPLES
 from kvverify.suite import PROPERTIES, property_test
+from kvverify.suite.settings import PROFILE_EXAMPLES
 from kvverify.suite.target import Target
 
 
 def check_property(name: str, target: Target) -> None:
     """Run one packaged property against a target under the loaded profile, with that property's share of
-    its examples (``kvverify.settings.PROPERTY_SHARE``); skip with the reason when the target lacks a method."""
+    its examples (``kvverify.suite.settings.PROPERTY_SHARE``); skip with the reason when the target lacks a method."""
     prop = PROPERTIES[name]
     missing = prop.needs - target.capabilities
     if missing:

@@ -12,10 +12,10 @@ import torch
 pytest.importorskip("transformers", reason="transformers is not installed: pip install 'kvverify[transformers]'")
 
 from kvverify.adapters import hf
-from kvverify.config import ModelConfig
-from kvverify.loading import load_factory
-from kvverify.model import ReferenceModel
 from kvverify.protocol import CacheDeclaration, CacheFactory, declaration_of
+from kvverify.reference.config import ModelConfig
+from kvverify.reference.model import ReferenceModel
+from kvverify.suite.loading import load_factory
 
 EXACT = ["dynamic", "static", "sliding", "static-sliding"]
 SLIDING = {"sliding", "static-sliding"}

@@ -9,8 +9,8 @@ import torch
 pytest.importorskip("transformers", reason="transformers is not installed: pip install 'kvverify[transformers]'")
 
 from kvverify.adapters.llama import llama_config, position_ids_from_mask, to_llama
-from kvverify.config import ModelConfig
-from kvverify.model import ReferenceModel
+from kvverify.reference.config import ModelConfig
+from kvverify.reference.model import ReferenceModel
 
 ATOL = 1e-5
 

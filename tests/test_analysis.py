@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvverify import analysis
 from kvverify.caches import BUILTIN_CACHES
-from kvverify.config import ModelConfig
+from kvverify.profiling import analysis
 from kvverify.profiling.hostmem import held_bytes, memray_allocations
 from kvverify.profiling.replay import UpdatePlan, replay
+from kvverify.reference.config import ModelConfig
 
 
 def test_kv_bytes_is_the_seed_formula_for_multi_head_attention() -> None:

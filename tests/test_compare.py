@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvverify.compare import GenerationMismatch, Tolerance, assert_same_generation, first_difference, ulp_distance
-from kvverify.model import Generation
+from kvverify.reference.model import Generation
+from kvverify.suite.compare import GenerationMismatch, Tolerance, assert_same_generation, first_difference, ulp_distance
 
 
 def generation(logits: torch.Tensor) -> Generation:

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 import torch
 
-from kvverify import fast_decode
 from kvverify.caches import BUILTIN_CACHES
-from kvverify.config import ModelConfig
-from kvverify.model import ReferenceModel
+from kvverify.engine import decode as fast_decode
+from kvverify.reference.config import ModelConfig
+from kvverify.reference.model import ReferenceModel
 
 ATOL = 1e-5  # float32
 

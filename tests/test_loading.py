@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvverify.loading import TargetError, load_factory
 from kvverify.suite import make_target
+from kvverify.suite.loading import TargetError, load_factory
 
 TESTS = Path(__file__).parent
 

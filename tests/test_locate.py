@@ -9,9 +9,9 @@ import pytest
 
 from kvverify import ModelConfig
 from kvverify.caches import BUILTIN_CACHES
-from kvverify.case import Case
-from kvverify.locate import locate
 from kvverify.suite import PROPERTIES, make_target
+from kvverify.suite.case import Case
+from kvverify.suite.locate import locate
 from kvverify.suite.target import Target
 
 TESTS = Path(__file__).parent

@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from kvverify import BUILTIN_CACHES, ModelConfig, ReferenceModel, numerics
+from kvverify import BUILTIN_CACHES, ModelConfig, ReferenceModel
+from kvverify.reference import numerics
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])

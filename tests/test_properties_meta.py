@@ -8,12 +8,12 @@ from hypothesis import Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from kvverify.caches import BUILTIN_CACHES, ContiguousCache
-from kvverify.config import ModelConfig
 from kvverify.mutants import MUTANTS
-from kvverify.settings import PROFILE_EXAMPLES, examples_for, override_examples
+from kvverify.reference.config import ModelConfig
 from kvverify.suite import PROPERTIES, make_target, run_property
-from kvverify.suite.session import ListCache
-from kvverify.suite.stateful import machine_for
+from kvverify.suite.properties.session import ListCache
+from kvverify.suite.properties.stateful import machine_for
+from kvverify.suite.settings import PROFILE_EXAMPLES, examples_for, override_examples
 
 
 def test_registry_describes_every_property() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvverify.case import Case
-from kvverify.config import ModelConfig
-from kvverify.strategies import boundary_lengths, cases, model_configs
+from kvverify.reference.config import ModelConfig
+from kvverify.suite.case import Case
+from kvverify.suite.strategies import boundary_lengths, cases, model_configs
 
 
 @settings(max_examples=50, deadline=None)

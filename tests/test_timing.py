@@ -38,9 +38,9 @@ def test_ratio_is_the_median_of_per_round_ratios() -> None:
 def test_generate_ratio_refuses_to_time_different_work() -> None:
     pytest.importorskip("transformers")
     from kvverify.caches import ContiguousCache
-    from kvverify.config import ModelConfig
-    from kvverify.model import ReferenceModel
     from kvverify.profiling.transformers_side import hf_cache, llama_from
+    from kvverify.reference.config import ModelConfig
+    from kvverify.reference.model import ReferenceModel
 
     config = ModelConfig.preset("tiny", numerics="fast")
     ours, other = ReferenceModel(config, seed=0), ReferenceModel(config, seed=1)

@@ -25,8 +25,8 @@ from __future__ import annotations
 from typing import Any
 
 from kvverify.adapters import INSTALL_HINT, import_transformers
-from kvverify.config import ModelConfig
 from kvverify.protocol import CacheDeclaration, KVCache
+from kvverify.reference.config import ModelConfig
 
 #: The window the sliding-window factories declare, so the suite builds models with it: small, so that
 #: generations run well past it.
@@ -167,7 +167,7 @@ def measure_lossy_error(factory: Any, *, seeds: int = 3, new_tokens: int = 24) -
 
     import torch
 
-    from kvverify.model import ReferenceModel
+    from kvverify.reference.model import ReferenceModel
 
     errors: list[float] = []
     shapes = itertools.product(

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from kvverify.adapters import import_transformers
-from kvverify.config import ModelConfig
-from kvverify.model import Block, ReferenceModel
+from kvverify.reference.config import ModelConfig
+from kvverify.reference.model import Block, ReferenceModel
 
 #: The fields a convertible config must have, with the value Llama needs.
 LLAMA_SHAPE: dict[str, object] = {"positional": "rope", "norm": "rms", "sliding_window": None}

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from kvverify.caches._common import check_layer_order, resolve_crop
-from kvverify.config import ModelConfig
+from kvverify.reference.config import ModelConfig
 
 
 class ContiguousCache:

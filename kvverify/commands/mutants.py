@@ -3,7 +3,7 @@
 Every mutant of :data:`kvverify.mutants.MUTANTS` runs through the suite; a mutant is killed when some
 property fails (or errors) on it. The correct built-in caches, and transformers' ``DynamicCache`` and
 ``StaticCache`` when transformers is installed, run as controls and must pass. The conventional grid of
-:mod:`kvverify.baseline` runs against the same mutants for comparison. Exit 0 only when every mutant is
+:mod:`kvverify.mutants.baseline` runs against the same mutants for comparison. Exit 0 only when every mutant is
 killed and every control passes.
 """
 
@@ -83,7 +83,7 @@ def _controls() -> dict[str, CacheFactory]:
 
 
 def _run_mutant(name: str, factory: CacheFactory, profile: str, seed: int, with_baseline: bool) -> Row:
-    from kvverify.baseline import run_baseline
+    from kvverify.mutants.baseline import run_baseline
     from kvverify.suite import run_suite
 
     start = time.process_time()

@@ -13,7 +13,7 @@ import sys
 import time
 
 from kvverify.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from kvverify.settings import PROFILE_EXAMPLES
+from kvverify.suite.settings import PROFILE_EXAMPLES
 
 HELP = "run the property suite against the built-in caches or MODULE:FACTORY"
 
@@ -44,16 +44,16 @@ def _targets(spec: str | None) -> list[tuple[str, object]]:
         return list(BUILTIN_CACHES.items())
     if spec in BUILTIN_CACHES:
         return [(spec, BUILTIN_CACHES[spec])]
-    from kvverify.loading import load_factory
+    from kvverify.suite.loading import load_factory
 
     return [(spec, load_factory(spec))]
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvverify.loading import TargetError
-    from kvverify.report_table import print_results
-    from kvverify.settings import override_examples
     from kvverify.suite import PROPERTIES, run_suite
+    from kvverify.suite.loading import TargetError
+    from kvverify.suite.report_table import print_results
+    from kvverify.suite.settings import override_examples
 
     if args.max_examples is not None and args.max_examples < 1:
         print(f"kvverify verify: --max-examples must be >= 1; got {args.max_examples}", file=sys.stderr)
@@ -88,14 +88,14 @@ def run(args: argparse.Namespace) -> int:
             print_results(result)
     print(f"\n{sum(len(r.results) for r in results)} checks in {time.perf_counter() - started:.1f} s", flush=True)
     if args.junitxml:
-        from kvverify.junit import write_junit
+        from kvverify.suite.junit import write_junit
 
         write_junit(results, args.junitxml)
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
 
 def _time_limit(args: argparse.Namespace) -> float:
-    from kvverify.watchdog import DEFAULT_TIME_LIMIT
+    from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT
 
     return float(args.time_limit) if args.time_limit is not None else DEFAULT_TIME_LIMIT
 

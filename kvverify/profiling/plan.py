@@ -6,9 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kvverify.analysis import Layout
 from kvverify.caches import BUILTIN_CACHES
-from kvverify.config import ModelConfig
+from kvverify.profiling.analysis import Layout
+from kvverify.reference.config import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ WITHOUT_CACHE_NOTE = (
     "No K/V survives between uncached steps, but each step recomputes the whole prefix: it materializes the "
     "activations of every prefix position in every layer and, in eager attention, a heads × t × t score matrix "
     "(and its softmax), so its transient peak grows with t² and passes the cache's bytes within a few hundred "
-    "tokens (the dash-dotted line in the memory plot is that estimate, from `kvverify.analysis.uncached_peak_bytes`)."
+    "tokens (the dash-dotted line in the memory plot is that estimate, from "
+    "`kvverify.profiling.analysis.uncached_peak_bytes`)."
 )
 
 
@@ -132,7 +133,7 @@ def markdown(profile: Profile, figures: list[tuple[str, str, bytes]]) -> str:
     lines += ["## Every cache at every length", ""]
     lines += [*table(ROW_HEADER, [row_cells(row) for row in profile.rows]), ""]
     lines += [
-        "held/formula: bytes the cache's tensors hold over `kvverify.analysis.kv_bytes` for the tokens "
+        "held/formula: bytes the cache's tensors hold over `kvverify.profiling.analysis.kv_bytes` for the tokens "
         "it holds; held/layout: over the prediction for its layout (capacity for preallocated and paged "
         "caches). Churn: every byte memray saw allocated while the cache was built and took the tokens "
         "(its own updates, replayed without the model).",

@@ -9,14 +9,13 @@ from typing import Any
 
 import torch
 
-from kvverify import analysis
-from kvverify.config import ModelConfig
-from kvverify.model import ReferenceModel
-from kvverify.profiling import cuda, hostmem, timing
+from kvverify.profiling import analysis, cuda, hostmem, timing
 from kvverify.profiling.environment import describe
 from kvverify.profiling.plan import CacheSpec, Plan
 from kvverify.profiling.replay import UpdatePlan, replay
 from kvverify.profiling.results import CacheRow, Profile, RatioRow
+from kvverify.reference.config import ModelConfig
+from kvverify.reference.model import ReferenceModel
 
 #: progress(done, total, what is starting)
 Progress = Callable[[int, int, str], None]

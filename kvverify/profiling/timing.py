@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from kvverify.model import ReferenceModel
+from kvverify.reference.model import ReferenceModel
 
 StepFn = Callable[[torch.Tensor, Any, int], torch.Tensor]
 

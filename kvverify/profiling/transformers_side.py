@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from kvverify.config import ModelConfig
-from kvverify.model import ReferenceModel
+from kvverify.reference.config import ModelConfig
+from kvverify.reference.model import ReferenceModel
 
 #: transformers' caches profiled beside the built-in ones, by report name: factories in kvverify.adapters.hf.
 HF_CACHES: dict[str, str] = {"hf-dynamic": "dynamic_cache", "hf-static": "static_cache"}

@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 from hypothesis import target as hypothesis_target
 from hypothesis.control import currently_in_test_context
 
-from kvverify.case import Case
-from kvverify.compare import GenerationMismatch, first_difference
-from kvverify.config import ModelConfig
-from kvverify.model import Generation
-from kvverify.strategies import cases
+from kvverify.reference.config import ModelConfig
+from kvverify.reference.model import Generation
+from kvverify.suite.case import Case
+from kvverify.suite.compare import GenerationMismatch, first_difference
+from kvverify.suite.strategies import cases
 from kvverify.suite.target import Target
 
 Ex = TypeVar("Ex")

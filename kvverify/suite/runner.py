@@ -16,10 +16,10 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis.errors import HypothesisException
 
 from kvverify.protocol import CacheFactory
-from kvverify.settings import profile_settings
 from kvverify.suite.properties import PROPERTIES, Property
+from kvverify.suite.settings import profile_settings
 from kvverify.suite.target import Target, make_target
-from kvverify.watchdog import DEFAULT_TIME_LIMIT, ExampleTimeout, run_with_time_limit
+from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT, ExampleTimeout, run_with_time_limit
 
 Verdict = Literal["passed", "failed", "skipped", "error"]
 
@@ -169,7 +169,7 @@ def _failed(prop: Property, progress: _Progress, detail: str) -> PropertyResult:
 
 
 def _locate(prop: Property, target: Target, case: Any, time_limit: float | None) -> str:
-    from kvverify.locate import locate
+    from kvverify.suite.locate import locate
 
     try:
         return locate(prop.check, target, case, time_limit)
@@ -201,7 +201,7 @@ def run_suite(
     ``stop_at_first_failure``: skip the remaining properties once one fails (a kill is a kill).
 
     ``reproduce``: a command that reruns the suite with this seed; each failure gets it with ``--property NAME``.
-    Raises :class:`~kvverify.loading.TargetError` when the factory is unusable.
+    Raises :class:`~kvverify.suite.loading.TargetError` when the factory is unusable.
     """
     chosen = list(PROPERTIES) if properties is None else list(properties)
     unknown = [name for name in chosen if name not in PROPERTIES]
@@ -232,12 +232,12 @@ def check_cache(
 ) -> SuiteResult:
     """Run the property suite against the caches ``factory(config)`` builds; return the result when every
     property holds, else raise :class:`CacheCheckFailed` with every failure's report (where the cache went
-    wrong, and the call that reproduces it). An unusable factory raises :class:`~kvverify.loading.TargetError`.
+    wrong, and the call that reproduces it). An unusable factory raises :class:`~kvverify.suite.loading.TargetError`.
 
     >>> import kvverify
     >>> kvverify.check_cache(kvverify.ContiguousCache.from_config, profile="dev")  # doctest: +SKIP
     """
-    from kvverify.settings import override_examples
+    from kvverify.suite.settings import override_examples
 
     label = name or str(getattr(factory, "__qualname__", "cache"))
     seed = random.randrange(2**32) if seed is None else seed

@@ -1,7 +1,7 @@
 """A cache under test: its factory, what it declares about itself, and what it can do.
 
 Every cache a property builds comes from :meth:`Target.new_cache`, wrapped in a
-:class:`~kvverify.contract.CheckedCache` that checks the protocol's contract on every call.
+:class:`~kvverify.suite.contract.CheckedCache` that checks the protocol's contract on every call.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from kvverify.compare import Tolerance, tolerance_for
-from kvverify.config import ModelConfig
-from kvverify.contract import CheckedCache, UpdateObserver
-from kvverify.loading import TargetError, check_cache_object, factory_failed
 from kvverify.protocol import CacheDeclaration, CacheFactory, KVCache, capabilities, declaration_of
-from kvverify.watchdog import DEFAULT_TIME_LIMIT, ExampleTimeout, run_with_time_limit
+from kvverify.reference.config import ModelConfig
+from kvverify.suite.compare import Tolerance, tolerance_for
+from kvverify.suite.contract import CheckedCache, UpdateObserver
+from kvverify.suite.loading import TargetError, check_cache_object, factory_failed
+from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT, ExampleTimeout, run_with_time_limit
 
 #: The configuration a target is probed with to detect its optional methods.
 PROBE_CONFIG = ModelConfig(vocab_size=16, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64,
@@ -49,7 +49,7 @@ class Target:
         return tolerance_for(config.dtype) if config.numerics == "fast" else None
 
     def config_constraints(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`kvverify.strategies.cases` that respect the declaration."""
+        """Keyword arguments for :func:`kvverify.suite.strategies.cases` that respect the declaration."""
         constraints: dict[str, Any] = {}
         d = self.declaration
         if d.sliding_window is not None:
@@ -66,7 +66,7 @@ def make_target(factory: CacheFactory, name: str | None = None, *,
     """Describe a factory: its declaration (on the factory or on a probe cache) and the optional methods that
     work (present, and not raising ``NotImplementedError`` when tried on a probe cache).
 
-    Raises :class:`~kvverify.loading.TargetError` when the factory raises, hangs, returns something that is not
+    Raises :class:`~kvverify.suite.loading.TargetError` when the factory raises, hangs, returns something that is not
     a cache, or returns the same object twice.
     """
     label = name or getattr(factory, "__qualname__", None) or repr(factory)

@@ -5,13 +5,13 @@ continuing from the cache length is :data:`CONTINUATION`'s job."""
 
 from __future__ import annotations
 
-from kvverify.suite.properties_batch import BATCH_INDEPENDENCE
-from kvverify.suite.properties_generation import CACHED_EQUALS_UNCACHED, CONTINUATION, check_cached_equals_uncached
-from kvverify.suite.properties_prefill import CHUNKED_PREFILL, SLIDING_WINDOW
-from kvverify.suite.properties_reset import RESET
-from kvverify.suite.properties_rollback import CROP, REORDER
+from kvverify.suite.properties.batch import BATCH_INDEPENDENCE
+from kvverify.suite.properties.generation import CACHED_EQUALS_UNCACHED, CONTINUATION, check_cached_equals_uncached
+from kvverify.suite.properties.prefill import CHUNKED_PREFILL, SLIDING_WINDOW
+from kvverify.suite.properties.reset import RESET
+from kvverify.suite.properties.rollback import CROP, REORDER
+from kvverify.suite.properties.stateful import STATEFUL
 from kvverify.suite.property import Property, expect_same
-from kvverify.suite.stateful import STATEFUL
 
 PROPERTIES: dict[str, Property] = {
     p.name: p

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvverify.model import Generation
+from kvverify.reference.model import Generation
 
 _INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -27,7 +27,7 @@ class Tolerance:
 
 
 #: Fast numerics (standard kernels), cached vs uncached logits on the reference model. Measured with
-#: ``python -m kvverify.measure_tolerance --cases 500 --seed S`` for S in 0..3 (about 2,000 cases drawn by the
+#: ``python -m kvverify.commands.measure_tolerance --cases 500 --seed S`` for S in 0..3 (about 2,000 cases drawn by the
 #: property suite's strategy: every positional scheme, norm, window, GQA shape, left padding; logits up to
 #: |5|): the largest max-abs difference seen per dtype, times about 4. Strict numerics needs none of this.
 FAST_TOLERANCES: dict[torch.dtype, Tolerance] = {

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
-from kvverify.case import Case
+from kvverify.suite.case import Case
 from kvverify.suite.property import (
     Property,
     as_generation,

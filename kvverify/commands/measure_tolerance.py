@@ -1,9 +1,9 @@
 """Measure how far cached and uncached logits drift apart in fast numerics, per dtype.
 
-``python -m kvverify.measure_tolerance [--cases N] [--seed S]`` draws cases from the property suite's
+``python -m kvverify.commands.measure_tolerance [--cases N] [--seed S]`` draws cases from the property suite's
 strategy (every positional scheme, norm, window, GQA shape and left padding) in fast numerics, generates
 with and without a contiguous cache, and prints the largest max-abs logit difference and the largest logit
-magnitude seen per dtype. :data:`kvverify.compare.FAST_TOLERANCES` is set from these figures.
+magnitude seen per dtype. :data:`kvverify.suite.compare.FAST_TOLERANCES` is set from these figures.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import seed as hypothesis_seed
 
 from kvverify.caches import ContiguousCache
-from kvverify.case import Case
-from kvverify.config import DTYPES
-from kvverify.strategies import cases
+from kvverify.reference.config import DTYPES
+from kvverify.suite.case import Case
+from kvverify.suite.strategies import cases
 
 
 def measure(n_cases: int, seed: int) -> dict[str, tuple[float, float, int]]:

@@ -8,7 +8,7 @@ import torch
 from hypothesis import reject
 from hypothesis import strategies as st
 
-from kvverify.case import Case
+from kvverify.suite.case import Case
 from kvverify.suite.property import Property, expect_same, join, numerics_cases, random_tokens
 from kvverify.suite.target import Target
 

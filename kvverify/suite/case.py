@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvverify.config import ModelConfig
-from kvverify.model import ReferenceModel
+from kvverify.reference.config import ModelConfig
+from kvverify.reference.model import ReferenceModel
 
 
 @dataclass(frozen=True)

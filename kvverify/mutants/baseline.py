@@ -16,9 +16,9 @@ from typing import Literal
 
 import torch
 
-from kvverify.config import ModelConfig
-from kvverify.model import Generation, ReferenceModel
 from kvverify.protocol import KVCache
+from kvverify.reference.config import ModelConfig
+from kvverify.reference.model import Generation, ReferenceModel
 
 Check = Literal["use_cache", "continuation"]
 

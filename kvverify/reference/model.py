@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvverify import fast_decode, numerics
-from kvverify.config import ModelConfig
+from kvverify.engine import decode as fast_decode
 from kvverify.protocol import KVCache, written_slots
+from kvverify.reference import numerics
+from kvverify.reference.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -388,7 +389,7 @@ class ReferenceModel(nn.Module):
         prefills ``cache`` (a new :class:`~kvverify.caches.ContiguousCache` when None) with the tokens it does
         not hold yet and then feeds one token per step. A non-empty cache must hold a prefix of ``prompt``.
         """
-        from kvverify.inputs import check_generate_inputs
+        from kvverify.reference.inputs import check_generate_inputs
 
         mask = check_generate_inputs(self.config, prompt, max_new_tokens, attention_mask, use_cache, cache)
         # Without padding, fast numerics needs no mask: generated tokens never add any.

@@ -4,7 +4,7 @@ Every public strategy takes keyword-only arguments, each a value, a collection t
 strategy. Draws are small by default (hundreds of examples a minute) and shrink toward the smallest model:
 one layer, one KV head, a short prompt, no window, few tokens.
 
->>> from kvverify.strategies import cases
+>>> from kvverify.suite.strategies import cases
 >>> cases(dtype="float64", sliding_window=4).example()  # doctest: +SKIP
 """
 
@@ -17,8 +17,8 @@ import torch
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from kvverify.case import Case
-from kvverify.config import DTYPES, NORMS, POSITIONALS, ModelConfig
+from kvverify.reference.config import DTYPES, NORMS, POSITIONALS, ModelConfig
+from kvverify.suite.case import Case
 
 T = TypeVar("T")
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from kvverify.case import Case
-from kvverify.model import Generation, ReferenceModel
+from kvverify.reference.model import Generation, ReferenceModel
+from kvverify.suite.case import Case
 from kvverify.suite.property import Property, expect_same, strict_cases
 from kvverify.suite.target import Target
 

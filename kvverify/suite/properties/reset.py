@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from kvverify.case import Case
-from kvverify.strategies import generation_lengths, prompts
+from kvverify.suite.case import Case
 from kvverify.suite.property import Property, expect_length, expect_same, numerics_cases
+from kvverify.suite.strategies import generation_lengths, prompts
 from kvverify.suite.target import Target
 
 

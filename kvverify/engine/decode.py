@@ -1,7 +1,7 @@
 """One decoded token through the whole reference model in one function, for fast numerics.
 
-The module path (:meth:`kvverify.model.ReferenceModel.forward`) spends most of a one-token step on Python:
-module calls, a :class:`~kvverify.model.StepContext`, weight checks in every layer. :class:`DecodeStep` runs
+The module path (:meth:`kvverify.reference.model.ReferenceModel.forward`) spends most of a one-token step on Python:
+module calls, a :class:`~kvverify.reference.model.StepContext`, weight checks in every layer. :class:`DecodeStep` runs
 the same kernels on the same packed weights from flat per-layer tuples (as gpt-fast's ``decode_one_token``),
 checking the weights once per call (once per ``generate``, which drives :meth:`DecodeStep.decode` itself),
 with each residual add fused into the projection before it (``addmm_``).
@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, NamedTuple, cast
 import torch
 from torch import nn
 
-from kvverify import numerics
-from kvverify.config import ModelConfig
 from kvverify.protocol import KVCache, written_slots
+from kvverify.reference import numerics
+from kvverify.reference.config import ModelConfig
 
 if TYPE_CHECKING:
-    from kvverify.model import Block, Norm, ReferenceModel
+    from kvverify.reference.model import Block, Norm, ReferenceModel
 
 NormFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -51,7 +51,7 @@ class DecodeStep:
     without padding, equal to ``model(tokens, cache=cache, start=start)[:, -1]`` for a model that
     :func:`supports` it, up to the rounding of a fused residual add (``addmm``). Each call first reads the
     weights again if a parameter of the model was replaced or modified in place (:meth:`refresh`, the check of
-    :class:`~kvverify.model._PackedWeight` once for the whole model); :meth:`decode` skips that check."""
+    :class:`~kvverify.reference.model._PackedWeight` once for the whole model); :meth:`decode` skips that check."""
 
     def __init__(self, model: ReferenceModel) -> None:
         if not supports(model.config):
@@ -168,5 +168,5 @@ def _folded(norm: Norm, probe: torch.Tensor) -> torch.Tensor | None:
 
 def _norm_fn(norm: Norm, probe: torch.Tensor) -> NormFn:
     """``norm`` as the module path applies it to activations like ``probe``: without the weight where
-    :meth:`~kvverify.model.Norm.folds` (the projection holds it), else whole."""
+    :meth:`~kvverify.reference.model.Norm.folds` (the projection holds it), else whole."""
     return norm.unit if norm.folds(probe) else norm.forward

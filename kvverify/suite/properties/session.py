@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from kvverify.caches._common import resolve_crop
-from kvverify.cropping import CROP_REFUSALS, crop_argument, crop_convention
-from kvverify.model import ReferenceModel
 from kvverify.protocol import KVCache
+from kvverify.reference.model import ReferenceModel
+from kvverify.suite.cropping import CROP_REFUSALS, crop_argument, crop_convention
 from kvverify.suite.property import as_generation, expect_same_for
 from kvverify.suite.target import Target
 

@@ -9,8 +9,8 @@ from hypothesis import reject
 from hypothesis import strategies as st
 
 from kvverify.caches._common import resolve_crop
-from kvverify.case import Case
-from kvverify.cropping import CROP_REFUSALS, crop_argument, crop_convention
+from kvverify.suite.case import Case
+from kvverify.suite.cropping import CROP_REFUSALS, crop_argument, crop_convention
 from kvverify.suite.property import (
     Property,
     expect_length,

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from kvverify.caches import ContiguousCache
-from kvverify.contract import UpdateObserver
+from kvverify.suite.contract import UpdateObserver
 from kvverify.suite.target import Target
-from kvverify.watchdog import ExampleTimeout, run_with_time_limit
+from kvverify.suite.watchdog import ExampleTimeout, run_with_time_limit
 
 
 @dataclass(frozen=True)

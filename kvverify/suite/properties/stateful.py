@@ -1,6 +1,6 @@
 """Random sequences of update / crop / reorder / reset / fork against a trivially correct model of the cache.
 
-Two ways in, sharing :class:`~kvverify.suite.session.Session`: the ``stateful`` property draws a whole
+Two ways in, sharing :class:`~kvverify.suite.properties.session.Session`: the ``stateful`` property draws a whole
 :class:`Program` (so the suite's runner runs, shrinks and reports it like any property), and
 :func:`machine_for` builds a :class:`hypothesis.stateful.RuleBasedStateMachine` for
 ``run_state_machine_as_test``. Destructive operations are rarer than appends in both.
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
-from kvverify.case import Case, build_model
-from kvverify.config import ModelConfig
+from kvverify.reference.config import ModelConfig
+from kvverify.suite.case import Case, build_model
+from kvverify.suite.properties.session import Session
 from kvverify.suite.property import Draw, Property, random_tokens, strict_cases, tensor
-from kvverify.suite.session import Session
 from kvverify.suite.target import Target
 
 #: Operation kinds and the optional cache method each needs (None: always available).
