@@ -1,15 +1,17 @@
 """The two numerics of the reference model.
 
-``strict``: every reduction gives one row the same bits whether it is computed alone or inside a batch of
-rows, and whatever masked keys surround it. Projections are an elementwise product followed by a sum over
-the innermost dimension (unlike ``F.linear``, matmul and SDPA on CPU, whose blocking changes with the row
-count). Sums over keys (the softmax denominator, the weighted sum of values) run in key order with
-``cumsum``, so masked keys, which contribute exact zeros, change nothing wherever they sit: a query gets the
-same bits from a cache returning a ring, a preallocated buffer or a concatenation as from a full
-recomputation. Cached and uncached logits are then bitwise identical, and any difference is a bug in the
-cache.
+``strict``: one row gets the same bits whether it is computed alone or inside a batch, whatever masked keys
+surround it and on whichever device it runs. Strict numerics is built only from operations whose result for an
+element cannot depend on the tensor's shape: elementwise kernels, indexing (gather, sort of a bool key, cat),
+order-free reductions (max, amax) and integer sums. Every floating-point sum (projections, norms, q·k, the
+softmax denominator, the weighted sum of values) is :func:`tree_sum`, a fixed halving tree of elementwise adds
+over a zero-padded power-of-two length, accumulated in float32 at least. Sums over keys first bring the keys a
+query sees together, oldest first (the order the protocol defines), so a query gets the same bits from a cache
+returning a ring, a preallocated buffer or a concatenation as from a full recomputation. Cached and uncached
+logits are then bitwise identical, and any difference is a bug in the cache. (Torch's own ``sum``, ``cumsum``,
+matmul and SDPA choose their order by the tensor's shape: on CUDA for all of them, on the CPU for matmul and SDPA.)
 
-``fast``: the standard kernels (``F.linear``, ``F.scaled_dot_product_attention``); what benchmarks time.
+``fast``: the standard kernels (matmul, ``F.scaled_dot_product_attention``); what benchmarks time.
 """
 
 from __future__ import annotations
@@ -20,16 +22,23 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-#: Elementwise transcendental kernels (exp, sin, silu...) run SIMD over full vector chunks and scalar code
-#: over the tail; the two can differ in the last bit, so an element's bits would depend on where it sits in
-#: its tensor. Strict numerics lays every element on a full chunk: a flat buffer padded to a multiple of
-#: _LANES, processed in pieces below the size at which torch splits work across threads.
+#: On the CPU, elementwise transcendental kernels (exp, sin, silu...) run SIMD over full vector chunks and
+#: scalar code over the tail; the two can differ in the last bit, so an element's bits would depend on where it
+#: sits in its tensor. Strict numerics lays every element on a full chunk: a flat buffer padded to a multiple of
+#: _LANES, processed in pieces below the size at which torch splits work across threads. CUDA's kernels give an
+#: element the same bits at any offset, so other devices call ``fn`` directly.
 _LANES = 64
 _PIECE = 8192
 
+#: Strict products (rows × d_out × d_in, queries × keys × head_dim) are built this many elements at a time at
+#: most, in chunks of rows or queries: every element is computed alone, so chunking changes no bit.
+_CHUNK_ELEMENTS = 1 << 24
+
 
 def lane_stable(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``fn(x)`` for an elementwise ``fn``, with each element computed by the same (vector) code path."""
+    """``fn(x)`` for an elementwise ``fn``, with each element computed by the same code path on any device."""
+    if x.device.type != "cpu":
+        return fn(x)
     flat = x.reshape(-1)
     n = flat.numel()
     pad = (-n) % _LANES
@@ -46,25 +55,77 @@ def elementwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, str
 def linear(x: torch.Tensor, weight: torch.Tensor, strict: bool) -> torch.Tensor:
     """``x @ weight.T``. x: (..., d_in), weight: (d_out, d_in) -> (..., d_out)."""
     if strict:
-        return (x.unsqueeze(-2) * weight).sum(-1)
+        return _rows_in_chunks(lambda rows: _strict_linear(rows, weight), x, weight.numel())
     return F.linear(x, weight)
+
+
+def _strict_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x: (R, d_in), weight: (d_out, d_in) -> (R, d_out): products, then a tree over d_in."""
+    compute = _compute_dtype(x.dtype)
+    products = x.to(compute)[:, None, :] * weight.to(compute)  # (R, d_out, d_in)
+    return tree_sum(products, -1).to(x.dtype)
+
+
+def _rows_in_chunks(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, elements_per_row: int
+) -> torch.Tensor:
+    """``fn`` over the rows of x (..., d) -> (..., d'), a chunk of rows at a time (see _CHUNK_ELEMENTS)."""
+    rows = x.reshape(-1, x.shape[-1])  # (R, d)
+    step = max(1, _CHUNK_ELEMENTS // max(1, elements_per_row))
+    out = torch.cat([fn(chunk) for chunk in torch.split(rows, step)]) if rows.shape[0] else fn(rows)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Strict sums run in float32 at least (as torch's own reductions accumulate half types)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def tree_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The sum over ``dim`` (dropped) as a fixed halving tree of elementwise adds: the length is zero-padded to
+    a power of two and the upper half is added onto the lower until one element is left.
+
+    The additions that make an element are fixed by its position alone, never by the tensor's shape, the
+    device or the kernel's blocking; trailing zeros change no bit (a zero is added to each partial sum at the
+    same place whatever the padded length), so a row of visible keys followed by any number of masked ones
+    (zeros) sums to the same bits.
+    """
+    dim = dim % x.dim()
+    length = x.shape[dim]
+    if length == 0:
+        return x.sum(dim)  # an empty sum: zeros of the right shape
+    width = 1 << (length - 1).bit_length()  # the power of two >= length
+    if width != length:
+        pad_shape = list(x.shape)
+        pad_shape[dim] = width - length
+        x = torch.cat((x, x.new_zeros(pad_shape)), dim=dim)
+    while width > 1:
+        width //= 2
+        x = x.narrow(dim, 0, width) + x.narrow(dim, width, width)
+    return x.squeeze(dim)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, strict: bool) -> torch.Tensor:
     """RMSNorm, computed in float32 at least (as transformers' LlamaRMSNorm does). x: (..., d)."""
-    compute = torch.promote_types(x.dtype, torch.float32)
+    compute = _compute_dtype(x.dtype)
     h = x.to(compute)
-    h = h * elementwise(torch.rsqrt, h.pow(2).mean(-1, keepdim=True) + eps, strict)
+    h = h * elementwise(torch.rsqrt, _mean(h * h, strict) + eps, strict)
     return weight * h.to(x.dtype)
+
+
+def _mean(x: torch.Tensor, strict: bool) -> torch.Tensor:
+    """The mean over the last dimension (keepdim); a tree sum divided by the length in strict numerics."""
+    if strict:
+        return tree_sum(x, -1)[..., None] / x.shape[-1]
+    return x.mean(-1, keepdim=True)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, strict: bool) -> torch.Tensor:
     """LayerNorm from row-local sums, so strict and fast agree. x: (..., d)."""
-    compute = torch.promote_types(x.dtype, torch.float32)
+    compute = _compute_dtype(x.dtype)
     h = x.to(compute)
-    mean = h.mean(-1, keepdim=True)
-    centred = h - mean
-    h = centred * elementwise(torch.rsqrt, centred.pow(2).mean(-1, keepdim=True) + eps, strict)
+    centred = h - _mean(h, strict)
+    h = centred * elementwise(torch.rsqrt, _mean(centred * centred, strict) + eps, strict)
     return h.to(x.dtype) * weight + bias
 
 
@@ -91,17 +152,41 @@ def attention(
         if bias is not None:
             mask = bias.masked_fill(~visible, float("-inf")).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
-    qg = q.view(batch, n_kv_heads, group, t_q, 1, head_dim)
-    scores = (qg * k[:, :, None, None]).sum(-1) * scale  # (B, Hkv, group, Tq, S)
+    step = max(1, _CHUNK_ELEMENTS // max(1, batch * n_heads * s * head_dim))  # queries per chunk
+    chunks = [
+        _strict_attention(q[:, :, i : i + step], k, v, visible[:, :, i : i + step],
+                          None if bias is None else bias[:, :, i : i + step], scale)
+        for i in range(0, t_q, step)
+    ]
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+
+
+def _strict_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, bias: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """:func:`attention` in strict numerics, for a chunk of queries (shapes as there)."""
+    batch, n_heads, t_q, head_dim = q.shape
+    n_kv_heads, s = k.shape[1], k.shape[2]
+    group = n_heads // n_kv_heads
+    returned = torch.promote_types(q.dtype, torch.promote_types(k.dtype, v.dtype))  # a cache's dtype shows through
+    compute = _compute_dtype(returned)
+    qg = q.to(compute).view(batch, n_kv_heads, group, t_q, 1, head_dim)
+    scores = tree_sum(qg * k.to(compute)[:, :, None, None], -1) * scale  # (B, Hkv, group, Tq, S)
     scores = scores.reshape(batch, n_heads, t_q, s)
     if bias is not None:
-        scores = scores + bias
+        scores = scores + bias.to(compute)
     scores = scores.masked_fill(~visible, float("-inf"))
+    # The keys each query sees, brought to the front in slot order (oldest first); the masked ones follow as
+    # exact zeros. Where a cache put its unwritten or evicted slots then changes no bit of the sums below.
+    order = torch.sort((~visible).to(torch.uint8), dim=-1, stable=True).indices  # (B, 1, Tq, S)
+    scores = scores.gather(-1, order.expand(batch, n_heads, t_q, s))
     weights = lane_stable(torch.exp, scores - scores.amax(-1, keepdim=True))  # masked keys: exactly 0
-    probs = weights / _ordered_sum(weights)
-    probs = probs.view(batch, n_kv_heads, group, t_q, 1, s)
-    out = _ordered_sum(probs * v.transpose(-1, -2)[:, :, None, None]).squeeze(-1)  # (B, Hkv, group, Tq, D)
-    return out.reshape(batch, n_heads, t_q, head_dim)
+    probs = weights / tree_sum(weights, -1)[..., None]  # (B, H, Tq, S)
+    rows = order[..., None].expand(batch, n_kv_heads, t_q, s, head_dim)
+    values = v.to(compute)[:, :, None].expand(batch, n_kv_heads, t_q, s, head_dim).gather(3, rows)  # (B, Hkv, Tq, S, D)
+    probs = probs.view(batch, n_kv_heads, group, t_q, s, 1)
+    out = tree_sum(probs * values[:, :, None], -2)  # (B, Hkv, group, Tq, D)
+    return out.reshape(batch, n_heads, t_q, head_dim).to(returned)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor:
@@ -156,11 +241,6 @@ def fast_apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor
     """:func:`apply_rope` in three kernels. x: (B, heads, T, D); cos, signed_sin: (B, 1, T, D)."""
     swapped = x.roll(x.shape[-1] // 2, dims=-1)  # halves swapped
     return torch.addcmul(x * cos, swapped, signed_sin)
-
-
-def _ordered_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dimension strictly left to right (keepdim): zeros anywhere leave the bits unchanged."""
-    return x.cumsum(-1)[..., -1:]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
