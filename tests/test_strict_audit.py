@@ -37,11 +37,6 @@ def _case_id(case: tuple[Any, ...]) -> str:
     return f"{positional}-{norm}-{str(dtype).removeprefix('torch.')}-{heads}-w{window}-{cache}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="strict numerics still reduces with sum, mean and cumsum (until the halving-tree rewrite)",
-)
 @pytest.mark.parametrize("case", MODEL_CASES, ids=_case_id)
 def test_strict_model_makes_no_order_dependent_reduction(case: tuple[Any, ...]) -> None:
     positional, norm, dtype, n_kv_heads, window, cache_name = case
