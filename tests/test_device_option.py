@@ -93,3 +93,45 @@ def test_junit_names_the_device_of_each_suite(tmp_path: Path) -> None:
 def test_verify_on_cuda_passes_the_builtin_caches(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", "--device", "cuda", "--profile", "dev", "--max-examples", "5", "--seed", "1"]) == 0
     assert "on cuda" in capsys.readouterr().out
+
+
+def test_mutants_refuse_a_wrong_or_missing_device(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["mutants", "--device", "tpu", "--only", "keys_as_values"]) == 2
+    assert "kvverify mutants: --device tpu is not a device kvverify runs on" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["mutants", "--device", "cuda", "--only", "keys_as_values"]) == 2
+        assert "kvverify mutants: --device cuda asks for CUDA" in capsys.readouterr().err
+
+
+def test_mutants_run_the_suite_the_controls_and_the_baseline_on_the_device(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import kvverify.mutants.baseline
+    import kvverify.suite
+
+    devices: list[object] = []
+
+    def run_suite(factory: object, *, target: str, **options: object) -> SuiteResult:
+        devices.append(options.get("device"))
+        verdict = "failed" if target.startswith("mutant:") else "passed"
+        return SuiteResult(target, 0, "dev", [PropertyResult("reset", verdict, 1, 0.0, "boom")])
+
+    def run_baseline(factory: object, **options: object) -> kvverify.mutants.baseline.BaselineResult:
+        devices.append(options.get("device"))
+        return kvverify.mutants.baseline.BaselineResult(True, "x", 0.0, 1)
+
+    monkeypatch.setattr(kvverify.suite, "run_suite", run_suite)
+    monkeypatch.setattr(kvverify.mutants.baseline, "run_baseline", run_baseline)
+    assert main(["mutants", "--device", "cpu", "--only", "keys_as_values", "--profile", "dev"]) == 0
+    assert "kvverify mutants: profile dev, seed 0, device cpu" in capsys.readouterr().out
+    assert len(devices) >= 3 and set(devices) == {torch.device("cpu")}  # mutant, baseline, controls
+
+
+def test_the_baseline_grid_runs_on_the_device_it_is_given() -> None:
+    from kvverify.caches import ContiguousCache
+    from kvverify.mutants import MUTANTS
+    from kvverify.mutants.baseline import run_baseline
+
+    assert not run_baseline(ContiguousCache.from_config, device="cpu").killed
+    assert run_baseline(MUTANTS["keys_as_values"].factory, device=torch.device("cpu")).killed
+
