@@ -135,3 +135,12 @@ def test_the_baseline_grid_runs_on_the_device_it_is_given() -> None:
     assert not run_baseline(ContiguousCache.from_config, device="cpu").killed
     assert run_baseline(MUTANTS["keys_as_values"].factory, device=torch.device("cpu")).killed
 
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:1"])
+def test_profile_refuses_a_wrong_or_missing_device(device: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without CUDA")
+    assert main(["profile", "--quick", "--device", device, "--out", str(tmp_path)]) == 2
+    assert f"kvverify profile: --device {device} " in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
