@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from kvverify.reference.model import Generation, ReferenceModel
     from kvverify.suite import CacheCheckFailed, SuiteResult, check_cache
     from kvverify.suite.contract import CheckedCache, ContractViolation
+    from kvverify.suite.devices import DeviceError
     from kvverify.suite.loading import TargetError, load_factory
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ _HOMES: dict[str, str] = {
     "ContractViolation": "kvverify.suite.contract",
     "InputError": "kvverify.reference.inputs",
     "TargetError": "kvverify.suite.loading",
+    "DeviceError": "kvverify.suite.devices",
     "load_factory": "kvverify.suite.loading",
     "Generation": "kvverify.reference.model",
     "ReferenceModel": "kvverify.reference.model",
@@ -54,6 +56,7 @@ __all__ = [
     "ConfigError",
     "ContiguousCache",
     "ContractViolation",
+    "DeviceError",
     "Generation",
     "InputError",
     "KVCache",

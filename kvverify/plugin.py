@@ -11,7 +11,8 @@ first went wrong, and the command that reproduces it.
 
 Fixtures, for tests of your own: ``kv_cache_factory`` (the target's factory), ``kv_target`` (its
 :class:`~kvverify.suite.Target`), ``kv_reference_model`` (``(config, seed=0) -> ReferenceModel``) and
-``kv_cases`` (:func:`kvverify.suite.strategies.cases` bound to the target's declared constraints).
+``kv_cases`` (:func:`kvverify.suite.strategies.cases` bound to the target's declared constraints and device).
+``--kv-device`` (or ``KVVERIFY_DEVICE``) puts the models, prompts and caches on ``cpu``, ``cuda`` or ``cuda:N``.
 Markers: ``kvverify`` (on the generated items) and ``kv_needs(*methods)`` (skip unless the target has them).
 """
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
 #: The environment variable that names a target when ``--kv-cache`` is not given.
 ENV_TARGET = "KVVERIFY_CACHE"
+#: The environment variable that names the device when ``--kv-device`` is not given.
+ENV_DEVICE = "KVVERIFY_DEVICE"
 _STATE = "kvverify-target"
 PROFILES = ("dev", "ci", "thorough")
 
@@ -46,6 +49,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kv-seed", type=int, default=None, metavar="N", help="Hypothesis seed (default: random, shown)")
     group.addoption("--kv-time-limit", type=float, default=None, metavar="SECONDS",
                     help="seconds one example may take before the cache is reported as hanging (default: 60)")
+    group.addoption("--kv-device", metavar="DEVICE", default=None,
+                    help=f"where the models, prompts and caches live: cpu, cuda or cuda:N (or set {ENV_DEVICE}; "
+                    "default: cpu)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -67,13 +73,14 @@ class _TargetSession:
     """The target of this pytest run and the settings its properties run with; also a plugin (its hooks)."""
 
     def __init__(self, spec: str, factory: CacheFactory, target: Target, profile: str, seed: int,
-                 max_examples: int | None, time_limit: float) -> None:
-        self.spec, self.factory, self.target = spec, factory, target
+                 max_examples: int | None, time_limit: float, device_option: str | None = None) -> None:
+        self.spec, self.factory, self.target, self.device_option = spec, factory, target, device_option
         self.profile, self.seed, self.max_examples, self.time_limit = profile, seed, max_examples, time_limit
 
     @classmethod
     def load(cls, config: pytest.Config, spec: str) -> _TargetSession:
         from kvverify.suite import make_target
+        from kvverify.suite.devices import DeviceError, resolve_device
         from kvverify.suite.loading import TargetError, load_factory
         from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT
 
@@ -81,25 +88,30 @@ class _TargetSession:
         if max_examples is not None and max_examples < 1:
             raise pytest.UsageError(f"--kv-max-examples must be >= 1; got {max_examples}")
         time_limit = config.getoption("kv_time_limit") or DEFAULT_TIME_LIMIT
+        device_option = config.getoption("kv_device") or os.environ.get(ENV_DEVICE) or None
+        option = "--kv-device" if config.getoption("kv_device") else ENV_DEVICE + "="
         try:
+            device = resolve_device(device_option, option=option)
             factory = load_factory(spec)
-            target = make_target(factory, spec, time_limit=time_limit)
-        except TargetError as error:
+            target = make_target(factory, spec, time_limit=time_limit, device=device)
+        except (DeviceError, TargetError) as error:
             raise pytest.UsageError(f"kvverify: {error}") from None
         seed = config.getoption("kv_seed")
         return cls(spec, factory, target, config.getoption("kv_profile"),
-                   random.randrange(2**32) if seed is None else seed, max_examples, time_limit)
+                   random.randrange(2**32) if seed is None else seed, max_examples, time_limit, device_option)
 
     def reproduce(self, name: str) -> str:
         parts = [f"pytest --kv-cache={self.spec} --kv-profile={self.profile} --kv-seed={self.seed}"]
         if self.max_examples is not None:
             parts.append(f"--kv-max-examples={self.max_examples}")
+        if self.target.device.type != "cpu":
+            parts.append(f"--kv-device={self.device_option}")
         return " ".join([*parts, f"-k {name}"])
 
     def pytest_report_header(self, config: pytest.Config) -> str:
         capabilities = ", ".join(sorted(self.target.capabilities)) or "none"
         return (f"kvverify: target {self.spec}, profile {self.profile}, seed {self.seed}, "
-                f"optional methods: {capabilities}")
+                f"device {self.target.device}, optional methods: {capabilities}")
 
     @pytest.hookimpl(tryfirst=True)  # before -k and -m deselect
     def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
@@ -199,7 +211,8 @@ def kv_reference_model() -> Iterator[Callable[..., ReferenceModel]]:
 
 @pytest.fixture(scope="session")
 def kv_cases(request: pytest.FixtureRequest) -> Callable[..., Any]:
-    """:func:`kvverify.suite.strategies.cases`, bound to the target's declared constraints when a target is named."""
+    """:func:`kvverify.suite.strategies.cases`, bound to the target's declared constraints and device when a
+    target is named."""
     import functools
 
     from kvverify.suite.strategies import cases

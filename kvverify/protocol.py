@@ -99,6 +99,8 @@ class CacheDeclaration:
     max_seq_len: the most tokens it holds.
     crop_argument: what ``crop(n)`` means: ``"keep"`` the first n tokens (the protocol's meaning, as in
         transformers 4) or ``"remove"`` -n tokens (transformers 5); see :mod:`kvverify.suite.cropping`.
+    devices: where the cache runs, e.g. ``("cuda",)`` for a cache of CUDA kernels (``"cuda"`` covers every GPU,
+        ``"cuda:1"`` one); asking the suite for another device is a usage error. None: any device.
     """
 
     lossy_atol: float | None = None
@@ -106,6 +108,25 @@ class CacheDeclaration:
     max_batch_size: int | None = None
     max_seq_len: int | None = None
     crop_argument: Literal["keep", "remove"] | None = None
+    devices: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.devices is None:
+            return
+        given: object = self.devices
+        devices = (given,) if isinstance(given, str) else tuple(self.devices)  # a lone name: ("cuda",)
+        for entry in devices:
+            try:
+                torch.device(entry)
+            except (RuntimeError, TypeError, ValueError):
+                raise ValueError(
+                    f"CacheDeclaration.devices holds {entry!r}, which is not a torch device; expected names such "
+                    "as 'cpu', 'cuda' or 'cuda:0'."
+                ) from None
+        if not devices:
+            raise ValueError("CacheDeclaration.devices is empty; expected None (any device) or names such as "
+                             "('cuda',).")
+        object.__setattr__(self, "devices", tuple(str(torch.device(entry)) for entry in devices))
 
 
 def declaration_of(*objects: object) -> CacheDeclaration:

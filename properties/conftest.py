@@ -1,11 +1,13 @@
 """Property tests run the packaged suite (kvverify.suite) against the built-in caches.
 
 The Hypothesis profile is kvverify's ``ci`` unless ``--hypothesis-profile`` names another
-(``kvverify-dev``, ``kvverify-ci``, ``kvverify-thorough``); ``--hypothesis-seed`` fixes the seed.
+(``kvverify-dev``, ``kvverify-ci``, ``kvverify-thorough``); ``--hypothesis-seed`` fixes the seed;
+``KVVERIFY_DEVICE=cuda`` runs them on a GPU.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +15,7 @@ from hypothesis import settings
 
 from kvverify.caches import BUILTIN_CACHES
 from kvverify.suite import make_target
+from kvverify.suite.devices import resolve_device
 from kvverify.suite.runner import torch_threads
 from kvverify.suite.settings import register_profiles
 from kvverify.suite.target import Target
@@ -39,5 +42,7 @@ def _one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(params=sorted(BUILTIN_CACHES), scope="module")
 def builtin_target(request: pytest.FixtureRequest) -> Target:
-    return make_target(BUILTIN_CACHES[request.param], request.param)
+    """A built-in cache, on the device ``KVVERIFY_DEVICE`` names (the CPU when unset)."""
+    device = resolve_device(os.environ.get("KVVERIFY_DEVICE"), option="KVVERIFY_DEVICE=")
+    return make_target(BUILTIN_CACHES[request.param], request.param, device=device)
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 from kvverify.protocol import CacheFactory
 from kvverify.suite.runner import PropertyResult
@@ -30,6 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-controls", action="store_true", help="skip the correct caches")
     parser.add_argument("--no-baseline", action="store_true", help="skip the conventional grid")
     parser.add_argument("--details", action="store_true", help="print each killing property's full report")
+    parser.add_argument("--device", default="cpu", metavar="DEVICE",
+                        help="where the models, prompts and caches live: cpu, cuda or cuda:N (default: cpu)")
 
 
 @dataclass(frozen=True)
@@ -82,15 +87,17 @@ def _controls() -> dict[str, CacheFactory]:
     return controls
 
 
-def _run_mutant(name: str, factory: CacheFactory, profile: str, seed: int, with_baseline: bool) -> Row:
+def _run_mutant(name: str, factory: CacheFactory, profile: str, seed: int, with_baseline: bool,
+                device: torch.device) -> Row:
     from kvverify.mutants.baseline import run_baseline
     from kvverify.suite import run_suite
 
     start = time.process_time()
-    result = run_suite(factory, target=f"mutant:{name}", profile=profile, seed=seed, stop_at_first_failure=True)
+    result = run_suite(factory, target=f"mutant:{name}", profile=profile, seed=seed, stop_at_first_failure=True,
+                       device=device)
     cpu = time.process_time() - start
     failure = result.failures[0] if result.failures else None
-    baseline = run_baseline(factory) if with_baseline else None
+    baseline = run_baseline(factory, device=device) if with_baseline else None
     return Row(
         name=name,
         killed=failure is not None,
@@ -134,7 +141,13 @@ def _print_table(rows: Sequence[Row], with_baseline: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvverify.mutants import MUTANTS
     from kvverify.suite import run_suite
+    from kvverify.suite.devices import DeviceError, describe_device, resolve_device
 
+    try:
+        device = resolve_device(args.device, option="--device")
+    except DeviceError as error:
+        print(f"kvverify mutants: {error}", file=sys.stderr)
+        return EXIT_USAGE
     names = list(MUTANTS) if not args.only else list(args.only)
     unknown = [name for name in names if name not in MUTANTS]
     if unknown:
@@ -142,9 +155,10 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     with_baseline = not args.no_baseline
 
+    print(f"kvverify mutants: profile {args.profile}, seed {args.seed}, device {describe_device(device)}", flush=True)
     rows = []
     for name in names:
-        rows.append(_run_mutant(name, MUTANTS[name].factory, args.profile, args.seed, with_baseline))
+        rows.append(_run_mutant(name, MUTANTS[name].factory, args.profile, args.seed, with_baseline, device))
         print(f"  {name}: {'killed by ' + rows[-1].killer if rows[-1].killed else 'survived'}", flush=True)
     print()
     _print_table(rows, with_baseline)
@@ -155,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
 
     killed = sum(r.killed for r in rows)
     suite_cpu = sum(r.cpu_seconds for r in rows)
-    print(f"\nsuite ({args.profile} profile, seed {args.seed}): killed {killed}/{len(rows)} "
+    print(f"\nsuite ({args.profile} profile, seed {args.seed}, {device}): killed {killed}/{len(rows)} "
           f"in {suite_cpu:.1f} CPU seconds")
     failing_times = sorted(r.first_failure_seconds for r in rows if r.first_failure_seconds is not None)
     if failing_times:
@@ -171,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_controls:
         print("\ncontrols (correct caches; every property must pass):")
         for name, factory in _controls().items():
-            result = run_suite(factory, target=f"control:{name}", profile=args.profile, seed=args.seed)
+            result = run_suite(factory, target=f"control:{name}", profile=args.profile, seed=args.seed,
+                               device=device)
             failed = ", ".join(r.name for r in result.failures)
             controls_ok &= result.ok
             print(f"  {name:<24} {'passed' if result.ok else 'FAILED: ' + failed}")

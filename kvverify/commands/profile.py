@@ -27,7 +27,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="MODULE:FACTORY",
         help="also profile this cache factory (takes a ModelConfig, returns a cache); repeatable",
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model and caches live")
+    parser.add_argument("--device", default="cpu", metavar="DEVICE",
+                        help="where the model and caches live: cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, for stable timings)")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers' LlamaForCausalLM and caches")
 
@@ -76,13 +77,12 @@ def run(args: argparse.Namespace) -> int:
     from kvverify.profiling import plan as plans
     from kvverify.profiling.report import write_report
     from kvverify.profiling.runner import run_profile
+    from kvverify.suite.devices import DeviceError, resolve_device
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(
-            "kvverify profile: --device cuda asked for, but torch.cuda.is_available() is False; "
-            "use --device cpu or a CUDA build of torch on a machine with a GPU.",
-            file=sys.stderr,
-        )
+    try:
+        device = resolve_device(args.device, option="--device")
+    except DeviceError as error:
+        print(f"kvverify profile: {error}", file=sys.stderr)
         return EXIT_USAGE
     if args.threads < 1:
         print(f"kvverify profile: --threads must be >= 1; got {args.threads}.", file=sys.stderr)
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"kvverify profile: transformers' side skipped: {error}", file=sys.stderr)
             specs = [spec for spec in specs if not spec.transformers]
     chosen = plans.QUICK if args.quick else plans.FULL
-    chosen = plans.Plan(**{**vars(chosen), "device": args.device})
+    chosen = plans.Plan(**{**vars(chosen), "device": str(device)})
     torch.set_num_threads(args.threads)
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)

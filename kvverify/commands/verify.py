@@ -1,4 +1,5 @@
-"""``kvverify verify [MODULE:FACTORY] [--profile ci|dev|thorough] [--max-examples N] [--seed N] [--junitxml PATH]``.
+"""``kvverify verify [MODULE:FACTORY] [--profile ci|dev|thorough] [--max-examples N] [--seed N] [--device D]
+[--junitxml PATH]``.
 
 Without a target it verifies the built-in caches. Exit 0 when every property holds, 1 when a property or the
 contract fails, 2 when the command is wrong or the target unusable. Every failure prints the one-line command
@@ -31,6 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="Hypothesis seed (printed when not given)")
     parser.add_argument("--property", action="append", dest="properties", metavar="NAME",
                         help="run only this property (repeatable)")
+    parser.add_argument("--device", default="cpu", metavar="DEVICE",
+                        help="where the models, prompts and caches live: cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--junitxml", metavar="PATH", help="also write a JUnit XML report")
     parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                         help="seconds one example may take before the cache is reported as hanging "
@@ -51,6 +54,7 @@ def _targets(spec: str | None) -> list[tuple[str, object]]:
 
 def run(args: argparse.Namespace) -> int:
     from kvverify.suite import PROPERTIES, run_suite
+    from kvverify.suite.devices import DeviceError, describe_device, resolve_device
     from kvverify.suite.loading import TargetError
     from kvverify.suite.report_table import print_results
     from kvverify.suite.settings import override_examples
@@ -66,13 +70,18 @@ def run(args: argparse.Namespace) -> int:
     if args.time_limit is not None and args.time_limit <= 0:
         print(f"kvverify verify: --time-limit must be > 0 seconds; got {args.time_limit}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        device = resolve_device(args.device, option="--device")
+    except DeviceError as error:
+        print(f"kvverify verify: {error}", file=sys.stderr)
+        return EXIT_USAGE
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     try:
         targets = _targets(args.target)
     except TargetError as error:
         print(f"kvverify verify: {error}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"kvverify verify: profile {args.profile}, seed {seed}", flush=True)
+    print(f"kvverify verify: profile {args.profile}, seed {seed}, device {describe_device(device)}", flush=True)
     started = time.perf_counter()
     results = []
     with override_examples(args.profile, args.max_examples):
@@ -80,13 +89,14 @@ def run(args: argparse.Namespace) -> int:
             try:
                 result = run_suite(factory, target=name, profile=args.profile, seed=seed,  # type: ignore[arg-type]
                                    properties=args.properties, time_limit=_time_limit(args),
-                                   reproduce=_reproduce_command(args, name, seed))
+                                   reproduce=_reproduce_command(args, name, seed), device=device)
             except TargetError as error:
                 print(f"kvverify verify: {error}", file=sys.stderr)
                 return EXIT_USAGE
             results.append(result)
             print_results(result)
-    print(f"\n{sum(len(r.results) for r in results)} checks in {time.perf_counter() - started:.1f} s", flush=True)
+    print(f"\n{sum(len(r.results) for r in results)} checks in {time.perf_counter() - started:.1f} s on {device}",
+          flush=True)
     if args.junitxml:
         from kvverify.suite.junit import write_junit
 
@@ -107,4 +117,6 @@ def _reproduce_command(args: argparse.Namespace, name: str, seed: int) -> str:
         parts.append(f"--max-examples {args.max_examples}")
     if args.time_limit is not None:
         parts.append(f"--time-limit {args.time_limit:g}")
+    if args.device != "cpu":
+        parts.append(f"--device {args.device}")
     return " ".join(parts)

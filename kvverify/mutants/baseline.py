@@ -59,15 +59,16 @@ class BaselineResult:
     cases_run: int
 
 
-def _inputs(padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids (13, 7) and an attention mask; with padding, row i has ``i % 4`` pad tokens on the left."""
+def _inputs(padded: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids (13, 7) and an attention mask on ``device``; with padding, row i has ``i % 4`` pad tokens on the
+    left."""
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, BASELINE_CONFIG.vocab_size, (BATCH, PROMPT_LEN), generator=generator)
     mask = torch.ones_like(input_ids)
     if padded:
         for row in range(BATCH):
             mask[row, : row % 4] = 0
-    return input_ids, mask
+    return input_ids.to(device), mask.to(device)
 
 
 def _compare(got: Generation, want: Generation, what: str) -> str | None:
@@ -82,13 +83,14 @@ def _compare(got: Generation, want: Generation, what: str) -> str | None:
 
 
 def _run_case(model: ReferenceModel, factory: Callable[[ModelConfig], KVCache], case: BaselineCase) -> str | None:
-    input_ids, mask = _inputs(case.padded)
+    config = model.config
+    input_ids, mask = _inputs(case.padded, torch.device(config.device))
     want = model.generate(input_ids, NEW_TOKENS, use_cache=False, attention_mask=mask)
     if case.check == "use_cache":
-        got = model.generate(input_ids, NEW_TOKENS, cache=factory(BASELINE_CONFIG), attention_mask=mask)
+        got = model.generate(input_ids, NEW_TOKENS, cache=factory(config), attention_mask=mask)
         return _compare(got, want, "use_cache=True vs use_cache=False")
     half = NEW_TOKENS // 2
-    first = model.generate(input_ids, half, cache=factory(BASELINE_CONFIG), attention_mask=mask)
+    first = model.generate(input_ids, half, cache=factory(config), attention_mask=mask)
     rest = model.generate(
         first.sequences, NEW_TOKENS - half, cache=first.cache, attention_mask=first.attention_mask
     )
@@ -102,15 +104,16 @@ def _run_case(model: ReferenceModel, factory: Callable[[ModelConfig], KVCache], 
     return _compare(continued, want, f"{half} + {NEW_TOKENS - half} tokens from the returned cache vs from scratch")
 
 
-def run_baseline(factory: Callable[[ModelConfig], KVCache], *, seed: int = 0) -> BaselineResult:
-    """Run the conventional grid against a cache factory; stop at the first failing case.
+def run_baseline(factory: Callable[[ModelConfig], KVCache], *, seed: int = 0,
+                 device: str | torch.device = "cpu") -> BaselineResult:
+    """Run the conventional grid against a cache factory, on ``device``; stop at the first failing case.
 
     >>> from kvverify.caches import ContiguousCache
     >>> run_baseline(ContiguousCache.from_config).killed
     False
     """
     start = time.process_time()
-    model = ReferenceModel(BASELINE_CONFIG, seed=seed)
+    model = ReferenceModel(BASELINE_CONFIG.replace(device=str(device)), seed=seed)
     for run, case in enumerate(BASELINE_CASES, start=1):
         try:
             failure = _run_case(model, factory, case)

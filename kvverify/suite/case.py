@@ -41,9 +41,9 @@ class Case:
 
     def attention_mask(self) -> torch.Tensor:
         """(B, T) long: 0 for left padding, 1 for tokens."""
-        positions = torch.arange(self.prompt_len)
-        mask = (positions[None, :] >= torch.tensor(self.pad)[:, None]).long()
-        return mask.to(self.config.device)
+        device = self.config.device
+        positions = torch.arange(self.prompt_len, device=device)
+        return (positions[None, :] >= torch.tensor(self.pad, device=device)[:, None]).long()
 
     def model(self) -> ReferenceModel:
         return build_model(self.config, self.seed)
@@ -59,6 +59,7 @@ class Case:
             )
         )
         fields += f", dtype={str(c.dtype).removeprefix('torch.')!r}, numerics={c.numerics!r}"
+        fields += f", device={c.device!r}" if c.device != "cpu" else ""
         lines = [
             f"config: ModelConfig({fields})",
             f"weights seed: {self.seed}",

@@ -118,7 +118,7 @@ def first_difference(expected: Generation, actual: Generation, tolerance: Tolera
     """None when the generations agree: bitwise with no tolerance, else within it with identical tokens."""
     _check_shapes(expected, actual)
     steps, rows = expected.logits.shape[1], expected.logits.shape[0]
-    alive = torch.ones(rows, dtype=torch.bool)  # rows not yet split by a near tie
+    alive = torch.ones(rows, dtype=torch.bool, device=expected.logits.device)  # rows not yet split by a near tie
     for step in range(steps):
         e, a = expected.logits[:, step], actual.logits[:, step]  # (B, vocab)
         if tolerance is None:

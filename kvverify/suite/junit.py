@@ -25,7 +25,9 @@ def write_junit(results: Sequence[SuiteResult], path: str | Path) -> None:
             skipped=str(skipped),
             time=f"{sum(r.seconds for r in suite.results):.3f}",
         )
-        ET.SubElement(ET.SubElement(element, "properties"), "property", name="hypothesis_seed", value=str(suite.seed))
+        properties = ET.SubElement(element, "properties")
+        ET.SubElement(properties, "property", name="hypothesis_seed", value=str(suite.seed))
+        ET.SubElement(properties, "property", name="device", value=suite.device)
         for result in suite.results:
             case = ET.SubElement(
                 element,

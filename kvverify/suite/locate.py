@@ -87,7 +87,7 @@ class _Shadow:
         order = self.recorder.tick()
         expected_keys, expected_values = self.shadow.update(key_states, value_states, layer_idx)
         count = key_states.shape[-2]
-        slots = _visible_slots(keys.shape[-2], written, count, self.recorder.window)
+        slots = _visible_slots(keys.shape[-2], written, count, self.recorder.window, keys.device)
         returned = _slot_index(keys.shape[-2], written, slots)
         for what, actual, expected in (("key", keys, expected_keys), ("value", values, expected_values)):
             difference = self._compare(actual[:, :, returned], expected[:, :, slots], slots, layer_idx, what,
@@ -120,12 +120,13 @@ class _Shadow:
         self.shadow.reset()
 
 
-def _visible_slots(returned: int, written: int, count: int, window: int | None) -> torch.Tensor:
-    """Token slots the returned tensor holds that some query of the update can see."""
+def _visible_slots(returned: int, written: int, count: int, window: int | None,
+                   device: torch.device) -> torch.Tensor:
+    """Token slots the returned tensor holds that some query of the update can see, on ``device``."""
     first = 0 if returned >= written else written - returned
     if window is not None:
         first = max(first, written - count - window + 1)
-    return torch.arange(first, written)
+    return torch.arange(first, written, device=device)
 
 
 def _slot_index(returned: int, written: int, slots: torch.Tensor) -> torch.Tensor:

@@ -40,10 +40,13 @@ class PropertyResult:
 
 @dataclass(frozen=True)
 class SuiteResult:
+    """device: where the models and caches ran (``cpu``, ``cuda``, ``cuda:1``)."""
+
     target: str
     seed: int
     profile: str
     results: list[PropertyResult] = field(default_factory=list)
+    device: str = "cpu"
 
     @property
     def ok(self) -> bool:
@@ -195,20 +198,23 @@ def run_suite(
     time_limit: float | None = DEFAULT_TIME_LIMIT,
     reproduce: str | None = None,
     stop_at_first_failure: bool = False,
+    device: str | torch.device | None = None,
 ) -> SuiteResult:
-    """Run every property (or the named ones) against the cache the factory builds.
+    """Run every property (or the named ones) against the cache the factory builds, with every model, prompt
+    and cache on ``device`` (the CPU when None).
 
     ``stop_at_first_failure``: skip the remaining properties once one fails (a kill is a kill).
 
     ``reproduce``: a command that reruns the suite with this seed; each failure gets it with ``--property NAME``.
-    Raises :class:`~kvverify.suite.loading.TargetError` when the factory is unusable.
+    Raises :class:`~kvverify.suite.loading.TargetError` when the factory is unusable or declares other devices,
+    :class:`~kvverify.suite.devices.DeviceError` when this machine lacks the device.
     """
     chosen = list(PROPERTIES) if properties is None else list(properties)
     unknown = [name for name in chosen if name not in PROPERTIES]
     if unknown:
         raise ValueError(f"unknown propert(y/ies) {unknown}; expected some of {sorted(PROPERTIES)}")
     seed = random.randrange(2**32) if seed is None else seed
-    described = make_target(factory, target, time_limit=time_limit)
+    described = make_target(factory, target, time_limit=time_limit, device=device)
     results = []
     for name in chosen:
         result = run_property(PROPERTIES[name], described, profile=profile, seed=seed, time_limit=time_limit)
@@ -217,7 +223,7 @@ def run_suite(
         results.append(result)
         if stop_at_first_failure and result.verdict in ("failed", "error"):
             break
-    return SuiteResult(target, seed, profile, results)
+    return SuiteResult(target, seed, profile, results, device=str(described.device))
 
 
 def check_cache(
@@ -229,22 +235,29 @@ def check_cache(
     max_examples: int | None = None,
     properties: Sequence[str] | None = None,
     time_limit: float | None = DEFAULT_TIME_LIMIT,
+    device: str | torch.device | None = None,
 ) -> SuiteResult:
     """Run the property suite against the caches ``factory(config)`` builds; return the result when every
     property holds, else raise :class:`CacheCheckFailed` with every failure's report (where the cache went
     wrong, and the call that reproduces it). An unusable factory raises :class:`~kvverify.suite.loading.TargetError`.
 
+    ``device``: ``"cpu"`` (the default), ``"cuda"``, ``"cuda:N"`` or a torch.device; the models, prompts and
+    caches live there. One this machine lacks raises :class:`~kvverify.suite.devices.DeviceError`.
+
     >>> import kvverify
     >>> kvverify.check_cache(kvverify.ContiguousCache.from_config, profile="dev")  # doctest: +SKIP
     """
+    from kvverify.suite.devices import resolve_device
     from kvverify.suite.settings import override_examples
 
+    where = resolve_device(device, option="device=")
     label = name or str(getattr(factory, "__qualname__", "cache"))
     seed = random.randrange(2**32) if seed is None else seed
     options = f"profile={profile!r}, seed={seed}" + (f", max_examples={max_examples}" if max_examples else "")
+    options += f", device={str(where)!r}" if where.type != "cpu" else ""
     with override_examples(profile, max_examples):
         result = run_suite(factory, target=label, profile=profile, seed=seed, properties=properties,
-                           time_limit=time_limit)
+                           time_limit=time_limit, device=where)
     result.results[:] = [
         replace(r, reproduce=f"kvverify.check_cache({label}, {options}, properties=[{r.name!r}])")
         if r.verdict in ("failed", "error") else r

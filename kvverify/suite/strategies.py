@@ -37,6 +37,15 @@ def _strategy(value: T | Collection[T] | st.SearchStrategy[T], name: str) -> st.
     return st.just(value)  # type: ignore[arg-type]
 
 
+def _device(value: Any) -> str:
+    try:
+        return str(torch.device(value))
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidArgument(
+            f"device must be a torch.device or a name such as 'cpu' or 'cuda:0'; got {value!r}"
+        ) from None
+
+
 def _dtype(value: Any) -> torch.dtype:
     if isinstance(value, torch.dtype):
         return value
@@ -58,8 +67,10 @@ def model_configs(
     n_layers: Any = None,
     max_batch_size: int = 4,
     max_seq_len: Any = None,
+    device: Any = "cpu",
 ) -> ModelConfig:
-    """Valid :class:`ModelConfig` s: MHA, GQA and MQA, every positional scheme and norm, windows or none.
+    """Valid :class:`ModelConfig` s: MHA, GQA and MQA, every positional scheme and norm, windows or none, on
+    ``device`` (a torch.device or its name: the models, prompts and masks of the cases live there).
 
     ``sliding_window`` left at None draws no window half the time and a window of 1 to 12 otherwise; pass
     an int, a collection or a strategy to fix it, or ``st.none()`` for no window. ``max_seq_len`` left at
@@ -67,6 +78,7 @@ def model_configs(
     more three times in four (bugs that need a third layer).
     Invariant: ``n_heads`` is a multiple of ``n_kv_heads``; ``head_dim`` is even (RoPE needs pairs).
     """
+    where = _device(draw(_strategy(device, "device"), label="device"))
     seq_strategy = st.sampled_from([16, 24, 64]) if max_seq_len is None else _strategy(max_seq_len, "max_seq_len")
     seq_len = draw(seq_strategy, label="max_seq_len")
     if max_batch_size < 1 or seq_len < 2:
@@ -95,6 +107,7 @@ def model_configs(
         max_batch_size=max_batch_size,
         dtype=_dtype(draw(_strategy(dtype, "dtype"), label="dtype")),
         numerics=draw(_strategy(numerics, "numerics"), label="numerics"),
+        device=where,
     )
 
 
