@@ -1,58 +1,120 @@
-"""Measure how far cached and uncached logits drift apart in fast numerics, per dtype.
+"""Measure how far cached and uncached logits drift apart in fast numerics, per device, SDPA backend and dtype.
 
-``python -m kvverify.commands.measure_tolerance [--cases N] [--seed S]`` draws cases from the property suite's
-strategy (every positional scheme, norm, window, GQA shape and left padding) in fast numerics, generates
-with and without a contiguous cache, and prints the largest max-abs logit difference and the largest logit
-magnitude seen per dtype. :data:`kvverify.suite.compare.FAST_TOLERANCES` is set from these figures.
+``python -m kvverify.commands.measure_tolerance [--cases N] [--seed S] [--device D] [--backend B ...]`` draws
+cases from the property suite's strategy (every positional scheme, norm, window, GQA shape and left padding) in
+fast numerics, generates with and without a contiguous cache on the device, once per scaled-dot-product attention
+backend that applies there, and prints the largest max-abs logit difference and the largest logit magnitude seen
+per dtype. A case a backend cannot run (float64 in flash attention, a mask where it takes none) is counted as not
+applicable. :data:`kvverify.suite.compare.FAST_TOLERANCES` is set from these figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import seed as hypothesis_seed
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvverify.caches import ContiguousCache
 from kvverify.reference.config import DTYPES
+from kvverify.reference.model import Generation
 from kvverify.suite.case import Case
+from kvverify.suite.devices import DeviceError, resolve_device
 from kvverify.suite.strategies import cases
 
+#: The SDPA backends worth measuring on each device type (torch picks among them by shape, dtype and mask).
+BACKENDS: dict[str, tuple[str, ...]] = {
+    "cpu": ("math", "flash"),
+    "cuda": ("math", "flash", "efficient", "cudnn"),
+}
+_SDP_BACKENDS = {
+    "math": SDPBackend.MATH,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
 
-def measure(n_cases: int, seed: int) -> dict[str, tuple[float, float, int]]:
-    """dtype name -> (max abs difference, max |logit|, cases)."""
-    worst: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+
+@dataclass
+class Drift:
+    """The worst cached/uncached difference seen for one dtype."""
+
+    max_abs: float = 0.0
+    max_logit: float = 0.0
+    cases: int = 0
+    not_applicable: int = 0
+
+
+def measure(
+    n_cases: int, seed: int, device: torch.device | str = "cpu", backend: str | None = None
+) -> dict[str, Drift]:
+    """dtype name -> the worst drift over ``n_cases`` drawn cases, with SDPA restricted to ``backend`` (None:
+    torch's own choice)."""
+    worst: dict[str, Drift] = defaultdict(Drift)
+    device = torch.device(device)
 
     @hypothesis_seed(seed)
     @settings(max_examples=n_cases, database=None, deadline=None, suppress_health_check=list(HealthCheck))
     @given(case=cases(dtype=tuple(DTYPES), numerics="fast"))
     def run(case: Case) -> None:
-        model = case.model()
-        prompt, mask = case.tokens(), case.attention_mask()
-        expected = model.generate(prompt, case.max_new_tokens, use_cache=False, attention_mask=mask)
-        actual = model.generate(prompt, case.max_new_tokens, cache=ContiguousCache(), attention_mask=mask)
+        case = Case(case.config.replace(device=str(device)), case.prompt, case.pad, case.max_new_tokens, case.seed)
+        entry = worst[str(case.config.dtype).removeprefix("torch.")]
+        try:
+            with sdpa_kernel(_SDP_BACKENDS[backend]) if backend else contextlib.nullcontext():
+                expected, actual = _both_ways(case)
+        except RuntimeError as error:
+            if "No available kernel" not in str(error):
+                raise
+            entry.not_applicable += 1
+            return
         steps = int((expected.tokens == actual.tokens).all(0).long().cumprod(0).sum())  # until tokens split
         diff = (expected.logits[:, :steps].double() - actual.logits[:, :steps].double()).abs()
-        entry = worst[str(case.config.dtype).removeprefix("torch.")]
-        entry[0] = max(entry[0], float(diff.max()) if diff.numel() else 0.0)
-        entry[1] = max(entry[1], float(expected.logits.double().abs().max()))
-        entry[2] += 1
+        entry.max_abs = max(entry.max_abs, float(diff.max()) if diff.numel() else 0.0)
+        entry.max_logit = max(entry.max_logit, float(expected.logits.double().abs().max()))
+        entry.cases += 1
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    run()
-    return {k: (v[0], v[1], int(v[2])) for k, v in worst.items()}
+    try:
+        run()
+    finally:
+        torch.set_num_threads(threads)
+    return dict(worst)
 
 
-def main() -> None:
+def _both_ways(case: Case) -> tuple[Generation, Generation]:
+    model = case.model()
+    prompt, mask = case.tokens(), case.attention_mask()
+    expected = model.generate(prompt, case.max_new_tokens, use_cache=False, attention_mask=mask)
+    actual = model.generate(prompt, case.max_new_tokens, cache=ContiguousCache(), attention_mask=mask)
+    return expected, actual
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--cases", type=int, default=400)
+    parser.add_argument("--cases", type=int, default=400, help="drawn cases per backend (default: 400)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    for dtype, (diff, magnitude, count) in sorted(measure(args.cases, args.seed).items()):
-        print(f"{dtype:>9}: max abs difference {diff:.3g} over {count} cases (largest |logit| {magnitude:.3g})")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--backend", nargs="+", choices=sorted(_SDP_BACKENDS),
+                        help="SDPA backends to measure (default: every one that applies on the device)")
+    args = parser.parse_args(argv)
+    try:
+        device = resolve_device(args.device, option="--device")
+    except DeviceError as error:
+        parser.exit(2, f"{error}\n")
+    for backend in args.backend or BACKENDS.get(device.type, ("math",)):
+        for dtype, drift in sorted(measure(args.cases, args.seed, device, backend).items()):
+            skipped = f", {drift.not_applicable} not applicable" if drift.not_applicable else ""
+            print(f"{device} {backend:>9} {dtype:>9}: max abs difference {drift.max_abs:.3g} over {drift.cases} "
+                  f"cases{skipped} (largest |logit| {drift.max_logit:.3g})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
