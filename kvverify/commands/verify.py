@@ -13,6 +13,7 @@ import sys
 import time
 
 from kvverify.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from kvverify.commands.tables import print_results
 from kvverify.suite.settings import PROFILE_EXAMPLES
 
 HELP = "run the property suite against the built-in caches or MODULE:FACTORY"
@@ -52,7 +53,6 @@ def _targets(spec: str | None) -> list[tuple[str, object]]:
 def run(args: argparse.Namespace) -> int:
     from kvverify.suite import PROPERTIES, run_suite
     from kvverify.suite.loading import TargetError
-    from kvverify.suite.report_table import print_results
     from kvverify.suite.settings import override_examples
 
     if args.max_examples is not None and args.max_examples < 1:
