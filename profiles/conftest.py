@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -33,14 +34,10 @@ def fast_config(preset: str, **overrides: Any) -> ModelConfig:
     return ModelConfig.preset(preset, numerics="fast", **overrides)
 
 
-_MODELS: dict[ModelConfig, ReferenceModel] = {}
-
-
+@functools.cache
 def reference(config: ModelConfig) -> ReferenceModel:
     """One reference model per configuration for the whole session."""
-    if config not in _MODELS:
-        _MODELS[config] = ReferenceModel(config)
-    return _MODELS[config]
+    return ReferenceModel(config)
 
 
 def tokens(config: ModelConfig, length: int) -> torch.Tensor:
