@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import seed as hypothesis_seed
 
 from kvverify.caches import ContiguousCache
 from kvverify.reference.config import DTYPES
+from kvverify.reference.threads import torch_threads
 from kvverify.suite.case import Case
 from kvverify.suite.strategies import cases
 
@@ -40,8 +40,8 @@ def measure(n_cases: int, seed: int) -> dict[str, tuple[float, float, int]]:
         entry[1] = max(entry[1], float(expected.logits.double().abs().max()))
         entry[2] += 1
 
-    torch.set_num_threads(1)
-    run()
+    with torch_threads(1):
+        run()
     return {k: (v[0], v[1], int(v[2])) for k, v in worst.items()}
 
 

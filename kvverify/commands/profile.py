@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from kvverify.profiling import plan as plans
     from kvverify.profiling.report import write_report
     from kvverify.profiling.runner import run_profile
+    from kvverify.reference.threads import torch_threads
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print(
@@ -127,10 +128,9 @@ def run(args: argparse.Namespace) -> int:
             specs = [spec for spec in specs if not spec.transformers]
     chosen = plans.QUICK if args.quick else plans.FULL
     chosen = plans.Plan(**{**vars(chosen), "device": args.device})
-    torch.set_num_threads(args.threads)
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    with StepProgress() as progress:
+    with torch_threads(args.threads), StepProgress() as progress:
         profile = run_profile(chosen, specs, progress, out_dir)
     written = write_report(profile, out_dir)
     print(f"wrote {len(written)} files to {out_dir} in {profile.seconds:.1f} s: report.html, report.md, results.json")

@@ -5,17 +5,16 @@ from __future__ import annotations
 import random
 import time
 import traceback
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-import torch
 from hypothesis import given
 from hypothesis import seed as hypothesis_seed
 from hypothesis.errors import HypothesisException
 
 from kvverify.protocol import CacheFactory
+from kvverify.reference.threads import torch_threads
 from kvverify.suite.properties import PROPERTIES, Property
 from kvverify.suite.settings import profile_settings
 from kvverify.suite.target import Target, make_target
@@ -101,18 +100,6 @@ def property_test(
     if profile is not None:
         test = profile_settings(profile, prop.name)(test)
     return hypothesis_seed(seed)(test) if seed is not None else test
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run torch on ``count`` threads for a while. The suite's tensors are tiny: one thread is several times
-    faster than two that contend with other processes for the same cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_property(
