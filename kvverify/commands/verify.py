@@ -53,7 +53,6 @@ def _targets(spec: str | None) -> list[tuple[str, object]]:
 def run(args: argparse.Namespace) -> int:
     from kvverify.suite import PROPERTIES, run_suite
     from kvverify.suite.loading import TargetError
-    from kvverify.suite.settings import override_examples
 
     if args.max_examples is not None and args.max_examples < 1:
         print(f"kvverify verify: --max-examples must be >= 1; got {args.max_examples}", file=sys.stderr)
@@ -75,17 +74,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"kvverify verify: profile {args.profile}, seed {seed}", flush=True)
     started = time.perf_counter()
     results = []
-    with override_examples(args.profile, args.max_examples):
-        for name, factory in targets:
-            try:
-                result = run_suite(factory, target=name, profile=args.profile, seed=seed,  # type: ignore[arg-type]
-                                   properties=args.properties, time_limit=_time_limit(args),
-                                   reproduce=_reproduce_command(args, name, seed))
-            except TargetError as error:
-                print(f"kvverify verify: {error}", file=sys.stderr)
-                return EXIT_USAGE
-            results.append(result)
-            print_results(result)
+    for name, factory in targets:
+        try:
+            result = run_suite(factory, target=name, profile=args.profile, seed=seed,  # type: ignore[arg-type]
+                               properties=args.properties, time_limit=_time_limit(args),
+                               reproduce=_reproduce_command(args, name, seed), max_examples=args.max_examples)
+        except TargetError as error:
+            print(f"kvverify verify: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        results.append(result)
+        print_results(result)
     print(f"\n{sum(len(r.results) for r in results)} checks in {time.perf_counter() - started:.1f} s", flush=True)
     if args.junitxml:
         from kvverify.suite.junit import write_junit
