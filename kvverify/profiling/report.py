@@ -13,7 +13,8 @@ from kvverify.profiling.plots import FIGURES
 from kvverify.profiling.results import CacheRow, Profile
 
 WITHOUT_CACHE_NOTE = (
-    "The seed puts the memory of generation without a cache at `2 * hidden_size * 1 * decoder_length` elements. "
+    "The usual estimate puts the memory of generation without a cache at `2 * hidden_size * 1 * decoder_length` "
+    "elements. "
     "No K/V survives between uncached steps, but each step recomputes the whole prefix: it materializes the "
     "activations of every prefix position in every layer and, in eager attention, a heads × t × t score matrix "
     "(and its softmax), so its transient peak grows with t² and passes the cache's bytes within a few hundred "
