@@ -9,7 +9,8 @@ same bits from a cache returning a ring, a preallocated buffer or a concatenatio
 recomputation. Cached and uncached logits are then bitwise identical, and any difference is a bug in the
 cache.
 
-``fast``: the standard kernels (``F.linear``, ``F.scaled_dot_product_attention``); what benchmarks time.
+``fast``: the standard kernels (``torch.matmul`` on packed, transposed weights, ``F.scaled_dot_product_attention``);
+what benchmarks time.
 """
 
 from __future__ import annotations
