@@ -21,7 +21,6 @@ from kvverify.commands.tables import print_table, table
 from kvverify.protocol import CacheFactory
 from kvverify.suite.runner import PropertyResult
 
-HELP = "run the suite against the catalogue of buggy caches: a kill table"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 

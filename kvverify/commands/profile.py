@@ -15,8 +15,6 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-HELP = "measure time and memory of every cache: report.html, .md, .json"
-
 EXIT_OK, EXIT_USAGE = 0, 2
 
 

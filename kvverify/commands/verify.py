@@ -16,8 +16,6 @@ from kvverify.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from kvverify.commands.tables import print_results
 from kvverify.suite.settings import PROFILE_EXAMPLES
 
-HELP = "run the property suite against the built-in caches or MODULE:FACTORY"
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
