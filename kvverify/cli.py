@@ -1,7 +1,7 @@
 """The ``kvverify`` command line: one subcommand per module in :mod:`kvverify.commands`.
 
-Each command module defines ``HELP`` (one line), ``configure(parser)`` and ``run(args) -> int``; the
-module is imported only when its command runs, so ``kvverify --help`` stays fast.
+Each command module defines ``configure(parser)`` and ``run(args) -> int``, and :data:`COMMANDS` its one-line
+help; the module is imported only when its command runs, so ``kvverify --help`` stays fast.
 Exit codes: 0 everything held, 1 a property or contract failed, 2 usage error or unusable target.
 """
 

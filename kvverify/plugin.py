@@ -154,15 +154,13 @@ class PropertyItem(pytest.Item):
 
     def runtest(self) -> None:
         from kvverify.suite import run_property
-        from kvverify.suite.settings import override_examples
 
         state = self.state
         missing = sorted(self.prop.needs - state.target.capabilities)
         if missing:
             pytest.skip(f"the cache {state.spec} has no {', '.join(f'{m}()' for m in missing)}")
-        with override_examples(state.profile, state.max_examples):
-            result = run_property(self.prop, state.target, profile=state.profile, seed=state.seed,
-                                  time_limit=state.time_limit)
+        result = run_property(self.prop, state.target, profile=state.profile, seed=state.seed,
+                              time_limit=state.time_limit, max_examples=state.max_examples)
         if result.verdict in ("failed", "error"):
             raise PropertyFailed(result, state.reproduce(self.prop.name))
 

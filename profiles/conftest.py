@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from kvverify.reference.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
+from kvverify.reference.threads import torch_threads
 
 #: Context lengths of the time profiles, per preset (each within the preset's max_seq_len).
 LENGTHS: dict[str, tuple[int, ...]] = {"bench": (64, 256, 512, 1024, 2048), "tiny": (16, 64, 120)}
@@ -23,24 +25,18 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(autouse=True)
 def one_thread() -> Any:
     """Timings at one torch thread, as the README's figures are."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def fast_config(preset: str, **overrides: Any) -> ModelConfig:
     return ModelConfig.preset(preset, numerics="fast", **overrides)
 
 
-_MODELS: dict[ModelConfig, ReferenceModel] = {}
-
-
+@functools.cache
 def reference(config: ModelConfig) -> ReferenceModel:
     """One reference model per configuration for the whole session."""
-    if config not in _MODELS:
-        _MODELS[config] = ReferenceModel(config)
-    return _MODELS[config]
+    return ReferenceModel(config)
 
 
 def tokens(config: ModelConfig, length: int) -> torch.Tensor:

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import settings
 
 from kvverify.caches import BUILTIN_CACHES
+from kvverify.reference.threads import torch_threads
 from kvverify.suite import make_target
 from kvverify.suite.devices import resolve_device
-from kvverify.suite.runner import torch_threads
 from kvverify.suite.settings import register_profiles
 from kvverify.suite.target import Target
 

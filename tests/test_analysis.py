@@ -12,10 +12,10 @@ from kvverify.profiling.replay import UpdatePlan, replay
 from kvverify.reference.config import ModelConfig
 
 
-def test_kv_bytes_is_the_seed_formula_for_multi_head_attention() -> None:
+def test_kv_bytes_is_the_hidden_size_formula_for_multi_head_attention() -> None:
     config = ModelConfig(d_model=64, n_heads=4, n_layers=3)  # MHA: n_kv_heads * head_dim == d_model
-    elements = analysis.seed_formula_elements(config, 100, cached=True)
-    assert analysis.kv_bytes(config, 100) == elements * 4, "float32 K/V bytes must be 4 × the seed's element count"
+    elements = analysis.hidden_size_formula_elements(config, 100, cached=True)
+    assert analysis.kv_bytes(config, 100) == elements * 4, "float32 K/V bytes must be 4 × the formula's element count"
 
 
 def test_kv_bytes_generalizes_gqa_batch_dtype_window_and_blocks() -> None:
@@ -40,11 +40,11 @@ def test_flops_cached_step_is_linear_uncached_is_quadratic() -> None:
     assert 0.99 < long.saved_fraction < 1.0
 
 
-def test_uncached_peak_outgrows_the_seed_figure() -> None:
-    """The seed's 2 × hidden × t elements leave out prefix activations and the t × t scores."""
+def test_uncached_peak_outgrows_the_hidden_size_figure() -> None:
+    """The usual 2 × hidden × t elements leave out prefix activations and the t × t scores."""
     config = ModelConfig.preset("bench")
-    seed_bytes = 4 * analysis.seed_formula_elements(config, 1024, cached=False)
-    assert analysis.uncached_peak_bytes(config, 1024) > 10 * seed_bytes
+    formula_bytes = 4 * analysis.hidden_size_formula_elements(config, 1024, cached=False)
+    assert analysis.uncached_peak_bytes(config, 1024) > 10 * formula_bytes
     assert analysis.uncached_peak_bytes(config, 1024) > analysis.kv_bytes(config, 1024)
     assert analysis.eager_scores_bytes(config, 1024) == 8 * 1024 * 1024 * 4
 

@@ -24,3 +24,17 @@ def test_the_xml_parses_and_carries_failures(tmp_path: Path) -> None:
     assert failure is not None and failure.get("message") == "logits differ"
     assert "where: layer 1" in (failure.text or "") and "reproduce: kvverify verify x" in (failure.text or "")
     assert suite.find("testcase[@name='reorder']/skipped") is not None
+
+
+def test_each_run_is_its_own_testsuite_and_errors_are_errors(tmp_path: Path) -> None:
+    runs = [SuiteResult("mine:make", 7, "dev", [PropertyResult("crop", "error", 0, 0.1, "InvalidArgument: x")])] * 2
+    path = tmp_path / "kv.xml"
+    write_junit(runs, path)
+    root = ET.parse(path).getroot()
+    suites = root.findall("testsuite")
+    assert len(suites) == 2, "two runs of one target must stay two testsuites"
+    assert all((s.get("tests"), s.get("errors"), s.get("failures")) == ("1", "1", "0") for s in suites)
+    error = suites[0].find("testcase[@name='crop']/error")
+    assert error is not None and error.get("message") == "InvalidArgument: x"
+    seed = root.find("testsuite/properties/property[@name='hypothesis_seed']")
+    assert seed is not None and seed.get("value") == "7"

@@ -184,6 +184,18 @@ def test_catalogue_is_wide_enough() -> None:
         )
 
 
+def test_every_mutant_cites_a_bug_of_docs_kv_bugs() -> None:
+    from pathlib import Path
+
+    from kvverify.mutants import SECTIONS
+
+    bugs = (Path(__file__).parents[1] / "docs" / "KV_BUGS.md").read_text(encoding="utf-8")
+    headings = [line.removeprefix("## ") for line in bugs.splitlines() if line.startswith("## ")]
+    assert set(SECTIONS) <= set(headings), f"sections missing from docs/KV_BUGS.md: {set(SECTIONS) - set(headings)}"
+    missing = sorted({m.reference for m in MUTANTS.values() if m.reference not in bugs})
+    assert not missing, f"mutants cite bugs that docs/KV_BUGS.md does not list: {missing}"
+
+
 @pytest.mark.parametrize("name", sorted(MUTANTS))
 def test_parent_passes_the_scenario(name: str) -> None:
     mutant = MUTANTS[name]

@@ -13,7 +13,7 @@ from kvverify.reference.config import ModelConfig
 from kvverify.suite import PROPERTIES, make_target, run_property
 from kvverify.suite.properties.session import ListCache
 from kvverify.suite.properties.stateful import machine_for
-from kvverify.suite.settings import PROFILE_EXAMPLES, examples_for, override_examples
+from kvverify.suite.settings import PROFILE_EXAMPLES, examples_for
 
 
 def test_registry_describes_every_property() -> None:
@@ -54,8 +54,7 @@ RED: dict[str, str] = {
 @pytest.mark.parametrize("mutant", sorted(RED))
 def test_property_goes_red_on_a_broken_cache(mutant: str) -> None:
     prop = PROPERTIES[RED[mutant]]
-    with override_examples("dev", 200):
-        result = run_property(prop, make_target(MUTANTS[mutant].factory, mutant), profile="dev", seed=0)
+    result = run_property(prop, make_target(MUTANTS[mutant].factory, mutant), profile="dev", seed=0, max_examples=200)
     assert result.verdict == "failed", f"{prop.name} did not catch {mutant}: {result.verdict} {result.detail[:400]}"
 
 
@@ -85,3 +84,10 @@ def test_list_cache_concatenates() -> None:
     cache.update(first, first, 0)
     keys, _ = cache.update(2 * first[:, :, :1], first[:, :, :1], 0)
     assert keys.shape == (1, 1, 3, 2) and cache.get_seq_length() == 3 and float(keys[0, 0, 2, 0]) == 2.0
+
+
+def test_max_examples_is_an_argument_and_the_profiles_stay_as_they_are() -> None:
+    assert examples_for("dev", "crop", max_examples=200) == 40, "crop runs its share (0.2) of max_examples"
+    assert examples_for("dev", "crop") == 10 and examples_for("dev") == 50
+    with pytest.raises(TypeError):
+        PROFILE_EXAMPLES["dev"] = 1  # type: ignore[index]  # read-only on purpose

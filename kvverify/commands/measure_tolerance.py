@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kvverify.caches import ContiguousCache
 from kvverify.reference.config import DTYPES
 from kvverify.reference.model import Generation
+from kvverify.reference.threads import torch_threads
 from kvverify.suite.case import Case
 from kvverify.suite.devices import DeviceError, resolve_device
 from kvverify.suite.strategies import cases
@@ -79,12 +80,8 @@ def measure(
         entry.max_logit = max(entry.max_logit, float(expected.logits.double().abs().max()))
         entry.cases += 1
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         run()
-    finally:
-        torch.set_num_threads(threads)
     return dict(worst)
 
 

@@ -17,11 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from rich.text import Text
 
+from kvverify.commands.tables import print_table, table
 from kvverify.protocol import CacheFactory
 from kvverify.suite.runner import PropertyResult
 
-HELP = "run the suite against the catalogue of buggy caches: a kill table"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -123,19 +124,14 @@ def _time_to_kill(results: Sequence[PropertyResult]) -> float | None:
 
 
 def _print_table(rows: Sequence[Row], with_baseline: bool) -> None:
-    name_width = max(len("mutant"), *(len(r.name) for r in rows))
-    killer_width = max(len("killed by"), *(len(r.killer) for r in rows))
-    header = f"{'mutant':<{name_width}}  {'suite':<8}  {'killed by':<{killer_width}}  {'to fail':>8}"
-    header += "  baseline" if with_baseline else ""
-    print(header + "  shrunk example")
-    print("-" * (len(header) + 16))
+    headers = ["mutant", "suite", "killed by", "to fail"] + (["baseline"] if with_baseline else [])
+    kills = table(*headers, "shrunk example", right=("to fail",))
     for r in rows:
         to_fail = f"{r.first_failure_seconds:.1f}s" if r.first_failure_seconds is not None else "-"
-        line = f"{r.name:<{name_width}}  {'killed' if r.killed else 'SURVIVED':<8}  {r.killer:<{killer_width}}  "
-        line += f"{to_fail:>8}"
-        if with_baseline:
-            line += f"  {'killed' if r.baseline_killed else 'survived':<8}"
-        print(f"{line}  {r.example}")
+        suite = Text("killed") if r.killed else Text("SURVIVED", style="bold red")
+        baseline = ["killed" if r.baseline_killed else "survived"] if with_baseline else []
+        kills.add_row(r.name, suite, r.killer, to_fail, *baseline, r.example)
+    print_table(kills)
 
 
 def run(args: argparse.Namespace) -> int:

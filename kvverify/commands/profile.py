@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-HELP = "measure time and memory of every cache: report.html, .md, .json"
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -58,25 +59,46 @@ def load_target(spec: str) -> Any:
     return factory
 
 
-class TextProgress:
-    """A plain-text progress bar on stderr: one line per step."""
+class StepProgress:
+    """The profile's progress on stderr, drawn with rich: a live bar on a terminal; in a log, where a live bar
+    would show only at the end, one line per step. Use as a context manager around the run."""
 
-    def __init__(self, width: int = 30) -> None:
-        self.width, self.began = width, time.perf_counter()
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True, markup=False, emoji=False, highlight=False)
+        self.live = self.console.is_terminal
+        self.bar = Progress(
+            TextColumn("{task.description}", markup=False),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            disable=not self.live,
+        )
+        self.task: TaskID | None = None
+        self.began = time.perf_counter()
+
+    def __enter__(self) -> StepProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
 
     def __call__(self, done: int, total: int, what: str) -> None:
-        filled = self.width * done // max(total, 1)
-        elapsed = time.perf_counter() - self.began
-        bar = "#" * filled + "." * (self.width - filled)
-        print(f"[{bar}] {done:3d}/{total} {elapsed:6.1f}s {what}", file=sys.stderr, flush=True)
+        if self.task is None:
+            self.task = self.bar.add_task(what, total=total)
+        self.bar.update(self.task, completed=done, total=total, description=what)
+        if not self.live:
+            elapsed = time.perf_counter() - self.began
+            self.console.print(f"{done:3d}/{total} {elapsed:6.1f}s {what}")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from kvverify.profiling import plan as plans
     from kvverify.profiling.report import write_report
     from kvverify.profiling.runner import run_profile
+    from kvverify.reference.threads import torch_threads
     from kvverify.suite.devices import DeviceError, resolve_device
 
     try:
@@ -103,10 +125,10 @@ def run(args: argparse.Namespace) -> int:
             specs = [spec for spec in specs if not spec.transformers]
     chosen = plans.QUICK if args.quick else plans.FULL
     chosen = plans.Plan(**{**vars(chosen), "device": str(device)})
-    torch.set_num_threads(args.threads)
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    profile = run_profile(chosen, specs, TextProgress(), out_dir)
+    with torch_threads(args.threads), StepProgress() as progress:
+        profile = run_profile(chosen, specs, progress, out_dir)
     written = write_report(profile, out_dir)
     print(f"wrote {len(written)} files to {out_dir} in {profile.seconds:.1f} s: report.html, report.md, results.json")
     return EXIT_OK

@@ -14,9 +14,8 @@ import sys
 import time
 
 from kvverify.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from kvverify.commands.tables import print_results
 from kvverify.suite.settings import PROFILE_EXAMPLES
-
-HELP = "run the property suite against the built-in caches or MODULE:FACTORY"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -56,8 +55,6 @@ def run(args: argparse.Namespace) -> int:
     from kvverify.suite import PROPERTIES, run_suite
     from kvverify.suite.devices import DeviceError, describe_device, resolve_device
     from kvverify.suite.loading import TargetError
-    from kvverify.suite.report_table import print_results
-    from kvverify.suite.settings import override_examples
 
     if args.max_examples is not None and args.max_examples < 1:
         print(f"kvverify verify: --max-examples must be >= 1; got {args.max_examples}", file=sys.stderr)
@@ -84,17 +81,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"kvverify verify: profile {args.profile}, seed {seed}, device {describe_device(device)}", flush=True)
     started = time.perf_counter()
     results = []
-    with override_examples(args.profile, args.max_examples):
-        for name, factory in targets:
-            try:
-                result = run_suite(factory, target=name, profile=args.profile, seed=seed,  # type: ignore[arg-type]
-                                   properties=args.properties, time_limit=_time_limit(args),
-                                   reproduce=_reproduce_command(args, name, seed), device=device)
-            except TargetError as error:
-                print(f"kvverify verify: {error}", file=sys.stderr)
-                return EXIT_USAGE
-            results.append(result)
-            print_results(result)
+    for name, factory in targets:
+        try:
+            result = run_suite(factory, target=name, profile=args.profile, seed=seed,  # type: ignore[arg-type]
+                               properties=args.properties, time_limit=_time_limit(args),
+                               reproduce=_reproduce_command(args, name, seed), max_examples=args.max_examples,
+                               device=device)
+        except TargetError as error:
+            print(f"kvverify verify: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        results.append(result)
+        print_results(result)
     print(f"\n{sum(len(r.results) for r in results)} checks in {time.perf_counter() - started:.1f} s on {device}",
           flush=True)
     if args.junitxml:

@@ -30,8 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from rich.table import Table
 
 from kvverify.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from kvverify.commands.tables import print_table, table
 
 HELP = "compare cached and uncached generation of transformers' models"
 
@@ -333,18 +335,16 @@ def _verify_model(name: str, cache_names: list[str], seed: int, bitwise: bool) -
     return rows
 
 
-def format_table(rows: list[Row]) -> str:
-    header = ("model", "cache", "max |Δ|", "tol", "tokens", "verdict")
-    lines = [header]
+def format_table(rows: list[Row]) -> Table:
+    """One row per (model, cache) pair: the largest logit difference, the tolerance, the tokens, the verdict."""
+    pairs = table("model", "cache", "max |Δ|", "tol", "tokens", "verdict")
     for row in rows:
         c = row.comparison
         if c is None:
-            lines.append((row.model, row.cache, "-", "-", "-", f"n/a: {row.reason}"))
+            pairs.add_row(row.model, row.cache, "-", "-", "-", f"n/a: {row.reason}")
         else:
-            lines.append((row.model, row.cache, f"{c.max_error:.2g}", f"{c.atol:g}", c.tokens, row.verdict))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
-    padded = ("  ".join(f"{cell:<{w}}" for cell, w in zip(line[:-1], widths, strict=True)) for line in lines)
-    return "\n".join(f"{cells}  {line[-1]}" for cells, line in zip(padded, lines, strict=True))
+            pairs.add_row(row.model, row.cache, f"{c.max_error:.2g}", f"{c.atol:g}", c.tokens, row.verdict)
+    return pairs
 
 
 def _names(value: str, valid: tuple[str, ...], what: str) -> list[str]:
@@ -380,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
           f"(one row left-padded), prompt {PROMPT_LEN}, {NEW_TOKENS} new tokens, sliding window {WINDOW}, "
           f"seed {args.seed}" + (", batch-invariant kernels (bitwise)" if args.bitwise else ""))
     rows = [row for model in models for row in verify_model(model, caches, args.seed, args.bitwise)]
-    print(format_table(rows))
+    print_table(format_table(rows))
     print("caches: " + "; ".join(f"{name} = {CACHES[name][0]}" for name in caches))
     failed = [row for row in rows if row.verdict == "FAIL"]
     ran = sum(row.comparison is not None for row in rows)

@@ -28,7 +28,7 @@ NEEDS: dict[str, str] = {
     "shape": "a check of the returned (batch, n_kv_heads, seq, head_dim) shape or of memory; logits are unchanged",
 }
 
-#: The sections of KV_BUGS.md that the catalogue covers.
+#: The sections of docs/KV_BUGS.md that the catalogue covers.
 SECTIONS: tuple[str, ...] = (
     "Sliding window",
     "Positions",
@@ -44,7 +44,7 @@ class Mutant:
     """A cache with one planted bug.
 
     factory: builds a fresh cache for a model config (the buggy class's ``from_config``); bug: one line;
-    reference: the public issue it reproduces (``"transformers #37574"``); section: the KV_BUGS.md section;
+    reference: the public issue it reproduces (``"transformers #37574"``); section: the docs/KV_BUGS.md section;
     needs: keys of :data:`NEEDS`, the conditions under which the bug shows; parent: the built-in cache it is
     a variant of (its name in :data:`kvverify.caches.BUILTIN_CACHES`).
     """

@@ -1,8 +1,9 @@
 """The analytical model of the KV cache's space-for-time trade: bytes held and FLOPs per generated token.
 
-The seed write-up states the trade for multi-head attention in fp16-free element counts: with a cache,
-``2 * hidden_size * num_layers * decoder_length`` elements per sequence; without, ``2 * hidden_size * 1 *
-decoder_length``. Generalized for grouped-query and multi-query attention, batch and dtype, the cache holds::
+The usual back-of-the-envelope statement of the trade counts elements for multi-head attention: with a
+cache, ``2 * hidden_size * num_layers * decoder_length`` elements per sequence; without, ``2 * hidden_size *
+1 * decoder_length`` (:func:`hidden_size_formula_elements`). Generalized for grouped-query and multi-query
+attention, batch and dtype, the cache holds::
 
     KV bytes = 2 × n_layers × n_kv_heads × head_dim × seq_len × batch × bytes per element
 
@@ -10,8 +11,8 @@ decoder_length``. Generalized for grouped-query and multi-query attention, batch
 ``seq_len`` at W; a paged cache rounds ``seq_len`` up to whole blocks; a preallocated cache holds its whole
 capacity whatever the length.
 
-What of the seed's "without cache" figure holds: the uncached step keeps no K/V between steps, but its peak
-is not ``2 * hidden_size * decoder_length``. Recomputing the prefix materializes, in every layer, the K/V of
+What of that estimate's "without cache" figure holds: the uncached step keeps no K/V between steps, but its
+peak is not ``2 * hidden_size * decoder_length``. Recomputing the prefix materializes, in every layer, the K/V of
 the whole prefix *and* the activations of every prefix position (queries, MLP hidden states), and eager
 attention builds a ``heads × t × t`` score matrix, which outgrows the cache's bytes once ``t`` exceeds a few
 hundred tokens. :func:`uncached_peak_bytes` estimates that peak.
@@ -61,8 +62,8 @@ def kv_bytes(
     return per_token * tokens * batch
 
 
-def seed_formula_elements(config: ModelConfig, seq_len: int, *, cached: bool) -> int:
-    """The seed's element counts per sequence: ``2 * hidden_size * num_layers * decoder_length`` with the
+def hidden_size_formula_elements(config: ModelConfig, seq_len: int, *, cached: bool) -> int:
+    """The usual estimate's element counts per sequence: ``2 * hidden_size * num_layers * decoder_length`` with the
     cache, ``2 * hidden_size * 1 * decoder_length`` without. Exact for multi-head attention only."""
     return 2 * config.d_model * (config.n_layers if cached else 1) * seq_len
 
@@ -150,6 +151,6 @@ def prefix_activation_bytes(config: ModelConfig, seq_len: int, *, batch: int = 1
 
 def uncached_peak_bytes(config: ModelConfig, seq_len: int, *, batch: int = 1, eager: bool = True) -> int:
     """Estimate of the transient memory of one uncached step at ``seq_len``: the prefix activations, plus
-    (eager) a score matrix and its softmax. This is what the seed's ``2 * hidden_size * decoder_length`` leaves out."""
+    (eager) a score matrix and its softmax. This is what the usual ``2 * hidden_size * decoder_length`` leaves out."""
     scores = 2 * eager_scores_bytes(config, seq_len, batch=batch) if eager else 0
     return prefix_activation_bytes(config, seq_len, batch=batch) + scores

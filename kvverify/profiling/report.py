@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import json
 from pathlib import Path
+
+import jinja2
 
 from kvverify.profiling.plots import FIGURES
 from kvverify.profiling.results import CacheRow, Profile
 
 WITHOUT_CACHE_NOTE = (
-    "The seed puts the memory of generation without a cache at `2 * hidden_size * 1 * decoder_length` elements. "
+    "The usual estimate puts the memory of generation without a cache at `2 * hidden_size * 1 * decoder_length` "
+    "elements. "
     "No K/V survives between uncached steps, but each step recomputes the whole prefix: it materializes the "
     "activations of every prefix position in every layer and, in eager attention, a heads × t × t score matrix "
     "(and its softmax), so its transient peak grows with t² and passes the cache's bytes within a few hundred "
@@ -153,43 +156,28 @@ def markdown(profile: Profile, figures: list[tuple[str, str, bytes]]) -> str:
     return "\n".join(lines)
 
 
-def html_page(profile: Profile, figures: list[tuple[str, str, bytes]]) -> str:
-    def table(header: tuple[str, ...], rows: list[list[str]]) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+@functools.lru_cache(maxsize=1)
+def _templates() -> jinja2.Environment:
+    """The report's templates (``kvverify/profiling/templates``), every value HTML-escaped."""
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("kvverify.profiling", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
 
-    images = "".join(
-        f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        for _, caption, png in figures
-    )
-    environment = "".join(f"<li>{html.escape(line)}</li>" for line in _environment_lines(profile))
-    skipped = "".join(f"<li>{html.escape(reason)}</li>" for reason in profile.skipped)
-    cuda = (
-        ""
-        if not profile.cuda
-        else "<h2>CUDA</h2><ul>"
-        + "".join(f"<li>{html.escape(f'{k}: {v}')}</li>" for k, v in profile.cuda.items())
-        + "</ul>"
-    )
-    style = (
-        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
-        "figure{display:inline-block;margin:.5em}img{max-width:560px}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>kvverify profile</title><style>{style}</style>"
-        f"</head><body><h1>kvverify profile</h1><ul>{environment}</ul>"
-        f"<p>Measured in {profile.seconds:.1f} s. Numerics: fast. Batch 1.</p>"
-        f"<h2>Reference vs transformers, cached decode, alternating in one process</h2>"
-        f"{table(RATIO_HEADER, ratio_cells(profile))}<h2>Figures</h2>{images}"
-        f"<h2>Every cache at every length</h2>{table(ROW_HEADER, [row_cells(r) for r in profile.rows])}"
-        f"<h2>Without a cache</h2><p>{html.escape(WITHOUT_CACHE_NOTE)}</p>"
-        f"<p>tracemalloc saw {profile.tracemalloc_bytes} bytes and memray {profile.memray_bytes} bytes while one "
-        f"8 MiB torch tensor was allocated.</p>{cuda}"
-        + (f"<h2>Not measured</h2><ul>{skipped}</ul>" if skipped else "")
-        + "</body></html>"
+
+def html_page(profile: Profile, figures: list[tuple[str, str, bytes]]) -> str:
+    """report.html: self-contained, the figures embedded as base64 PNGs."""
+    return _templates().get_template("report.html.j2").render(
+        profile=profile,
+        environment=_environment_lines(profile),
+        ratio_header=RATIO_HEADER,
+        ratio_rows=ratio_cells(profile),
+        row_header=ROW_HEADER,
+        rows=[row_cells(row) for row in profile.rows],
+        figures=[{"caption": caption, "base64": base64.b64encode(png).decode()} for _, caption, png in figures],
+        without_cache_note=WITHOUT_CACHE_NOTE,
     )
 
 

@@ -11,7 +11,8 @@ returning a ring, a preallocated buffer or a concatenation as from a full recomp
 logits are then bitwise identical, and any difference is a bug in the cache. (Torch's own ``sum``, ``cumsum``,
 matmul and SDPA choose their order by the tensor's shape: on CUDA for all of them, on the CPU for matmul and SDPA.)
 
-``fast``: the standard kernels (matmul, ``F.scaled_dot_product_attention``); what benchmarks time.
+``fast``: the standard kernels (``torch.matmul`` on packed, transposed weights, ``F.scaled_dot_product_attention``);
+what benchmarks time.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -69,14 +70,7 @@ class Case:
         return "\n".join(lines)
 
 
-_MODELS: dict[tuple[ModelConfig, int], ReferenceModel] = {}
-
-
+@functools.lru_cache(maxsize=32)
 def build_model(config: ModelConfig, seed: int) -> ReferenceModel:
-    """A reference model, memoised (the last 32): strategies revisit the same small shapes often."""
-    key = (config, seed)
-    if key not in _MODELS:
-        if len(_MODELS) >= 32:
-            _MODELS.pop(next(iter(_MODELS)))
-        _MODELS[key] = ReferenceModel(config, seed=seed)
-    return _MODELS[key]
+    """A reference model, memoised (the last 32 used): strategies revisit the same small shapes often."""
+    return ReferenceModel(config, seed=seed)

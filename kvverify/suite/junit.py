@@ -1,47 +1,40 @@
-"""JUnit XML for CI systems: one testsuite per target, one testcase per property."""
+"""JUnit XML for CI systems, written with junitparser: one testsuite per target, one testcase per property."""
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvverify.suite import SuiteResult
+from junitparser import Error, Failure, JUnitXml, Skipped, TestCase, TestSuite
+
+from kvverify.suite.runner import PropertyResult, SuiteResult
 
 
 def write_junit(results: Sequence[SuiteResult], path: str | Path) -> None:
-    root = ET.Element("testsuites", name="kvverify")
+    """Write one ``<testsuite>`` per run (its seed as a property) into ``path``; a failed property carries its
+    report and the command that reproduces it, a skipped one the reason."""
+    root = JUnitXml(name="kvverify")
     for suite in results:
-        failures = sum(r.verdict == "failed" for r in suite.results)
-        errors = sum(r.verdict == "error" for r in suite.results)
-        skipped = sum(r.verdict == "skipped" for r in suite.results)
-        element = ET.SubElement(
-            root,
-            "testsuite",
-            name=suite.target,
-            tests=str(len(suite.results)),
-            failures=str(failures),
-            errors=str(errors),
-            skipped=str(skipped),
-            time=f"{sum(r.seconds for r in suite.results):.3f}",
-        )
-        properties = ET.SubElement(element, "properties")
-        ET.SubElement(properties, "property", name="hypothesis_seed", value=str(suite.seed))
-        ET.SubElement(properties, "property", name="device", value=suite.device)
-        for result in suite.results:
-            case = ET.SubElement(
-                element,
-                "testcase",
-                classname=f"kvverify.{suite.target}",
-                name=result.name,
-                time=f"{result.seconds:.3f}",
-            )
-            if result.verdict in ("failed", "error"):
-                tag = "failure" if result.verdict == "failed" else "error"
-                child = ET.SubElement(case, tag, message=result.detail.splitlines()[0] if result.detail else tag)
-                child.text = result.detail + (f"\n\nreproduce: {result.reproduce}" if result.reproduce else "")
-            elif result.verdict == "skipped":
-                ET.SubElement(case, "skipped", message=result.detail)
-            ET.SubElement(case, "system-out").text = f"examples: {result.examples}"
+        element = TestSuite(suite.target)
+        element.add_property("hypothesis_seed", str(suite.seed))
+        element.add_property("device", suite.device)
+        element.add_testcases([_testcase(suite.target, result) for result in suite.results])
+        # append, not add_testsuite, which merges suites with the same name and properties; junitparser leaves
+        # these two methods unannotated
+        root.append(element)  # type: ignore[no-untyped-call]
+    root.update_statistics()  # type: ignore[no-untyped-call]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+    root.write(str(path))
+
+
+def _testcase(target: str, result: PropertyResult) -> TestCase:
+    case = TestCase(result.name, classname=f"kvverify.{target}", time=round(result.seconds, 3))
+    if result.verdict in ("failed", "error"):
+        kind, tag = (Failure, "failure") if result.verdict == "failed" else (Error, "error")
+        outcome = kind(result.detail.splitlines()[0] if result.detail else tag)
+        outcome.text = result.detail + (f"\n\nreproduce: {result.reproduce}" if result.reproduce else "")
+        case.result = [outcome]
+    elif result.verdict == "skipped":
+        case.result = [Skipped(result.detail)]
+    case.system_out = f"examples: {result.examples}"
+    return case

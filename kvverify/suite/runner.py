@@ -5,8 +5,7 @@ from __future__ import annotations
 import random
 import time
 import traceback
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -16,6 +15,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis.errors import HypothesisException
 
 from kvverify.protocol import CacheFactory
+from kvverify.reference.threads import torch_threads
 from kvverify.suite.properties import PROPERTIES, Property
 from kvverify.suite.settings import profile_settings
 from kvverify.suite.target import Target, make_target
@@ -90,51 +90,42 @@ def _checked(prop: Property, target: Target, case: Any, time_limit: float | None
 
 def property_test(
     prop: Property, target: Target, *, profile: str | None = "ci", seed: int | None = None,
-    time_limit: float | None = DEFAULT_TIME_LIMIT,
+    time_limit: float | None = DEFAULT_TIME_LIMIT, max_examples: int | None = None,
 ) -> Any:
     """The Hypothesis test of one property against one target, ready to call (or to return from a pytest test).
 
-    ``profile``: a kvverify profile, giving this property its share of examples; None keeps the settings
-    Hypothesis has loaded."""
+    ``profile``: a kvverify profile, giving this property its share of examples (of ``max_examples`` in place
+    of the profile's count, when given); None keeps the settings Hypothesis has loaded."""
 
     @given(case=prop.strategy(target))
     def test(case: Any) -> None:
         _checked(prop, target, case, time_limit)
 
     if profile is not None:
-        test = profile_settings(profile, prop.name)(test)
+        test = profile_settings(profile, prop.name, max_examples=max_examples)(test)
     return hypothesis_seed(seed)(test) if seed is not None else test
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run torch on ``count`` threads for a while. The suite's tensors are tiny: one thread is several times
-    faster than two that contend with other processes for the same cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_property(
     prop: Property, target: Target, *, profile: str = "ci", seed: int | None = None,
-    time_limit: float | None = DEFAULT_TIME_LIMIT, locate: bool = True,
+    time_limit: float | None = DEFAULT_TIME_LIMIT, locate: bool = True, max_examples: int | None = None,
 ) -> PropertyResult:
     """Run one property; a failure's report says where the cache first went wrong unless ``locate`` is False.
-    Each example may take ``time_limit`` seconds (None: no limit)."""
+    Each example may take ``time_limit`` seconds (None: no limit). ``max_examples`` replaces the profile's
+    count of examples (the property runs its share of it)."""
     with torch_threads(1):
-        return _run_property(prop, target, profile=profile, seed=seed, time_limit=time_limit, locate=locate)
+        return _run_property(prop, target, profile=profile, seed=seed, time_limit=time_limit, locate=locate,
+                             max_examples=max_examples)
 
 
 def _run_property(
-    prop: Property, target: Target, *, profile: str, seed: int | None, time_limit: float | None, locate: bool
+    prop: Property, target: Target, *, profile: str, seed: int | None, time_limit: float | None, locate: bool,
+    max_examples: int | None,
 ) -> PropertyResult:
     missing = prop.needs - target.capabilities
     if missing:
         return PropertyResult(prop.name, "skipped", 0, 0.0, f"the cache has no {', '.join(sorted(missing))}()")
-    settings = profile_settings(profile, prop.name)
+    settings = profile_settings(profile, prop.name, max_examples=max_examples)
     progress = _Progress(start=time.perf_counter())
 
     @settings
@@ -199,9 +190,12 @@ def run_suite(
     reproduce: str | None = None,
     stop_at_first_failure: bool = False,
     device: str | torch.device | None = None,
+    max_examples: int | None = None,
 ) -> SuiteResult:
     """Run every property (or the named ones) against the cache the factory builds, with every model, prompt
     and cache on ``device`` (the CPU when None).
+
+    ``max_examples``: in place of the profile's count of examples (each property runs its share of it).
 
     ``stop_at_first_failure``: skip the remaining properties once one fails (a kill is a kill).
 
@@ -217,7 +211,8 @@ def run_suite(
     described = make_target(factory, target, time_limit=time_limit, device=device)
     results = []
     for name in chosen:
-        result = run_property(PROPERTIES[name], described, profile=profile, seed=seed, time_limit=time_limit)
+        result = run_property(PROPERTIES[name], described, profile=profile, seed=seed, time_limit=time_limit,
+                              max_examples=max_examples)
         if reproduce and result.verdict in ("failed", "error"):
             result = replace(result, reproduce=f"{reproduce} --property {name}")
         results.append(result)
@@ -248,16 +243,14 @@ def check_cache(
     >>> kvverify.check_cache(kvverify.ContiguousCache.from_config, profile="dev")  # doctest: +SKIP
     """
     from kvverify.suite.devices import resolve_device
-    from kvverify.suite.settings import override_examples
 
     where = resolve_device(device, option="device=")
     label = name or str(getattr(factory, "__qualname__", "cache"))
     seed = random.randrange(2**32) if seed is None else seed
     options = f"profile={profile!r}, seed={seed}" + (f", max_examples={max_examples}" if max_examples else "")
     options += f", device={str(where)!r}" if where.type != "cpu" else ""
-    with override_examples(profile, max_examples):
-        result = run_suite(factory, target=label, profile=profile, seed=seed, properties=properties,
-                           time_limit=time_limit, device=where)
+    result = run_suite(factory, target=label, profile=profile, seed=seed, properties=properties,
+                       time_limit=time_limit, device=where, max_examples=max_examples)
     result.results[:] = [
         replace(r, reproduce=f"kvverify.check_cache({label}, {options}, properties=[{r.name!r}])")
         if r.verdict in ("failed", "error") else r

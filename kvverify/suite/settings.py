@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from hypothesis import HealthCheck, Phase, settings
 
-#: Examples per property and target in each profile.
-PROFILE_EXAMPLES: dict[str, int] = {"dev": 50, "ci": 200, "thorough": 2000}
+#: Examples per property and target in each profile (read-only: ``max_examples`` arguments change a run's count).
+PROFILE_EXAMPLES: Mapping[str, int] = MappingProxyType({"dev": 50, "ci": 200, "thorough": 2000})
 
 #: Share of the profile's examples each property runs (1 when absent). The properties after
 #: cached_equals_uncached cost 1 to 3 of its examples each and target narrower bug classes, so the ci profile
 #: of the whole suite stays within its budget.
-PROPERTY_SHARE: dict[str, float] = {
+PROPERTY_SHARE: Mapping[str, float] = MappingProxyType({
     "continuation": 0.15,
     "chunked_prefill": 0.15,
     "sliding_window": 0.15,
@@ -22,13 +22,14 @@ PROPERTY_SHARE: dict[str, float] = {
     "reorder": 0.3,
     "reset": 0.15,
     "stateful": 0.25,
-}
+})
 
 
-def examples_for(profile: str, prop: str | None = None) -> int:
+def examples_for(profile: str, prop: str | None = None, *, max_examples: int | None = None) -> int:
     """Examples of one property in a profile (the profile's count when ``prop`` is None): its share of the
-    profile's count, at least 10 (or the profile's count, when that is smaller)."""
-    examples = PROFILE_EXAMPLES[profile]
+    profile's count, at least 10 (or the profile's count, when that is smaller). ``max_examples`` replaces the
+    profile's count (None: the profile's own)."""
+    examples = PROFILE_EXAMPLES[profile] if max_examples is None else max_examples
     if prop is None:
         return examples
     return max(min(10, examples), round(examples * PROPERTY_SHARE.get(prop, 1.0)))
@@ -49,27 +50,14 @@ def register_profiles() -> None:
         settings.register_profile(f"kvverify-{name}", max_examples=examples, **_COMMON)  # type: ignore[arg-type]
 
 
-@contextmanager
-def override_examples(profile: str, examples: int | None) -> Iterator[None]:
-    """Within the block, ``profile`` runs ``examples`` examples per property (None: unchanged)."""
-    if examples is None:
-        yield
-        return
-    before = PROFILE_EXAMPLES[profile]
-    PROFILE_EXAMPLES[profile] = examples
-    try:
-        yield
-    finally:
-        PROFILE_EXAMPLES[profile] = before
-
-
-def profile_settings(name: str, prop: str | None = None) -> settings:
-    """The settings of one profile (for one property when ``prop`` names it: see :data:`PROPERTY_SHARE`);
-    raises ValueError naming the profiles for an unknown name."""
+def profile_settings(name: str, prop: str | None = None, *, max_examples: int | None = None) -> settings:
+    """The settings of one profile (for one property when ``prop`` names it: see :data:`PROPERTY_SHARE`), with
+    ``max_examples`` in place of the profile's count when given; raises ValueError naming the profiles for an
+    unknown name."""
     if name not in PROFILE_EXAMPLES:
         raise ValueError(f"unknown profile {name!r}; expected one of {sorted(PROFILE_EXAMPLES)}")
     return settings(settings.get_profile(f"kvverify-{name}") if _registered() else None,
-                    max_examples=examples_for(name, prop), **_COMMON)  # type: ignore[arg-type]
+                    max_examples=examples_for(name, prop, max_examples=max_examples), **_COMMON)  # type: ignore[arg-type]
 
 
 def _registered() -> bool:

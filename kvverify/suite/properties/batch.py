@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
+from kvverify.reference.config import ModelConfig
 from kvverify.reference.model import Generation, ReferenceModel
-from kvverify.suite.case import Case
+from kvverify.suite.case import Case, build_model
 from kvverify.suite.property import Property, expect_same, strict_cases
 from kvverify.suite.target import Target
 
@@ -32,19 +34,16 @@ class PaddedBatch:
         return _zero_pad_model(self.case) if self.zero_pad_embedding else self.case.model()
 
 
-_ZERO_PAD_MODELS: dict[tuple[object, int], ReferenceModel] = {}
-
-
 def _zero_pad_model(case: Case) -> ReferenceModel:
-    """The case's model with the padding token's embedding zeroed (memoised, the last 8)."""
-    key = (case.config, case.seed)
-    if key not in _ZERO_PAD_MODELS:
-        if len(_ZERO_PAD_MODELS) >= 8:
-            _ZERO_PAD_MODELS.pop(next(iter(_ZERO_PAD_MODELS)))
-        model = copy.deepcopy(case.model())
-        model.tok_embeddings.data[PAD_ID] = 0
-        _ZERO_PAD_MODELS[key] = model
-    return _ZERO_PAD_MODELS[key]
+    """The case's model with the padding token's embedding zeroed (memoised, the last 8 used)."""
+    return _zero_pad_model_for(case.config, case.seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _zero_pad_model_for(config: ModelConfig, seed: int) -> ReferenceModel:
+    model = copy.deepcopy(build_model(config, seed))
+    model.tok_embeddings.data[PAD_ID] = 0
+    return model
 
 
 @st.composite
