@@ -9,6 +9,7 @@ import torch
 
 pytest.importorskip("transformers", reason="transformers is not installed: pip install 'kvverify[transformers]'")
 
+from kvverify.adapters.hf import caches
 from kvverify.cli import main
 from kvverify.commands import verify_hf
 
@@ -56,10 +57,13 @@ def _dropping_cache(config: Any, length: int) -> Any:
     return DroppingCache()
 
 
+DROPPING = caches.TransformersCache("dynamic", "a DynamicCache that drops token 3", _dropping_cache)
+
+
 def test_a_cache_that_drops_a_token_fails_with_exit_1(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(verify_hf.CACHES, "dynamic", ("a DynamicCache that drops token 3", _dropping_cache))
+    monkeypatch.setitem(caches.CACHES, "dynamic", DROPPING)
     code = main(["verify-hf", "--models", "llama", "--caches", "dynamic,static"])
     out = capsys.readouterr().out
     assert code == 1, out
@@ -103,7 +107,7 @@ def test_bitwise_mode_makes_transformers_caches_exact(capsys: pytest.CaptureFixt
 
 
 def test_bitwise_mode_catches_a_dropped_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(verify_hf.CACHES, "dynamic", ("a DynamicCache that drops token 3", _dropping_cache))
+    monkeypatch.setitem(caches.CACHES, "dynamic", DROPPING)
     rows = verify_hf.verify_model("llama", ["dynamic"], bitwise=True)
     assert rows[0].verdict == "FAIL"
 

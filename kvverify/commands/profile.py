@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvverify.adapters import import_transformers
+
 HELP = "measure time and memory of every cache: report.html, .md, .json"
 
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -96,11 +98,10 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     if not args.no_transformers:
         try:
+            import_transformers()
             specs += plans.transformers_specs()
-            importlib.import_module("kvverify.adapters.llama")
         except ImportError as error:
             print(f"kvverify profile: transformers' side skipped: {error}", file=sys.stderr)
-            specs = [spec for spec in specs if not spec.transformers]
     chosen = plans.QUICK if args.quick else plans.FULL
     chosen = plans.Plan(**{**vars(chosen), "device": args.device})
     torch.set_num_threads(args.threads)

@@ -11,7 +11,7 @@ Tolerance. transformers computes with the standard kernels, whose results depend
 computed at once, so an exact cache still differs from recomputation by float noise: at most 1.2e-5 over
 seeds 0-7 of llama, qwen2 and gpt2 (``kvverify verify-hf --seed N``, "max |Δ|" column), for logits of
 magnitude up to about 8. ``EXACT_ATOL = 1e-4`` leaves a margin of 8x and is far below what a dropped
-token does (above 0.1). The lossy caches have the measured tolerances of ``LOSSY_ATOL``.
+token does (above 0.1). A lossy cache has the tolerance of its entry in kvverify.adapters.hf.CACHES.
 
 ``--bitwise`` removes the noise instead: with eager attention and :func:`batch_invariant_cpu` (fixed-order
 ``mm``, ``addmm``, ``bmm`` and ``_softmax`` kernels), every exact cache must match recomputation bit for bit,
@@ -24,28 +24,20 @@ import argparse
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from kvverify.adapters.hf.caches import CACHES, NotApplicable
 from kvverify.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 HELP = "compare cached and uncached generation of transformers' models"
 
 EXACT_ATOL = 1e-4
 BATCH, PROMPT_LEN, NEW_TOKENS, WINDOW = 2, 6, 12, 4  # the window is shorter than the generation
-#: Tolerances of the lossy caches on these models, whose logits (magnitude up to about 8) are larger than the
-#: reference model's, for which kvverify.adapters.hf declares its own. fp8: max |Δ| 2.0 over seeds 0-7 of
-#: llama, qwen2 and gpt2 (``kvverify verify-hf --caches fp8 --seed N``), so 4.0 leaves a 2x margin. The 4-bit
-#: backends are not installed here and not measured.
-LOSSY_ATOL = {"fp8": 4.0, "quanto": 8.0, "hqq": 8.0}
-
-
-class Unsupported(Exception):
-    """This cache does not apply to this model here; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -104,89 +96,12 @@ def model_config(name: str) -> Any:
 MODELS = ("llama", "mistral", "qwen2", "gpt2", "gemma2")
 
 
-def _has_window(config: Any) -> bool:
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    return "sliding_attention" in get_layer_types_and_kwargs(config)[0]
-
-
-def _full_static(config: Any, length: int) -> Any:
-    import transformers.cache_utils as cu
-
-    return cu.Cache(layers=[cu.StaticLayer(max_cache_len=length) for _ in range(config.num_hidden_layers)])
-
-
-def _windowed(build: Callable[[Any, int], Any]) -> Callable[[Any, int], Any]:
-    def builder(config: Any, length: int) -> Any:
-        if not _has_window(config):
-            raise Unsupported("no sliding-window layers in this model (see dynamic/static)")
-        return build(config, length)
-
-    return builder
-
-
-def _quantized(backend: str, package: str) -> Callable[[Any, int], Any]:
-    def builder(config: Any, length: int) -> Any:
-        from transformers import QuantizedCache
-
-        try:
-            return QuantizedCache(backend, config)
-        except ImportError as error:
-            raise Unsupported(f"needs {package}, not installed (pip install {package})") from error
-        except ValueError as error:  # transformers refuses sliding-window layers
-            raise Unsupported("QuantizedCache takes full-attention layers only") from error
-
-    return builder
-
-
-def _offloaded(static: bool) -> Callable[[Any, int], Any]:
-    def builder(config: Any, length: int) -> Any:
-        if not torch.cuda.is_available():
-            raise Unsupported("offloading needs CUDA (it prefetches on CUDA streams)")
-        import transformers as tf
-
-        if static:
-            return tf.StaticCache(config=config, max_cache_len=length, offloading=True)
-        return tf.DynamicCache(config=config, offloading=True)
-
-    return builder
-
-
-def _dynamic(config: Any, length: int) -> Any:
-    import transformers as tf
-
-    return tf.DynamicCache()
-
-
-def _sliding(config: Any, length: int) -> Any:
-    import transformers as tf
-
-    return tf.DynamicCache(config=config)
-
-
-def _hybrid(config: Any, length: int) -> Any:
-    import transformers as tf
-
-    return tf.StaticCache(config=config, max_cache_len=length)
-
-
-#: name -> (what it builds, builder(config, max_cache_len) -> Cache, raising Unsupported where it does not apply)
-CACHES: dict[str, tuple[str, Callable[[Any, int], Any]]] = {
-    "dynamic": ("DynamicCache(): DynamicLayer on every layer", _dynamic),
-    "static": ("StaticLayer on every layer (the model masks any window)", _full_static),
-    "sliding": ("DynamicCache(config): DynamicSlidingWindowLayer on windowed layers", _windowed(_sliding)),
-    "hybrid": ("StaticCache(config): StaticSlidingWindowLayer on windowed layers", _windowed(_hybrid)),
-    "fp8": ("QuantizedCache('fp8'): float8_e4m3fn, lossy", _quantized("fp8", "")),
-    "quanto": ("QuantizedCache('quanto'): 4-bit, lossy", _quantized("quanto", "optimum-quanto")),
-    "hqq": ("QuantizedCache('hqq'): 4-bit, lossy", _quantized("hqq", "hqq")),
-    "offloaded": ("DynamicCache(offloading=True)", _offloaded(static=False)),
-    "offloaded-static": ("StaticCache(offloading=True)", _offloaded(static=True)),
-}
-
-
 def cache_atol(name: str, bitwise: bool = False) -> float:
-    """The logit tolerance of a cache: LOSSY_ATOL for the quantized ones, else EXACT_ATOL (0 when bitwise)."""
-    return LOSSY_ATOL.get(name, 0.0 if bitwise else EXACT_ATOL)
+    """The logit tolerance of a cache: its registry entry's for a lossy one, else EXACT_ATOL (0 when bitwise)."""
+    atol = CACHES[name].atol
+    if atol is not None:
+        return atol
+    return 0.0 if bitwise else EXACT_ATOL
 
 
 def _ordered_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -324,8 +239,8 @@ def _verify_model(name: str, cache_names: list[str], seed: int, bitwise: bool) -
     rows = []
     for cache_name in cache_names:
         try:
-            cache = CACHES[cache_name][1](model.config, PROMPT_LEN + NEW_TOKENS)
-        except Unsupported as why:
+            cache = CACHES[cache_name].for_model(model.config, PROMPT_LEN + NEW_TOKENS)
+        except NotApplicable as why:
             rows.append(Row(name, cache_name, None, str(why)))
             continue
         logits = cached_logits(model, prompt, mask, ref_tokens, cache)
@@ -381,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
           f"seed {args.seed}" + (", batch-invariant kernels (bitwise)" if args.bitwise else ""))
     rows = [row for model in models for row in verify_model(model, caches, args.seed, args.bitwise)]
     print(format_table(rows))
-    print("caches: " + "; ".join(f"{name} = {CACHES[name][0]}" for name in caches))
+    print("caches: " + "; ".join(f"{name} = {CACHES[name].what}" for name in caches))
     failed = [row for row in rows if row.verdict == "FAIL"]
     ran = sum(row.comparison is not None for row in rows)
     print(f"{ran} pairs compared, {len(failed)} failed, {len(rows) - ran} not applicable "
