@@ -6,11 +6,9 @@ Writes report.html (self-contained), report.md with its PNGs, and results.json i
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from kvverify.adapters import import_transformers
 
@@ -34,31 +32,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers' LlamaForCausalLM and caches")
 
 
-class TargetError(ValueError):
-    """A --target could not be loaded; the message says what was expected and what to do."""
-
-
-def load_target(spec: str) -> Any:
-    """Import ``MODULE:FACTORY`` and return the factory (a callable taking a ModelConfig)."""
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise TargetError(f"--target must look like MODULE:FACTORY (e.g. mypkg.caches:make_cache); got {spec!r}.")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise TargetError(
-            f"--target {spec}: cannot import module {module_name!r} ({error}); is it on PYTHONPATH?"
-        ) from error
-    factory = module
-    for part in attribute.split("."):
-        if not hasattr(factory, part):
-            raise TargetError(f"--target {spec}: {part!r} is not defined in {module_name}.")
-        factory = getattr(factory, part)
-    if not callable(factory):
-        raise TargetError(f"--target {spec}: {attribute} is a {type(factory).__name__}, not a callable factory.")
-    return factory
-
-
 class TextProgress:
     """A plain-text progress bar on stderr: one line per step."""
 
@@ -78,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from kvverify.profiling import plan as plans
     from kvverify.profiling.report import write_report
     from kvverify.profiling.runner import run_profile
+    from kvverify.suite.loading import TargetError, load_factory
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print(
@@ -92,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     specs = plans.builtin_specs()
     for target in args.target:
         try:
-            specs.append(plans.CacheSpec(target, load_target(target), layout=None))
+            specs.append(plans.CacheSpec(target, load_factory(target), layout=None))
         except TargetError as error:
             print(f"kvverify profile: {error}", file=sys.stderr)
             return EXIT_USAGE
