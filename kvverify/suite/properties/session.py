@@ -43,7 +43,7 @@ class ListCache:
         return self.keys[layer_idx].shape[-2] if layer_idx < len(self.keys) else 0
 
 
-class Recorder:
+class RecordingCache:
     """Passes updates through to a cache and keeps what each layer's last update returned."""
 
     def __init__(self, inner: KVCache) -> None:
@@ -95,8 +95,8 @@ class Session:
         start = self.length
         sequence, full_mask = torch.cat((self.tokens, tokens), dim=1), torch.cat((self.mask, mask), dim=1)
         self.log.append(f"append {tokens.shape[1]} tokens at {start}")
-        recorder = Recorder(self.cache)
-        logits = self.model(tokens, cache=recorder, start=start, attention_mask=full_mask)
+        recording = RecordingCache(self.cache)
+        logits = self.model(tokens, cache=recording, start=start, attention_mask=full_mask)
         expected_cache = ListCache()
         expected = self.model(sequence, cache=expected_cache, attention_mask=full_mask)[:, start:]
         what = f"operations {'; '.join(self.log)}"
@@ -104,7 +104,7 @@ class Session:
                         f"logits of the last append differ from a prefill of the whole sequence ({what})",
                         label=f"append {len(self.log)}")
         exact = self.target.tolerance(self.config) is None  # a lossy cache's contents are only judged by logits
-        for layer, (keys, values) in recorder.returned.items() if exact else ():
+        for layer, (keys, values) in recording.returned.items() if exact else ():
             self._expect_contents(layer, "keys", keys, expected_cache.keys[layer], what)
             self._expect_contents(layer, "values", values, expected_cache.values[layer], what)
         self.tokens, self.mask = sequence, full_mask
