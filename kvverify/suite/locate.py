@@ -5,8 +5,8 @@ The minimal case is run again with every cache the property builds shadowed by a
 :class:`~kvverify.caches.ContiguousCache` that receives the same updates, crops, reorders and resets. Up to
 the first wrong slot the model's inputs are exactly the uncached path's, so the shadow holds the keys and
 values the uncached path recomputes. Returned slots are aligned to tokens by the protocol's rule
-(``S >= N``: slot ``i`` is token ``i``; ``S < N``: the newest ``S`` tokens) and, with a sliding window,
-only slots some query can see are compared.
+(:func:`kvverify.protocol.written_slots`) and, with a sliding window, only slots some query can see are
+compared.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from kvverify.caches import ContiguousCache
+from kvverify.protocol import written_slots
 from kvverify.suite.contract import UpdateObserver
 from kvverify.suite.target import Target
 from kvverify.suite.watchdog import ExampleTimeout, run_with_time_limit
@@ -87,8 +88,10 @@ class _Shadow:
         order = self.log.tick()
         expected_keys, expected_values = self.shadow.update(key_states, value_states, layer_idx)
         count = key_states.shape[-2]
-        slots = _visible_slots(keys.shape[-2], written, count, self.log.window)
-        returned = _slot_index(keys.shape[-2], written, slots)
+        keys, values = written_slots(keys, values, written)  # slot i holds token first + i
+        first = written - keys.shape[-2]
+        slots = _visible_slots(first, written, count, self.log.window)
+        returned = slots - first
         for what, actual, expected in (("key", keys, expected_keys), ("value", values, expected_values)):
             difference = self._compare(actual[:, :, returned], expected[:, :, slots], slots, layer_idx, what,
                                        count, written)
@@ -120,17 +123,11 @@ class _Shadow:
         self.shadow.reset()
 
 
-def _visible_slots(returned: int, written: int, count: int, window: int | None) -> torch.Tensor:
-    """Token slots the returned tensor holds that some query of the update can see."""
-    first = 0 if returned >= written else written - returned
+def _visible_slots(first: int, written: int, count: int, window: int | None) -> torch.Tensor:
+    """Token slots, of the ``first..written-1`` the returned tensor holds, that some query of the update can see."""
     if window is not None:
         first = max(first, written - count - window + 1)
     return torch.arange(first, written)
-
-
-def _slot_index(returned: int, written: int, slots: torch.Tensor) -> torch.Tensor:
-    """Indices into the returned tensor of the token slots ``slots``."""
-    return slots if returned >= written else slots - (written - returned)
 
 
 def locate(check: Callable[[Target, Any], None], target: Target, case: Any, time_limit: float | None) -> str:
