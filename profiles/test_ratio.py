@@ -23,18 +23,20 @@ NEW_TOKENS, ROUNDS = 128, 9
 @pytest.mark.parametrize(("ours", "theirs"), [("contiguous", "hf-dynamic"), ("static", "hf-static")])
 def test_reference_vs_transformers(benchmark: Any, ours: str, theirs: str) -> None:
     pytest.importorskip("transformers")
-    from kvverify.profiling.transformers_side import hf_cache, llama_from
+    from kvverify.adapters.hf.llama import to_llama
+    from kvverify.profiling.plan import transformers_specs
 
     config = fast_config("bench")
     model = reference(config)
-    llama, prompt = llama_from(model), tokens(config, 16)
+    llama, prompt = to_llama(model, attn_implementation="sdpa"), tokens(config, 16)
+    make_theirs = {spec.name: spec.make for spec in transformers_specs()}[theirs]
 
     def measure() -> Ratio:
         return forward_ratio(
             model,
             llama,
             lambda: BUILTIN_CACHES[ours](config),
-            lambda: hf_cache(theirs, config),
+            lambda: make_theirs(config),
             prompt,
             NEW_TOKENS,
             ROUNDS,
@@ -45,18 +47,20 @@ def test_reference_vs_transformers(benchmark: Any, ours: str, theirs: str) -> No
 
 def test_generate_reference_vs_transformers(benchmark: Any) -> None:
     pytest.importorskip("transformers")
-    from kvverify.profiling.transformers_side import hf_cache, llama_from
+    from kvverify.adapters.hf.llama import to_llama
+    from kvverify.profiling.plan import transformers_specs
 
     config = fast_config("bench")
     model = reference(config)
-    llama, prompt = llama_from(model), tokens(config, 16)
+    llama, prompt = to_llama(model, attn_implementation="sdpa"), tokens(config, 16)
+    make_theirs = {spec.name: spec.make for spec in transformers_specs()}["hf-dynamic"]
 
     def measure() -> Ratio:
         ratio = generate_ratio(
             model,
             llama,
             lambda: BUILTIN_CACHES["contiguous"](config),
-            lambda: hf_cache("hf-dynamic", config),
+            lambda: make_theirs(config),
             prompt,
             NEW_TOKENS,
             ROUNDS,

@@ -28,10 +28,12 @@ def _setup(name: str, preset: str) -> tuple[Any, StepFn, Callable[[], Any]]:
     """(config, step function, cache factory) of a cache name: transformers' caches run in LlamaForCausalLM."""
     if name.startswith("hf-"):
         pytest.importorskip("transformers")
-        from kvverify.profiling.transformers_side import hf_cache, llama_from
+        from kvverify.adapters.hf.llama import to_llama
+        from kvverify.profiling.plan import transformers_specs
 
         config = fast_config(preset)
-        return config, llama_step(llama_from(reference(config))), lambda: hf_cache(name, config)
+        make = {spec.name: spec.make for spec in transformers_specs()}[name]
+        return config, llama_step(to_llama(reference(config), attn_implementation="sdpa")), lambda: make(config)
     windowed = name == "sliding"
     config = fast_config(preset, sliding_window=min(WINDOW, fast_config(preset).max_seq_len // 2) if windowed else None)
     return config, reference_step(reference(config)), lambda: BUILTIN_CACHES[name](config)

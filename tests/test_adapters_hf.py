@@ -17,8 +17,8 @@ from kvverify.reference.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
 from kvverify.suite.loading import load_factory
 
-EXACT = ["dynamic", "static", "sliding", "static-sliding"]
-SLIDING = {"sliding", "static-sliding"}
+EXACT = ["dynamic", "static", "sliding", "hybrid"]
+SLIDING = {"sliding", "hybrid"}
 
 # each with a window, so that every exact cache runs on it; a prompt of 7 and 10 new tokens run past it
 CONFIGS: dict[str, dict[str, object]] = {

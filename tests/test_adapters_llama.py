@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("transformers", reason="transformers is not installed: pip install 'kvverify[transformers]'")
 
-from kvverify.adapters.llama import llama_config, position_ids_from_mask, to_llama
+from kvverify.adapters.hf.generation import position_ids_from_mask
+from kvverify.adapters.hf.llama import llama_config, to_llama
 from kvverify.reference.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
 

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from kvverify.reference.model import Generation
-from kvverify.suite.compare import GenerationMismatch, Tolerance, assert_same_generation, first_difference, ulp_distance
+from kvverify.suite.compare import (
+    GenerationMismatch,
+    Tolerance,
+    assert_same_generation,
+    compare_generations,
+    first_difference,
+    ulp_distance,
+)
 
 
 def generation(logits: torch.Tensor) -> Generation:
@@ -42,3 +49,21 @@ def test_different_tokens_fail_unless_the_reference_was_a_near_tie() -> None:
     far = torch.tensor([[[1.0, 2.0, 0.0], [0.0, 0.0, 5.0]]])
     flipped = torch.tensor([[[2.0, 1.0, 0.0], [0.0, 0.0, 5.0]]])
     assert first_difference(generation(far), generation(flipped), Tolerance(atol=1e-5)) is not None
+
+
+def test_a_teacher_forced_run_is_compared_after_a_near_tie() -> None:
+    expected = torch.tensor([[[1.0, 1.0 + 1e-6, 0.0], [0.0, 0.0, 5.0]]])
+    actual = torch.tensor([[[1.0 + 2e-6, 1.0, 0.0], [0.0, 0.0, 5.1]]])  # step 1: beyond the tolerance
+    tolerance = Tolerance(atol=1e-5)
+    free = compare_generations(generation(expected), generation(actual), tolerance)
+    assert free.mismatch is None and free.near_ties == ((0, 0),), "free-running paths part at the near tie"
+    forced = compare_generations(generation(expected), generation(actual), tolerance, teacher_forced=True)
+    assert forced.mismatch is not None and (forced.mismatch.step, forced.mismatch.row) == (1, 0)
+    assert forced.near_ties == ((0, 0),) and forced.max_abs == pytest.approx(0.1, rel=1e-3)
+
+
+def test_a_tolerance_without_near_ties_fails_any_token_difference() -> None:
+    expected = torch.tensor([[[1.0, 1.0 + 1e-6, 0.0]]])
+    actual = torch.tensor([[[1.0 + 2e-6, 1.0, 0.0]]])
+    mismatch = first_difference(generation(expected), generation(actual), Tolerance(atol=1e-5, near_ties=False))
+    assert mismatch is not None and mismatch.reason == "greedy tokens differ"

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from kvverify.cli import main
-from kvverify.commands.profile import TargetError, load_target
 from kvverify.profiling.plan import CacheSpec, Plan, builtin_specs
 from kvverify.profiling.report import write_report
 from kvverify.profiling.runner import run_profile
+from kvverify.suite.loading import TargetError, load_factory
 
 TINY = Plan(presets={"tiny": (8, 24)}, steps=1, repeats=1, ratio_rounds=1, ratio_tokens=2, prompt=4)
 
@@ -20,26 +20,26 @@ TINY = Plan(presets={"tiny": (8, 24)}, steps=1, repeats=1, ratio_rounds=1, ratio
 def test_bad_target_exits_2_with_a_clear_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["profile", "--quick", "--out", str(tmp_path), "--target", "no_such_module_xyz:make"])
     assert code == 2
-    assert "cannot import module 'no_such_module_xyz'" in capsys.readouterr().err
+    assert "module 'no_such_module_xyz' could not be imported" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
         ("justamodule", "MODULE:FACTORY"),
-        ("kvverify.caches:nothing_here", "not defined in kvverify.caches"),
-        ("kvverify.caches:__doc__", "not a callable"),
+        ("kvverify.caches:nothing_here", "not defined in 'kvverify.caches'"),
+        ("kvverify.caches:__doc__", "not callable"),
     ],
 )
 def test_load_target_errors(spec: str, message: str) -> None:
     with pytest.raises(TargetError, match=message):
-        load_target(spec)
+        load_factory(spec)
 
 
 def test_load_target_resolves_dotted_factories() -> None:
     from kvverify.caches import ContiguousCache
 
-    assert load_target("kvverify.caches:ContiguousCache.from_config") == ContiguousCache.from_config
+    assert load_factory("kvverify.caches:ContiguousCache.from_config") == ContiguousCache.from_config
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
@@ -51,7 +51,7 @@ def test_cuda_without_a_gpu_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_small_plan_writes_the_three_files_with_plots(tmp_path: Path) -> None:
     target = CacheSpec(
         "kvverify.caches:ContiguousCache.from_config",
-        load_target("kvverify.caches:ContiguousCache.from_config"),
+        load_factory("kvverify.caches:ContiguousCache.from_config"),
         layout=None,
     )
     calls: list[tuple[int, int]] = []

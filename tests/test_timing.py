@@ -37,8 +37,9 @@ def test_ratio_is_the_median_of_per_round_ratios() -> None:
 
 def test_generate_ratio_refuses_to_time_different_work() -> None:
     pytest.importorskip("transformers")
+    from kvverify.adapters.hf import dynamic_cache
+    from kvverify.adapters.hf.llama import to_llama
     from kvverify.caches import ContiguousCache
-    from kvverify.profiling.transformers_side import hf_cache, llama_from
     from kvverify.reference.config import ModelConfig
     from kvverify.reference.model import ReferenceModel
 
@@ -47,9 +48,9 @@ def test_generate_ratio_refuses_to_time_different_work() -> None:
     prompt = torch.randint(0, config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(0))
 
     def ratio_against(model: ReferenceModel) -> timing.Ratio | None:
-        llama = llama_from(model)
+        llama = to_llama(model, attn_implementation="sdpa")
         return timing.generate_ratio(
-            ours, llama, ContiguousCache, lambda: hf_cache("hf-dynamic", config), prompt, 8, rounds=1
+            ours, llama, ContiguousCache, lambda: dynamic_cache(config), prompt, 8, rounds=1
         )
 
     assert ratio_against(ours) is not None, "the same weights choose the same tokens: the ratio must be timed"

@@ -9,8 +9,10 @@ import torch
 
 pytest.importorskip("transformers", reason="transformers is not installed: pip install 'kvverify[transformers]'")
 
+from kvverify.adapters.hf import caches, verify
+from kvverify.adapters.hf.kernels import batch_invariant_cpu
 from kvverify.cli import main
-from kvverify.commands import verify_hf
+from kvverify.reference.model import Generation
 
 
 def test_subset_passes_and_says_why_pairs_do_not_apply(capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,7 +50,7 @@ def _dropping_cache(config: Any, length: int) -> Any:
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                    **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
             keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-            if keys.shape[-2] <= verify_hf.PROMPT_LEN:
+            if keys.shape[-2] <= verify.PROMPT_LEN:
                 return keys, values
             drop = [0, 1, 2, 2, *range(4, keys.shape[-2])]  # token 3 is gone
             return keys[:, :, drop], values[:, :, drop]
@@ -56,41 +58,47 @@ def _dropping_cache(config: Any, length: int) -> Any:
     return DroppingCache()
 
 
+DROPPING = caches.TransformersCache("dynamic", "a DynamicCache that drops token 3", _dropping_cache)
+
+
 def test_a_cache_that_drops_a_token_fails_with_exit_1(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(verify_hf.CACHES, "dynamic", ("a DynamicCache that drops token 3", _dropping_cache))
+    monkeypatch.setitem(caches.CACHES, "dynamic", DROPPING)
     code = main(["verify-hf", "--models", "llama", "--caches", "dynamic,static"])
     out = capsys.readouterr().out
     assert code == 1, out
     broken = next(line for line in out.splitlines() if line.startswith("llama") and " dynamic " in line)
     assert broken.rstrip().endswith("FAIL"), out
     error = float(broken.split()[2])
-    assert error > 100 * verify_hf.EXACT_ATOL, f"a dropped token should be far outside the tolerance: {broken}"
+    assert error > 100 * verify.EXACT_ATOL, f"a dropped token should be far outside the tolerance: {broken}"
     assert "1 failed" in out
 
 
-def _logits(rows: list[list[float]]) -> torch.Tensor:
-    return torch.tensor(rows).unsqueeze(0)  # (1, N, vocab)
+def _run(rows: list[list[float]]) -> Generation:
+    """A one-row run whose step i has the logits ``rows[i]`` and chooses their argmax."""
+    logits = torch.tensor(rows).unsqueeze(0)  # (1, N, vocab)
+    tokens = logits.argmax(-1)  # (1, N)
+    return Generation(tokens, logits, tokens, torch.ones_like(tokens), None)
 
 
 def test_compare_calls_a_swap_at_a_near_tie_a_near_tie() -> None:
-    ref = _logits([[0.0, 1.0, 1.00004], [3.0, 0.0, 0.0]])  # step 0: top two 4e-5 apart
-    cached = _logits([[0.0, 1.00002, 1.00001], [3.0, 0.0, 0.0]])
-    result = verify_hf.compare(ref.argmax(-1), ref, cached, atol=1e-4)
-    assert result.passed and result.mismatches == ((0, 0),) and result.tokens == "near tie at step 0"
+    ref = _run([[0.0, 1.0, 1.00004], [3.0, 0.0, 0.0]])  # step 0: top two 4e-5 apart
+    cached = _run([[0.0, 1.00002, 1.00001], [3.0, 0.0, 0.0]])
+    result = verify.compare(ref, cached, atol=1e-4)
+    assert result.passed and result.agreement.near_ties == ((0, 0),) and result.tokens == "near tie at step 0"
 
 
 def test_compare_fails_a_swap_between_distinct_logits() -> None:
-    ref = _logits([[0.0, 1.0, 2.0]])
-    cached = _logits([[0.0, 2.0, 1.0]])
-    result = verify_hf.compare(ref.argmax(-1), ref, cached, atol=1e-4)
+    ref = _run([[0.0, 1.0, 2.0]])
+    cached = _run([[0.0, 2.0, 1.0]])
+    result = verify.compare(ref, cached, atol=1e-4)
     assert not result.passed and result.tokens == "differ: row 0 step 0" and result.max_error == 1.0
 
 
 def test_compare_fails_an_error_beyond_tolerance_with_identical_tokens() -> None:
-    ref = _logits([[0.0, 1.0, 5.0]])
-    result = verify_hf.compare(ref.argmax(-1), ref, ref + torch.tensor([0.0, 0.0, 1e-3]), atol=1e-4)
+    ref = _run([[0.0, 1.0, 5.0]])
+    result = verify.compare(ref, _run([[0.0, 1.0, 5.0 + 1e-3]]), atol=1e-4)
     assert not result.passed and result.tokens == "identical"
 
 
@@ -103,15 +111,15 @@ def test_bitwise_mode_makes_transformers_caches_exact(capsys: pytest.CaptureFixt
 
 
 def test_bitwise_mode_catches_a_dropped_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(verify_hf.CACHES, "dynamic", ("a DynamicCache that drops token 3", _dropping_cache))
-    rows = verify_hf.verify_model("llama", ["dynamic"], bitwise=True)
+    monkeypatch.setitem(caches.CACHES, "dynamic", DROPPING)
+    rows = verify.verify_model("llama", ["dynamic"], bitwise=True)
     assert rows[0].verdict == "FAIL"
 
 
 def test_batch_invariant_kernels_are_removed_afterwards() -> None:
     a, b = torch.randn(33, 257, generator=torch.Generator().manual_seed(0)), torch.randn(257, 65)
     before = a @ b
-    with verify_hf.batch_invariant_cpu():
+    with batch_invariant_cpu():
         inside = a @ b
         ordered = (a.unsqueeze(-1) * b).cumsum(-2)[:, -1]
         assert torch.equal(inside, ordered), "the fixed-order kernel is not in use"

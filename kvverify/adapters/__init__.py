@@ -1,21 +1,33 @@
-"""Bridges to other libraries: the reference model as a transformers model, transformers' caches as targets.
+"""Bridges to other libraries, one per library: the only place that library is imported.
 
-Each adapter module imports its library lazily and says how to install it when it is missing:
-:mod:`kvverify.adapters.llama` (the reference weights in ``LlamaForCausalLM``) and :mod:`kvverify.adapters.hf`
-(transformers' cache classes as ``FACTORY(config)`` targets, e.g. ``kvverify.adapters.hf:static_cache``).
+:mod:`kvverify.adapters.hf` is transformers': one registry of its caches (``kvverify.adapters.hf.CACHES``, read
+by ``verify-hf``, ``profile`` and ``mutants``), its caches as ``FACTORY(config)`` targets (e.g.
+``kvverify.adapters.hf:static_cache``), tiny transformers models, the reference weights in
+``LlamaForCausalLM``, and greedy generation with them. transformers is imported lazily, through
+:func:`import_transformers`, which says how to install it when it is missing.
 """
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 
 INSTALL_HINT = "pip install 'kvverify[transformers]'"
 
 
-def import_transformers() -> ModuleType:
-    """The ``transformers`` module, or an ImportError that says how to install it."""
+def import_transformers(submodule: str | None = None) -> ModuleType:
+    """The ``transformers`` module (or ``transformers.<submodule>``), or an ImportError that says how to
+    install it."""
     try:
         import transformers
     except ImportError as error:
         raise ImportError(f"this adapter needs transformers, which is not installed; run: {INSTALL_HINT}") from error
-    return transformers
+    return transformers if submodule is None else importlib.import_module(f"transformers.{submodule}")
+
+
+def transformers_version() -> str | None:
+    """The installed transformers' version, or None when it is not installed."""
+    try:
+        return str(import_transformers().__version__)
+    except ImportError:
+        return None

@@ -19,11 +19,16 @@ from dataclasses import dataclass
 import torch
 from rich.text import Text
 
+from kvverify.adapters import import_transformers
+from kvverify.adapters.hf import CACHES
 from kvverify.commands.tables import print_table, table
 from kvverify.protocol import CacheFactory
 from kvverify.suite.runner import PropertyResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: transformers' caches, by their name in kvverify.adapters.hf.CACHES, that run as controls: generate()'s
+#: default cache and the preallocated one.
+TRANSFORMERS_CONTROLS = ("dynamic", "static")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -77,14 +82,13 @@ def _controls() -> dict[str, CacheFactory]:
 
     controls: dict[str, CacheFactory] = dict(BUILTIN_CACHES)
     try:
-        from kvverify.adapters import import_transformers
-
         import_transformers()
-        from kvverify.adapters.hf import dynamic_cache, static_cache
     except ImportError:  # transformers is optional: its caches are controls only when installed
         return controls
-    controls["transformers-dynamic"] = dynamic_cache
-    controls["transformers-static"] = static_cache
+    for name in TRANSFORMERS_CONTROLS:
+        factory = CACHES[name].target
+        assert factory is not None, f"kvverify.adapters.hf.CACHES[{name!r}] has no target to run as a control"
+        controls[f"transformers-{name}"] = factory
     return controls
 
 

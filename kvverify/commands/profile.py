@@ -6,14 +6,14 @@ Writes report.html (self-contained), report.md with its PNGs, and results.json i
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from kvverify.adapters import import_transformers
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -32,31 +32,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="where the model and caches live: cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, for stable timings)")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers' LlamaForCausalLM and caches")
-
-
-class TargetError(ValueError):
-    """A --target could not be loaded; the message says what was expected and what to do."""
-
-
-def load_target(spec: str) -> Any:
-    """Import ``MODULE:FACTORY`` and return the factory (a callable taking a ModelConfig)."""
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise TargetError(f"--target must look like MODULE:FACTORY (e.g. mypkg.caches:make_cache); got {spec!r}.")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise TargetError(
-            f"--target {spec}: cannot import module {module_name!r} ({error}); is it on PYTHONPATH?"
-        ) from error
-    factory = module
-    for part in attribute.split("."):
-        if not hasattr(factory, part):
-            raise TargetError(f"--target {spec}: {part!r} is not defined in {module_name}.")
-        factory = getattr(factory, part)
-    if not callable(factory):
-        raise TargetError(f"--target {spec}: {attribute} is a {type(factory).__name__}, not a callable factory.")
-    return factory
 
 
 class StepProgress:
@@ -100,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from kvverify.profiling.runner import run_profile
     from kvverify.reference.threads import torch_threads
     from kvverify.suite.devices import DeviceError, resolve_device
+    from kvverify.suite.loading import TargetError, load_factory
 
     try:
         device = resolve_device(args.device, option="--device")
@@ -112,17 +88,16 @@ def run(args: argparse.Namespace) -> int:
     specs = plans.builtin_specs()
     for target in args.target:
         try:
-            specs.append(plans.CacheSpec(target, load_target(target), layout=None))
+            specs.append(plans.CacheSpec(target, load_factory(target), layout=None))
         except TargetError as error:
             print(f"kvverify profile: {error}", file=sys.stderr)
             return EXIT_USAGE
     if not args.no_transformers:
         try:
+            import_transformers()
             specs += plans.transformers_specs()
-            importlib.import_module("kvverify.adapters.llama")
         except ImportError as error:
             print(f"kvverify profile: transformers' side skipped: {error}", file=sys.stderr)
-            specs = [spec for spec in specs if not spec.transformers]
     chosen = plans.QUICK if args.quick else plans.FULL
     chosen = plans.Plan(**{**vars(chosen), "device": str(device)})
     out_dir: Path = args.out

@@ -19,6 +19,7 @@ import torch
 from kvverify.protocol import KVCache
 from kvverify.reference.config import ModelConfig
 from kvverify.reference.model import Generation, ReferenceModel
+from kvverify.suite.compare import Tolerance, first_difference
 
 Check = Literal["use_cache", "continuation"]
 
@@ -28,6 +29,8 @@ BASELINE_CONFIG = ModelConfig(
 )
 BATCH, PROMPT_LEN, NEW_TOKENS = 13, 7, 4
 ATOL = RTOL = 1e-5
+#: transformers' tests' rule: the same sequences (no near-tie allowance) and ``torch.allclose`` logits.
+TOLERANCE = Tolerance(atol=ATOL, rtol=RTOL, near_ties=False, why="transformers' generation tests")
 
 
 @dataclass(frozen=True)
@@ -73,13 +76,8 @@ def _inputs(padded: bool, device: torch.device) -> tuple[torch.Tensor, torch.Ten
 
 def _compare(got: Generation, want: Generation, what: str) -> str | None:
     """None when the generations agree as transformers' tests require, else what differed."""
-    if not torch.equal(got.sequences, want.sequences):
-        rows = (got.sequences != want.sequences).any(-1).nonzero().flatten().tolist()
-        return f"{what}: generated tokens differ in rows {rows}"
-    if not torch.allclose(got.logits, want.logits, atol=ATOL, rtol=RTOL):
-        error = (got.logits - want.logits).abs().max().item()
-        return f"{what}: logits differ by up to {error:.3g} (atol=rtol={ATOL:g})"
-    return None
+    mismatch = first_difference(want, got, TOLERANCE)
+    return None if mismatch is None else f"{what}: {mismatch}"
 
 
 def _run_case(model: ReferenceModel, factory: Callable[[ModelConfig], KVCache], case: BaselineCase) -> str | None:

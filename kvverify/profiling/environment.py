@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kvverify.adapters import transformers_version
+
 
 @dataclass(frozen=True)
 class Environment:
@@ -35,14 +37,6 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _transformers_version() -> str:
-    try:
-        import transformers
-    except ImportError:
-        return "absent"
-    return str(transformers.__version__)
-
-
 def describe(dtype: torch.dtype, device: str) -> Environment:
     """The environment of the current process for a run in ``dtype`` on ``device``."""
     card = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
@@ -51,7 +45,7 @@ def describe(dtype: torch.dtype, device: str) -> Environment:
         cpu_count=os.cpu_count() or 1,
         python=platform.python_version(),
         torch=torch.__version__,
-        transformers=_transformers_version(),
+        transformers=transformers_version() or "absent",
         threads=torch.get_num_threads(),
         dtype=str(dtype).removeprefix("torch."),
         device=card,

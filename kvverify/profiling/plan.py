@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kvverify.adapters.hf import CACHES
 from kvverify.caches import BUILTIN_CACHES
 from kvverify.profiling.analysis import Layout
 from kvverify.reference.config import ModelConfig
@@ -63,14 +64,19 @@ def builtin_specs() -> list[CacheSpec]:
     ]
 
 
+#: transformers' caches profiled beside the built-in ones: report name -> (name in kvverify.adapters.hf.CACHES,
+#: analysis layout).
+TRANSFORMERS_CACHES: dict[str, tuple[str, Layout]] = {
+    "hf-dynamic": ("dynamic", "exact"),
+    "hf-static": ("static", "preallocated-rows"),
+}
+
+
 def transformers_specs() -> list[CacheSpec]:
-    """transformers' DynamicCache and StaticCache (through kvverify.adapters.hf)."""
-    from kvverify.profiling.transformers_side import hf_cache
-
-    def maker(name: str) -> Callable[[ModelConfig], Any]:
-        return lambda config: hf_cache(name, config)
-
-    return [
-        CacheSpec("hf-dynamic", maker("hf-dynamic"), "exact", transformers=True),
-        CacheSpec("hf-static", maker("hf-static"), "preallocated-rows", transformers=True),
-    ]
+    """transformers' DynamicCache and StaticCache, the targets of their kvverify.adapters.hf registry entries."""
+    specs = []
+    for name, (entry, layout) in TRANSFORMERS_CACHES.items():
+        factory = CACHES[entry].target
+        assert factory is not None, f"kvverify.adapters.hf.CACHES[{entry!r}] has no target to profile"
+        specs.append(CacheSpec(name, factory, layout, transformers=True))
+    return specs

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from kvverify.adapters.hf.llama import to_llama
 from kvverify.profiling import analysis, cuda, hostmem, timing
 from kvverify.profiling.environment import describe
 from kvverify.profiling.plan import CacheSpec, Plan
@@ -40,10 +41,8 @@ class _Models:
         return self._reference[window]
 
     def llama(self) -> Any:
-        if self._llama is None:
-            from kvverify.profiling.transformers_side import llama_from
-
-            self._llama = llama_from(self.reference(None))
+        if self._llama is None:  # transformers' default (SDPA) attention
+            self._llama = to_llama(self.reference(None), attn_implementation="sdpa")
         return self._llama
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from kvverify.adapters.hf.generation import cache_keyword, last_logits, library_generate
 from kvverify.reference.model import ReferenceModel
 
 StepFn = Callable[[torch.Tensor, Any, int], torch.Tensor]
@@ -32,12 +33,10 @@ def reference_step(model: ReferenceModel) -> StepFn:
 
 def llama_step(llama: Any) -> StepFn:
     """transformers' step: the cache knows where new tokens go, so ``start`` is not passed."""
-    from kvverify.profiling.transformers_side import cache_keyword, llama_logits
-
     keyword = cache_keyword(llama)
 
     def step(tokens: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
-        return llama_logits(llama, tokens, cache, keyword)
+        return last_logits(llama, tokens, cache, keyword)
 
     return step
 
@@ -172,15 +171,13 @@ def generate_ratio(
 ) -> Ratio | None:
     """``ReferenceModel.generate`` (first) against ``LlamaForCausalLM.generate`` (second), or None when the two
     choose different tokens: their timings would then not be of the same work."""
-    from kvverify.profiling.transformers_side import cache_keyword, llama_generate
-
     keyword = cache_keyword(llama)
 
     def ours(cache: Any) -> torch.Tensor:
         return model.generate(prompt, new_tokens, cache=cache).sequences
 
     def theirs(cache: Any) -> torch.Tensor:
-        return llama_generate(llama, prompt, new_tokens, cache, keyword)
+        return library_generate(llama, prompt, new_tokens, cache, keyword)
 
     if not torch.equal(ours(make_ours()), theirs(make_theirs())):
         return None

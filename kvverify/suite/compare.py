@@ -18,12 +18,14 @@ _INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 @dataclass(frozen=True)
 class Tolerance:
     """Logits may differ by ``atol + rtol * |expected|``; greedy tokens must agree except right after a
-    near tie, a step where the expected top-two logits are closer than the allowed error: from there on the
-    two generations may legitimately continue differently, so the comparison stops at that step."""
+    near tie, a step where the expected top-two logits are closer than twice the allowed error: from there on
+    the two generations may legitimately continue differently, so the comparison stops there for that row
+    (unless both were fed the same tokens: see :func:`compare_generations`)."""
 
     atol: float
     rtol: float = 0.0
     why: str = ""
+    near_ties: bool = True  # False: greedy tokens must agree at every step (transformers' own tests' rule)
 
 
 #: Fast numerics (standard kernels), cached vs uncached logits on the reference model. Measured with
@@ -114,11 +116,42 @@ def _check_shapes(expected: Generation, actual: Generation) -> None:
         raise ValueError(f"generations differ in shape: {tuple(expected.logits.shape)} vs {tuple(actual.logits.shape)}")
 
 
+@dataclass(frozen=True)
+class Agreement:
+    """Two generations compared: ``mismatch`` is the first difference outside the tolerance (None: they agree);
+    ``near_ties`` the (row, step) where greedy tokens differ at a near tie, in step order; ``max_abs`` the
+    largest logit difference over every step and row."""
+
+    mismatch: Mismatch | None
+    near_ties: tuple[tuple[int, int], ...]
+    max_abs: float
+
+
 def first_difference(expected: Generation, actual: Generation, tolerance: Tolerance | None = None) -> Mismatch | None:
     """None when the generations agree: bitwise with no tolerance, else within it with identical tokens."""
+    return _walk(expected, actual, tolerance, teacher_forced=False)[0]
+
+
+def compare_generations(
+    expected: Generation, actual: Generation, tolerance: Tolerance | None = None, *, teacher_forced: bool = False
+) -> Agreement:
+    """:func:`first_difference`, with the near ties met on the way and the largest logit difference.
+
+    ``teacher_forced``: ``actual`` was fed ``expected``'s tokens (its own greedy choices only read off its
+    logits), so a near tie splits nothing and every step of every row is compared.
+    """
+    mismatch, near_ties = _walk(expected, actual, tolerance, teacher_forced)
+    max_abs = _errors(expected.logits, actual.logits)[0] if expected.logits.numel() else 0.0
+    return Agreement(mismatch, near_ties, max_abs)
+
+
+def _walk(
+    expected: Generation, actual: Generation, tolerance: Tolerance | None, teacher_forced: bool
+) -> tuple[Mismatch | None, tuple[tuple[int, int], ...]]:
     _check_shapes(expected, actual)
     steps, rows = expected.logits.shape[1], expected.logits.shape[0]
     alive = torch.ones(rows, dtype=torch.bool, device=expected.logits.device)  # rows not yet split by a near tie
+    near_ties: list[tuple[int, int]] = []
     for step in range(steps):
         e, a = expected.logits[:, step], actual.logits[:, step]  # (B, vocab)
         if tolerance is None:
@@ -130,12 +163,14 @@ def first_difference(expected: Generation, actual: Generation, tolerance: Tolera
             bad_rows = ~((e - a).abs() <= allowed).all(-1) & alive
             reason = f"logits differ beyond atol={tolerance.atol:g}, rtol={tolerance.rtol:g}"
         if bool(bad_rows.any()):
-            return _mismatch(expected, actual, step, int(bad_rows.nonzero()[0]), reason)
+            return _mismatch(expected, actual, step, int(bad_rows.nonzero()[0]), reason), tuple(near_ties)
         for row in ((expected.tokens[:, step] != actual.tokens[:, step]) & alive).nonzero().flatten().tolist():
-            if tolerance is None or not _near_tie(e[row], tolerance):
-                return _mismatch(expected, actual, step, row, "greedy tokens differ")
-            alive[row] = False  # both choices are within the tolerance of the best: the paths may split here
-    return None
+            if tolerance is None or not tolerance.near_ties or not _near_tie(e[row], tolerance):
+                return _mismatch(expected, actual, step, row, "greedy tokens differ"), tuple(near_ties)
+            near_ties.append((row, step))
+            if not teacher_forced:
+                alive[row] = False  # both choices are within the tolerance of the best: the paths may split here
+    return None, tuple(near_ties)
 
 
 def _near_tie(logits: torch.Tensor, tolerance: Tolerance) -> bool:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kvverify.protocol import OPTIONAL_METHODS, KVCache
+from kvverify.protocol import OPTIONAL_METHODS, KVCache, written_slots
 from kvverify.reference.config import ModelConfig
 from kvverify.suite.cropping import crop_convention, tokens_kept
 
@@ -158,11 +158,11 @@ class CheckedCache:
                 "expected the same number."
             )
         self._check_slots(keys.shape[2], where, count, written)
-        held = min(keys.shape[2], written)
-        if self._inputs_finite and not (_finite(keys[:, :, :held]) and _finite(values[:, :, :held])):
+        held_keys, held_values = written_slots(keys, values, written)
+        if self._inputs_finite and not (_finite(held_keys) and _finite(held_values)):
             raise ContractViolation(
-                f"{where}: update() returned NaN or infinite values in the {held} slots holding tokens, although "
-                "every key and value written was finite."
+                f"{where}: update() returned NaN or infinite values in the {held_keys.shape[2]} slots holding "
+                "tokens, although every key and value written was finite."
             )
         return keys, values
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from kvverify.adapters import transformers_version
 from kvverify.caches._common import resolve_crop
 from kvverify.protocol import declaration_of
 
@@ -38,9 +39,8 @@ def crop_convention(cache: object) -> CropConvention:
     if declared is not None:
         return declared
     if type(inner).__module__.startswith("transformers."):
-        import transformers
-
-        if int(transformers.__version__.split(".")[0]) >= 5:
+        version = transformers_version()
+        if version is not None and int(version.split(".")[0]) >= 5:
             return "remove"
     return "keep"
 

@@ -5,8 +5,8 @@ The minimal case is run again with every cache the property builds shadowed by a
 :class:`~kvverify.caches.ContiguousCache` that receives the same updates, crops, reorders and resets. Up to
 the first wrong slot the model's inputs are exactly the uncached path's, so the shadow holds the keys and
 values the uncached path recomputes. Returned slots are aligned to tokens by the protocol's rule
-(``S >= N``: slot ``i`` is token ``i``; ``S < N``: the newest ``S`` tokens) and, with a sliding window,
-only slots some query can see are compared.
+(:func:`kvverify.protocol.written_slots`) and, with a sliding window, only slots some query can see are
+compared.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from kvverify.caches import ContiguousCache
+from kvverify.protocol import written_slots
 from kvverify.suite.contract import UpdateObserver
 from kvverify.suite.target import Target
 from kvverify.suite.watchdog import ExampleTimeout, run_with_time_limit
@@ -48,7 +49,7 @@ class Difference:
 
 
 @dataclass
-class Recorder:
+class DifferenceLog:
     """Collects the differences of every cache the property builds; ``observer()`` makes one per cache."""
 
     window: int | None = None
@@ -75,8 +76,8 @@ class Recorder:
 
 
 class _Shadow:
-    def __init__(self, recorder: Recorder, index: int) -> None:
-        self.recorder, self.index = recorder, index
+    def __init__(self, log: DifferenceLog, index: int) -> None:
+        self.log, self.index = log, index
         self.shadow = ContiguousCache()
         self.step = -1
 
@@ -84,16 +85,18 @@ class _Shadow:
                 keys: torch.Tensor, values: torch.Tensor, written: int) -> None:
         if layer_idx == 0:
             self.step += 1
-        order = self.recorder.tick()
+        order = self.log.tick()
         expected_keys, expected_values = self.shadow.update(key_states, value_states, layer_idx)
         count = key_states.shape[-2]
-        slots = _visible_slots(keys.shape[-2], written, count, self.recorder.window, keys.device)
-        returned = _slot_index(keys.shape[-2], written, slots)
+        keys, values = written_slots(keys, values, written)  # slot i holds token first + i
+        first = written - keys.shape[-2]
+        slots = _visible_slots(first, written, count, self.log.window, keys.device)
+        returned = slots - first
         for what, actual, expected in (("key", keys, expected_keys), ("value", values, expected_values)):
             difference = self._compare(actual[:, :, returned], expected[:, :, slots], slots, layer_idx, what,
                                        count, written)
             if difference is not None:
-                self.recorder.found.append((order, difference))
+                self.log.found.append((order, difference))
                 return
 
     def _compare(self, actual: torch.Tensor, expected: torch.Tensor, slots: torch.Tensor, layer: int, what: str,
@@ -104,7 +107,7 @@ class _Shadow:
         per_slot = diff.amax(dim=(0, 1, 3))  # (slots,)
         if not bool((per_slot > 0).any()):
             return None
-        column = int(per_slot.argmax()) if self.recorder.lossy else int((per_slot > 0).nonzero()[0])
+        column = int(per_slot.argmax()) if self.log.lossy else int((per_slot > 0).nonzero()[0])
         at = diff[:, :, column].amax(dim=-1)  # (B, Hkv)
         row, head = divmod(int(at.flatten().argmax()), at.shape[1])
         return Difference(self.index, self.step, layer, head, row, int(slots[column]), what,
@@ -120,26 +123,20 @@ class _Shadow:
         self.shadow.reset()
 
 
-def _visible_slots(returned: int, written: int, count: int, window: int | None,
-                   device: torch.device) -> torch.Tensor:
-    """Token slots the returned tensor holds that some query of the update can see, on ``device``."""
-    first = 0 if returned >= written else written - returned
+def _visible_slots(first: int, written: int, count: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Token slots, of the ``first..written-1`` the returned tensor holds, that some query of the update can see,
+    on ``device``."""
     if window is not None:
         first = max(first, written - count - window + 1)
     return torch.arange(first, written, device=device)
 
 
-def _slot_index(returned: int, written: int, slots: torch.Tensor) -> torch.Tensor:
-    """Indices into the returned tensor of the token slots ``slots``."""
-    return slots if returned >= written else slots - (written - returned)
-
-
 def locate(check: Callable[[Target, Any], None], target: Target, case: Any, time_limit: float | None) -> str:
     """Run ``check(target, case)`` again with shadows and say where the cache first went wrong."""
     config = getattr(case, "config", None)
-    recorder = Recorder(window=getattr(config, "sliding_window", None),
+    log = DifferenceLog(window=getattr(config, "sliding_window", None),
                         lossy=target.declaration.lossy_atol is not None)
-    located = replace(target, observe=recorder.observer)
+    located = replace(target, observe=log.observer)
     failed = True
     try:
         run_with_time_limit(lambda: check(located, case), time_limit, "the minimal case, run again to locate it")
@@ -148,9 +145,9 @@ def locate(check: Callable[[Target, Any], None], target: Target, case: Any, time
         return "where: the minimal case timed out when run again to locate the failure."
     except Exception:
         pass
-    difference = recorder.first()
+    difference = log.first()
     if difference is not None:
-        lead = "largest difference" if recorder.lossy else "first difference"
+        lead = "largest difference" if log.lossy else "first difference"
         return f"where ({lead}): {difference}"
     if not failed:
         return ("where: the minimal case passes when run again on its own: the failure depends on earlier examples "

@@ -13,11 +13,13 @@ from typing import Any
 import torch
 
 from kvverify.caches._common import resolve_crop
-from kvverify.protocol import KVCache
+from kvverify.protocol import KVCache, written_slots
 from kvverify.reference.model import ReferenceModel
 from kvverify.suite.cropping import CROP_REFUSALS, crop_argument, crop_convention
 from kvverify.suite.property import as_generation, expect_same_for
 from kvverify.suite.target import Target
+
+KeysValues = tuple[torch.Tensor, torch.Tensor]
 
 
 class ListCache:
@@ -43,7 +45,7 @@ class ListCache:
         return self.keys[layer_idx].shape[-2] if layer_idx < len(self.keys) else 0
 
 
-class Recorder:
+class RecordingCache:
     """Passes updates through to a cache and keeps what each layer's last update returned."""
 
     def __init__(self, inner: KVCache) -> None:
@@ -95,8 +97,8 @@ class Session:
         start = self.length
         sequence, full_mask = torch.cat((self.tokens, tokens), dim=1), torch.cat((self.mask, mask), dim=1)
         self.log.append(f"append {tokens.shape[1]} tokens at {start}")
-        recorder = Recorder(self.cache)
-        logits = self.model(tokens, cache=recorder, start=start, attention_mask=full_mask)
+        recording = RecordingCache(self.cache)
+        logits = self.model(tokens, cache=recording, start=start, attention_mask=full_mask)
         expected_cache = ListCache()
         expected = self.model(sequence, cache=expected_cache, attention_mask=full_mask)[:, start:]
         what = f"operations {'; '.join(self.log)}"
@@ -104,26 +106,29 @@ class Session:
                         f"logits of the last append differ from a prefill of the whole sequence ({what})",
                         label=f"append {len(self.log)}")
         exact = self.target.tolerance(self.config) is None  # a lossy cache's contents are only judged by logits
-        for layer, (keys, values) in recorder.returned.items() if exact else ():
-            self._expect_contents(layer, "keys", keys, expected_cache.keys[layer], what)
-            self._expect_contents(layer, "values", values, expected_cache.values[layer], what)
+        for layer, returned in recording.returned.items() if exact else ():
+            self._expect_contents(layer, returned, (expected_cache.keys[layer], expected_cache.values[layer]), what)
         self.tokens, self.mask = sequence, full_mask
         self._expect_lengths(self.log[-1])
 
-    def _expect_contents(self, layer: int, name: str, got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-        batch, heads, total, dim = want.shape
-        assert got.dim() == 4 and (got.shape[0], got.shape[1], got.shape[3]) == (batch, heads, dim), (
-            f"layer {layer} returned {name} of shape {tuple(got.shape)}; the protocol needs "
-            f"(batch={batch}, n_kv_heads={heads}, seq, head_dim={dim}) ({what})"
-        )
-        held = got.shape[2]
-        got_aligned = got[:, :, :total] if held >= total else got
-        want_aligned = want if held >= total else want[:, :, total - held :]
-        assert torch.equal(got_aligned, want_aligned), (
-            f"layer {layer} returned {name} that differ from the tokens it should hold: {held} slots for "
-            f"{total} tokens, max abs error {float((got_aligned.double() - want_aligned.double()).abs().max()):.3g} "
-            f"({what})"
-        )
+    def _expect_contents(self, layer: int, returned: KeysValues, every: KeysValues, what: str) -> None:
+        """``returned``: what the layer's last update returned; ``every``: keys and values of all N tokens,
+        (B, Hkv, N, D)."""
+        batch, heads, total, dim = every[0].shape
+        for name, got in zip(("keys", "values"), returned, strict=True):
+            assert got.dim() == 4 and (got.shape[0], got.shape[1], got.shape[3]) == (batch, heads, dim), (
+                f"layer {layer} returned {name} of shape {tuple(got.shape)}; the protocol needs "
+                f"(batch={batch}, n_kv_heads={heads}, seq, head_dim={dim}) ({what})"
+            )
+        slots = returned[0].shape[2]
+        held = written_slots(*returned, total)  # slot i holds token total - S' + i
+        for name, got, want in zip(("keys", "values"), held, every, strict=True):
+            want_aligned = want[:, :, total - got.shape[2] :]
+            assert torch.equal(got, want_aligned), (
+                f"layer {layer} returned {name} that differ from the tokens it should hold: {slots} slots for "
+                f"{total} tokens, max abs error {float((got.double() - want_aligned.double()).abs().max()):.3g} "
+                f"({what})"
+            )
 
     def crop(self, argument: int) -> bool:
         """crop(argument), in the protocol's meaning, on both; False when the cache refused (then it must be as

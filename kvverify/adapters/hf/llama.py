@@ -93,10 +93,3 @@ def to_llama(model: ReferenceModel, attn_implementation: str = "eager") -> Any:
     llama.lm_head.weight.copy_(model.lm_head)  # (vocab, d_model)
     return llama
 
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """The reference model's positions: ``cumsum(mask) - 1``, so left padding does not shift them.
-
-    attention_mask: (B, N) of 0/1 -> (B, N) long.
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
