@@ -15,14 +15,18 @@ not shift them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 
-from kvverify.engine import decode as fast_decode
+from kvverify.caches import ContiguousCache
+from kvverify.engine import decode
 from kvverify.protocol import KVCache, written_slots
 from kvverify.reference import numerics
 from kvverify.reference.config import ModelConfig
+from kvverify.reference.inputs import check_generate_inputs
+from kvverify.reference.weights import LayerWeights, ModelWeights, NormWeights
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,9 @@ class Norm(nn.Module):
         float64. The caller then applies :meth:`unit` and passes ``weight`` as the projection's ``in_scale``."""
         return self.fast and self.bias is None and x.dtype in (torch.float32, torch.float64)
 
+    def weights(self) -> NormWeights:
+        return NormWeights(self.weight.detach(), None if self.bias is None else self.bias.detach())
+
     def unit(self, x: torch.Tensor) -> torch.Tensor:
         """RMSNorm without its weight, where :meth:`folds` is true."""
         return numerics.fast_rms_unit(x, self._eps_like(x))
@@ -269,6 +276,15 @@ class Block(nn.Module):
         x = x + self.mlp(h, in_scale=in_scale)
         return x
 
+    def weights(self) -> LayerWeights:
+        attn, mlp = self.attn, self.mlp
+        return LayerWeights(
+            attn_norm=self.attn_norm.weights(),
+            wq=attn.wq.detach(), wk=attn.wk.detach(), wv=attn.wv.detach(), wo=attn.wo.detach(),
+            mlp_norm=self.mlp_norm.weights(),
+            w_gate=mlp.w_gate.detach(), w_up=mlp.w_up.detach(), w_down=mlp.w_down.detach(),
+        )  # fmt: skip
+
 
 class ReferenceModel(nn.Module):
     """The reference decoder. Weights are drawn from ``seed`` in float64 on the CPU and then cast, so one seed
@@ -287,7 +303,6 @@ class ReferenceModel(nn.Module):
         self._rope_table = _RopeTable(config)
         self._lm_head = _PackedWeight()
         self._init_weights(seed)
-        self._decode_step = fast_decode.DecodeStep(self) if fast_decode.supports(config) else None
 
     @torch.no_grad()
     def _init_weights(self, seed: int) -> None:
@@ -303,6 +318,17 @@ class ReferenceModel(nn.Module):
             else:  # (d_out, d_in): unit-variance outputs, so logits spread and greedy choices are rarely ties
                 value = torch.randn(shape, generator=generator, dtype=torch.float64) / shape[-1] ** 0.5
             param.data = value.to(dtype=self.config.dtype, device=self.config.device)
+
+    def weights(self) -> ModelWeights:
+        """Every weight as it is now, as plain tensors (the parameters' own storage, detached)."""
+        return ModelWeights(
+            config=self.config,
+            tok_embeddings=self.tok_embeddings.detach(),
+            pos_embeddings=None if self.pos_embeddings is None else self.pos_embeddings.detach(),
+            layers=tuple(cast("Block", block).weights() for block in self.layers),
+            final_norm=self.final_norm.weights(),
+            lm_head=self.lm_head.detach(),
+        )
 
     def forward(
         self,
@@ -320,10 +346,6 @@ class ReferenceModel(nn.Module):
         (B, 1, vocab) with ``last_only``.
         """
         c = self.config
-        step = self._decode_step  # fast numerics: one unpadded, cached token takes the flat step (fast_decode)
-        one_token = tokens.shape[1] == 1 and attention_mask is None and start < c.max_seq_len
-        if step is not None and cache is not None and one_token:
-            return step(tokens, cache, start)[:, None]
         if c.numerics == "fast" and attention_mask is None:
             ctx = self._unpadded_context(tokens, start)
         else:
@@ -389,29 +411,20 @@ class ReferenceModel(nn.Module):
         prefills ``cache`` (a new :class:`~kvverify.caches.ContiguousCache` when None) with the tokens it does
         not hold yet and then feeds one token per step. A non-empty cache must hold a prefix of ``prompt``.
         """
-        from kvverify.reference.inputs import check_generate_inputs
-
         mask = check_generate_inputs(self.config, prompt, max_new_tokens, attention_mask, use_cache, cache)
-        # Without padding, fast numerics needs no mask: generated tokens never add any.
-        unpadded = self.config.numerics == "fast" and bool(mask.all())
+        unpadded = bool(mask.all())  # generated tokens never add padding: no mask needed at all
         sequences = prompt  # grown every step only where a step needs it (uncached); else joined at the end
         chosen_tokens: list[torch.Tensor] = []
         chosen_logits: list[torch.Tensor] = []
-        # The flat decode step, its weights read once: nothing in this loop but the cache's own code runs between
-        # two steps, and a cache has no business changing the model's parameters.
-        flat = self._decode_step if use_cache and unpadded else None
-        if flat is not None:
-            flat.refresh()
+        # Fast numerics decodes one unpadded token at a time with the engine, built from the weights as they are now.
+        engine = decode.DecodeStep(self.weights()) if use_cache and unpadded and decode.supports(self.config) else None
         if use_cache:
-            from kvverify.caches import ContiguousCache
-
             cache = ContiguousCache() if cache is None else cache
             past = int(cache.get_seq_length())  # transformers' static caches return a 0-d tensor
             new = prompt[:, past:]
         for _ in range(max_new_tokens):
-            if flat is not None and cache is not None and new.shape[1] == 1 and past < self.config.max_seq_len:
-                last = flat.decode(new, cache, past)  # (B, vocab)
-                past += 1
+            if engine is not None and cache is not None and new.shape[1] == 1 and past < self.config.max_seq_len:
+                last, past = engine(new, cache, past), past + 1  # (B, vocab)
             elif use_cache:
                 logits = self(new, cache=cache, start=past, attention_mask=None if unpadded else mask, last_only=True)
                 last, past = logits[:, -1], past + new.shape[1]
