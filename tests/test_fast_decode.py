@@ -48,7 +48,7 @@ def module_path() -> Iterator[None]:
 class _Refuse(DecodeStep):
     """Stands in for the decode step where it must not be built."""
 
-    def __init__(self, weights: ModelWeights) -> None:
+    def __init__(self, weights: ModelWeights, max_len: int | None = None) -> None:
         raise AssertionError("the decode step was built where the model's modules should have run")
 
 
@@ -113,9 +113,9 @@ def test_generate_packs_the_weights_once_and_decodes_every_token_after_the_prefi
     calls: list[int] = []
 
     class Counting(DecodeStep):
-        def __init__(self, weights: ModelWeights) -> None:
+        def __init__(self, weights: ModelWeights, max_len: int | None = None) -> None:
             built.append(weights)
-            super().__init__(weights)
+            super().__init__(weights, max_len)
 
         def __call__(self, tokens: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
             calls.append(start)

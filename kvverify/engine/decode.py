@@ -48,19 +48,26 @@ def pack(*weights: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.
     (d_in, sum of d_out) tensor: ``x @ packed`` reads the weight row by row, the faster layout on CPU for few
     rows. With ``in_scale`` (d_in,), the weight of the RMSNorm before the projection, each input column is
     scaled by it: ``(x * g) @ W.T == x @ (W * g).T``, which saves the norm one multiplication per call."""
-    packed = torch.cat(weights)  # (sum of d_out, d_in), a copy
-    if in_scale is not None:
-        packed.mul_(in_scale)
+    if len(weights) == 1 and in_scale is None:
+        return weights[0].t().contiguous()
+    first = weights[0]
+    packed = first.new_empty(sum(w.shape[0] for w in weights), first.shape[1])  # (sum of d_out, d_in)
+    row = 0
+    for w in weights:  # one pass each: copied, or scaled on the way
+        rows = packed[row : row + w.shape[0]]
+        rows.copy_(w) if in_scale is None else torch.mul(w, in_scale, out=rows)
+        row += w.shape[0]
     return packed.t().contiguous()
 
 
 class DecodeStep:
     """``step(tokens (B, 1), cache, start) -> logits (B, vocab)`` for a token at slot ``start`` of every row,
     without padding, equal to ``model(tokens, cache=cache, start=start)[:, -1]`` for a model that
-    :func:`supports` it, up to rounding (packed weights, a fused residual add). It packs ``weights`` when built
-    and reads nothing of the model after: build another after changing the model's weights."""
+    :func:`supports` it, up to rounding (packed weights, a fused residual add), for ``start < max_len``
+    (default: the model's ``max_seq_len``). It copies ``weights`` when built and reads nothing of the model
+    after: build another after changing the model's weights."""
 
-    def __init__(self, weights: ModelWeights) -> None:
+    def __init__(self, weights: ModelWeights, max_len: int | None = None) -> None:
         c = weights.config
         if not supports(c):
             raise ValueError(
@@ -68,6 +75,7 @@ class DecodeStep:
                 f"positional={c.positional!r}. Use the model itself for this configuration."
             )
         self._n_q, self._n_kv, self._head_dim, self._window = c.n_heads, c.n_kv_heads, c.head_dim, c.sliding_window
+        self.max_len = c.max_seq_len if max_len is None else min(max_len, c.max_seq_len)
         layers = []
         for i, w in enumerate(weights.layers):
             attn_norm, attn_scale = _norm(w.attn_norm, c)
@@ -80,10 +88,10 @@ class DecodeStep:
         self._lm_head = pack(weights.lm_head, in_scale=final_scale)  # (d_model, vocab)
         self._embeddings = weights.tok_embeddings.clone()  # (vocab, d_model)
         positions = weights.pos_embeddings
-        self._positions = None if positions is None else positions.clone()  # (max_seq_len, d_model)
+        self._positions = None if positions is None else positions[: self.max_len].clone()  # (max_len, d_model)
         device = self._embeddings.device
-        self._slots = torch.arange(c.max_seq_len, device=device)  # (max_seq_len,): 0, 1, 2... for cache_position
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, signed sin: (max_seq_len, D)
+        self._slots = torch.arange(self.max_len, device=device)  # (max_len,): 0, 1, 2... for cache_position
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, signed sin: (max_len, D)
         if c.positional == "rope":
             cos, sin = kernels.rope_tables(self._slots[None], c.head_dim, c.rope_theta, c.dtype)
             self._rope = cos[0, 0], sin[0, 0]
