@@ -48,16 +48,10 @@ def pack(*weights: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.
     (d_in, sum of d_out) tensor: ``x @ packed`` reads the weight row by row, the faster layout on CPU for few
     rows. With ``in_scale`` (d_in,), the weight of the RMSNorm before the projection, each input column is
     scaled by it: ``(x * g) @ W.T == x @ (W * g).T``, which saves the norm one multiplication per call."""
-    if len(weights) == 1 and in_scale is None:
-        return weights[0].t().contiguous()
-    first = weights[0]
-    packed = first.new_empty(sum(w.shape[0] for w in weights), first.shape[1])  # (sum of d_out, d_in)
-    row = 0
-    for w in weights:  # one pass each: copied, or scaled on the way
-        rows = packed[row : row + w.shape[0]]
-        rows.copy_(w) if in_scale is None else torch.mul(w, in_scale, out=rows)
-        row += w.shape[0]
-    return packed.t().contiguous()
+    packed = torch.cat([w.t() for w in weights], dim=1)  # (d_in, sum of d_out), a copy
+    if in_scale is not None:
+        packed.mul_(in_scale[:, None])
+    return packed
 
 
 class DecodeStep:

@@ -10,12 +10,9 @@ embeddings and ALiBi) are ``cumsum(attention_mask) - 1``: left padding does not 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-RopeTables = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # positions (B, T) -> (B, 1, T, D) each
 
 
 @dataclass(frozen=True)
@@ -27,7 +24,7 @@ class StepContext:
     key_is_token: torch.Tensor | None  # (B, N) bool, False for padding; None: no padding
     position_ids: torch.Tensor  # (B, N) long
     cache_position: torch.Tensor  # (T,) long: slots start .. total-1
-    rope: tuple[torch.Tensor, torch.Tensor] | None  # the kernels' RoPE tables: (B, 1, T, head_dim) each
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # RoPE rows of the new tokens: (B, 1, T, head_dim) each
     alibi_slopes: torch.Tensor | None  # (H,)
     window: int | None
 
@@ -38,11 +35,12 @@ class StepContext:
         start: int,
         attention_mask: torch.Tensor | None,
         *,
-        rope_tables: RopeTables | None,
+        rope_tables: tuple[torch.Tensor, torch.Tensor] | None,
         alibi_slopes: torch.Tensor | None,
         window: int | None,
     ) -> StepContext:
-        """tokens: (B, T); attention_mask: (B, start+T) or None (no padding)."""
+        """tokens: (B, T); attention_mask: (B, start+T) or None (no padding); rope_tables: the kernels' RoPE
+        tables for every position, (max_seq_len, head_dim) each."""
         batch, t = tokens.shape
         total = start + t
         slots = torch.arange(total, device=tokens.device)  # (N,)
@@ -52,7 +50,10 @@ class StepContext:
         else:
             key_is_token = attention_mask.bool()
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, N)
-        rope = rope_tables(position_ids[:, start:]) if rope_tables is not None else None
+        rope = None
+        if rope_tables is not None:
+            new_positions = position_ids[:, start:]  # (B, T)
+            rope = rope_tables[0][new_positions][:, None], rope_tables[1][new_positions][:, None]
         return cls(start, total, key_is_token, position_ids, slots[start:], rope, alibi_slopes, window)
 
     def mask(self, n_keys: int) -> Mask:

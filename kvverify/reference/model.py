@@ -140,6 +140,11 @@ class ReferenceModel(nn.Module):
         self.lm_head = _param(config.vocab_size, config.d_model)
         slopes = numerics.alibi_slopes(config.n_heads) if config.positional == "alibi" else None
         self.alibi_slopes = slopes.to(config.dtype).to(config.device) if slopes is not None else None
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # the kernels' RoPE tables: (max_seq_len, D) each
+        if config.positional == "rope":
+            every = torch.arange(config.max_seq_len, device=config.device)[None]  # (1, max_seq_len)
+            cos, sin = self.ops.rope_tables(every, config.head_dim, config.rope_theta, config.dtype)
+            self.rope = cos[0, 0], sin[0, 0]
         self._init_weights(seed)
 
     @torch.no_grad()
@@ -185,7 +190,7 @@ class ReferenceModel(nn.Module):
         """
         ctx = StepContext.build(
             tokens, start, attention_mask,
-            rope_tables=self._rope_tables if self.config.positional == "rope" else None,
+            rope_tables=self.rope,
             alibi_slopes=self.alibi_slopes, window=self.config.sliding_window,
         )  # fmt: skip
         x = self.tok_embeddings[tokens]  # (B, T, d_model)
@@ -196,10 +201,6 @@ class ReferenceModel(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.ops.linear(self.final_norm(x), self.lm_head)  # (B, T or 1, vocab)
-
-    def _rope_tables(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.config
-        return self.ops.rope_tables(position_ids, c.head_dim, c.rope_theta, c.dtype)
 
     @torch.no_grad()
     def generate(
