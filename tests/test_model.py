@@ -66,3 +66,12 @@ def test_a_cache_longer_than_the_prompt_is_refused(model: ReferenceModel) -> Non
     out = model.generate(prompt(), 5)
     with pytest.raises(InputError, match="pass the whole sequence"):
         model.generate(prompt(), 2, cache=out.cache)
+
+
+def test_weights_are_the_parameters_as_plain_tensors(model: ReferenceModel) -> None:
+    weights = model.weights()
+    assert weights.config is CONFIG and len(weights.layers) == CONFIG.n_layers
+    assert weights.layers[1].w_down.data_ptr() == model.layers[1].mlp.w_down.data_ptr(), "a view, not a copy"
+    assert weights.lm_head.shape == (CONFIG.vocab_size, CONFIG.d_model)
+    assert weights.final_norm.bias is None and weights.pos_embeddings is None, "RMSNorm and RoPE have neither"
+    assert not weights.tok_embeddings.requires_grad

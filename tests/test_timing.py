@@ -1,11 +1,16 @@
 from __future__ import annotations
 
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
 
+from kvverify.caches import ContiguousCache
+from kvverify.engine.decode import DecodeStep
 from kvverify.profiling import timing
+from kvverify.reference.config import ModelConfig
+from kvverify.reference.model import ReferenceModel
 
 
 def test_uncached_timing_leaves_out_the_first_call() -> None:
@@ -22,6 +27,26 @@ def test_uncached_timing_leaves_out_the_first_call() -> None:
     seconds = timing.time_uncached(step, torch.zeros(1, 5, dtype=torch.long), repeats=2)
     assert calls == [5, 5, 5], f"expected one untimed warm-up and two timed calls; got {len(calls)} calls"
     assert seconds < 0.1, f"the cold first call leaked into the median: {seconds:.3f} s"
+
+
+@pytest.mark.parametrize(("numerics", "decoded"), [("fast", [4, 5]), ("strict", [])])
+def test_reference_step_decodes_one_cached_token_with_the_engine(numerics: str, decoded: list[int]) -> None:
+    config = ModelConfig.preset("tiny", numerics=numerics)
+    model = ReferenceModel(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    calls: list[int] = []
+
+    class Counting(DecodeStep):
+        def __call__(self, tokens: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
+            calls.append(start)
+            return super().__call__(tokens, cache, start)
+
+    with mock.patch.object(timing, "DecodeStep", Counting):
+        step = timing.reference_step(model)
+    timed = timing.time_cached(step, ContiguousCache(), tokens, context=4)
+    assert timed.step_s > 0
+    step(tokens, None, 0)  # uncached: the model's forward
+    assert calls == decoded, f"{numerics}: expected the engine at slots {decoded} only; it ran at {calls}"
 
 
 def test_cached_timing_needs_context_and_steps() -> None:

@@ -15,16 +15,21 @@ from typing import Any
 import torch
 
 from kvverify.adapters.hf.generation import cache_keyword, last_logits, library_generate
+from kvverify.engine.decode import DecodeStep, supports
 from kvverify.reference.model import ReferenceModel
 
 StepFn = Callable[[torch.Tensor, Any, int], torch.Tensor]
 
 
 def reference_step(model: ReferenceModel) -> StepFn:
-    """The reference model's step: ``start`` is the slot of the first new token."""
+    """The reference model's step: ``start`` is the slot of the first new token. One cached token runs the decode
+    engine (in fast numerics, as ``generate`` does), built here from the model's weights; the rest, its forward."""
+    engine = DecodeStep(model.weights()) if supports(model.config) else None
 
     @torch.no_grad()
     def step(tokens: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
+        if engine is not None and cache is not None and tokens.shape[1] == 1 and start < engine.max_len:
+            return engine(tokens, cache, start)
         logits: torch.Tensor = model(tokens, cache=cache, start=start, last_only=True)[:, -1]
         return logits
 

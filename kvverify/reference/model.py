@@ -1,28 +1,28 @@
 """A readable decoder-only transformer with a cached and an uncached generation path.
 
 Pre-norm blocks (RMSNorm or LayerNorm), grouped-query attention with RoPE, learned, ALiBi or no positions,
-an optional sliding window, a SwiGLU MLP and an untied LM head: the shape of Llama and Mistral.
-
-Geometry. Tokens are numbered by *slot*: slot 0 is the first token the cache ever saw, left padding
-included. A forward over new tokens at slots ``start .. start+T-1`` sees keys for slots ``0 .. N-1``
-(``N = start + T``). Query slot ``i`` may attend to key slot ``j`` when ``j <= i`` (causal, aligned to the
-bottom right, unlike ``is_causal=True`` which aligns top left), ``i - j < W`` with a sliding window of W,
-and key ``j`` is not padding. A padding query attends to itself only, so no row is empty.
-*Positions* (for RoPE, learned embeddings and ALiBi) are ``cumsum(attention_mask) - 1``: left padding does
-not shift them.
+an optional sliding window, a SwiGLU MLP and an untied LM head: the shape of Llama and Mistral. The slots,
+positions and masks of a forward are in :mod:`kvverify.reference.context`; the arithmetic is the model's
+kernel set (:mod:`kvverify.reference.kernels`), strict or fast, chosen once from ``config.numerics``.
+In fast numerics, ``generate`` decodes one token at a time with :class:`kvverify.engine.decode.DecodeStep`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 
-from kvverify.engine import decode as fast_decode
+from kvverify.caches import ContiguousCache
+from kvverify.engine import decode
 from kvverify.protocol import KVCache, written_slots
-from kvverify.reference import numerics
+from kvverify.reference import kernels, numerics
 from kvverify.reference.config import ModelConfig
+from kvverify.reference.context import StepContext
+from kvverify.reference.inputs import check_generate_inputs
+from kvverify.reference.weights import LayerWeights, ModelWeights, NormWeights
 
 
 @dataclass(frozen=True)
@@ -42,156 +42,33 @@ class Generation:
     cache: KVCache | None
 
 
-@dataclass(frozen=True)
-class StepContext:
-    """Everything a layer needs about the tokens of one forward, shared by all layers."""
-
-    start: int  # slot of the first new token
-    total: int  # N: tokens written after this forward
-    key_is_token: torch.Tensor  # (B, N) bool, False for padding
-    position_ids: torch.Tensor  # (B, N) long
-    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin: (B or 1, 1, T, head_dim)
-    alibi_slopes: torch.Tensor | None  # (H,)
-    cache_position: torch.Tensor  # (T,) long: slots start .. total-1
-    dense: bool  # no padding and no ALiBi: the mask is geometry alone (used by fast numerics)
-
-
 def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
-
-
-class _PackedWeight:
-    """Weights for fast numerics, concatenated along d_out (QKV, gate-up: one matmul) and stored transposed,
-    (d_in, sum of d_out): ``x @ packed`` reads the weight row by row, the faster layout on CPU for few rows.
-    With ``in_scale`` (d_in,), the weight of the RMSNorm before the projection, each input column is scaled
-    by it: ``(x * g) @ W.T == x @ (W * g).T``, which saves the norm one multiplication per call.
-
-    Rebuilt when a source is replaced (``param.data = ...``, ``.to()``) or modified in place (its version
-    counter moves); the sources are kept alive so a freed pointer is never mistaken for the same weight.
-    """
-
-    def __init__(self) -> None:
-        self._key: tuple[tuple[int, int], ...] = ()
-        self._sources: tuple[torch.Tensor, ...] = ()
-        self._value: torch.Tensor | None = None
-
-    def get(self, *weights: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
-        sources = weights if in_scale is None else (*weights, in_scale)
-        key = tuple([(w.data_ptr(), w._version) for w in sources])
-        if self._value is None or key != self._key:
-            self._sources = tuple(w.detach() for w in sources)
-            packed = torch.cat(self._sources[: len(weights)])  # (sum of d_out, d_in)
-            if in_scale is not None:
-                packed = packed * self._sources[-1]
-            self._value = packed.t().contiguous()  # (d_in, sum of d_out)
-            self._key = key
-        return self._value
-
-
-class _RopeTable:
-    """cos and signed sin (see :func:`numerics.fast_rope_tables`) for every position, built once, so fast
-    numerics gathers a step's rows instead of recomputing them."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        self.config = config
-        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def lookup(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids: (B, T) -> cos, signed sin: (B, 1, T, head_dim)."""
-        cos_table, sin_table = self._on(position_ids.device)
-        return cos_table[position_ids][:, None], sin_table[position_ids][:, None]
-
-    def span(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions ``start .. end-1`` for every row, as views -> cos, signed sin: (1, 1, T, head_dim)."""
-        cos_table, sin_table = self._on(device)
-        return cos_table[None, None, start:end], sin_table[None, None, start:end]
-
-    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.config
-        if self._tables is None or self._tables[0].device != device:
-            every = torch.arange(c.max_seq_len, device=device)[None]  # (1, max_seq_len)
-            cos, sin = numerics.rope_tables(every, c.head_dim, c.rope_theta, c.dtype, False)
-            cos, sin = numerics.fast_rope_tables(cos, sin)
-            self._tables = cos[0, 0], sin[0, 0]  # (max_seq_len, head_dim)
-        return self._tables
 
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.config, self.layer_idx = config, layer_idx
+        self.config, self.layer_idx, self.ops = config, layer_idx, kernels.for_config(config)
         c = config
         self.wq = _param(c.n_heads * c.head_dim, c.d_model)
         self.wk = _param(c.n_kv_heads * c.head_dim, c.d_model)
         self.wv = _param(c.n_kv_heads * c.head_dim, c.d_model)
         self.wo = _param(c.d_model, c.n_heads * c.head_dim)
-        self._qkv, self._wo = _PackedWeight(), _PackedWeight()
 
-    def forward(
-        self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None, in_scale: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``in_scale``: the folded RMSNorm weight (fast numerics only, see :class:`_PackedWeight`)."""
-        if self.config.numerics == "fast":
-            return self._forward_fast(x, ctx, cache, in_scale)
-        c, strict = self.config, self.config.numerics == "strict"
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None) -> torch.Tensor:
+        c, ops = self.config, self.ops
         batch, t, _ = x.shape
-        q = numerics.linear(x, self.wq, strict).view(batch, t, c.n_heads, c.head_dim).transpose(1, 2)
-        k = numerics.linear(x, self.wk, strict).view(batch, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        v = numerics.linear(x, self.wv, strict).view(batch, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        q = ops.linear(x, self.wq).view(batch, t, c.n_heads, c.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = ops.linear(x, self.wk).view(batch, t, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = ops.linear(x, self.wv).view(batch, t, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if ctx.rope is not None:  # RoPE before caching: the cache holds rotated keys
-            q, k = numerics.apply_rope(q, *ctx.rope), numerics.apply_rope(k, *ctx.rope)
-        if cache is not None:
-            cache_position = torch.arange(ctx.start, ctx.total, device=x.device)
-            k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position})
-        k, v = written_slots(k, v, ctx.total)
-        key_slots = torch.arange(ctx.total - k.shape[-2], ctx.total, device=k.device)  # token slot of each key
-        visible, bias = self._mask(ctx, key_slots)
-        out = numerics.attention(q, k, v, visible, bias, strict)  # (B, H, T, D)
-        return numerics.linear(out.transpose(1, 2).reshape(batch, t, -1), self.wo, strict)
-
-    def _forward_fast(
-        self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None, in_scale: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The same attention with one QKV matmul, RoPE on queries and keys at once, and no mask tensor when
-        every key is visible (one decoded token) or the mask is the square causal one (a prefill)."""
-        c = self.config
-        batch, t, _ = x.shape
-        n_q, n_kv = c.n_heads, c.n_kv_heads
-        qkv = numerics.fast_linear(x, self._qkv.get(self.wq, self.wk, self.wv, in_scale=in_scale))
-        qkv = qkv.view(batch, t, n_q + 2 * n_kv, c.head_dim).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
-        qk, v = qkv[:, : n_q + n_kv], qkv[:, n_q + n_kv :]
-        if ctx.rope is not None:
-            qk = numerics.fast_apply_rope(qk, *ctx.rope)
-        q, k = qk[:, :n_q], qk[:, n_q:]  # (B, H, T, D), (B, Hkv, T, D)
+            q, k = ops.apply_rope(q, *ctx.rope), ops.apply_rope(k, *ctx.rope)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, {"cache_position": ctx.cache_position})
-        k, v = written_slots(k, v, ctx.total)
-        s, window = k.shape[-2], c.sliding_window
-        if ctx.dense and (t == 1 or t == s) and (window is None or s <= window):
-            out = numerics.dense_attention(q, k, v, causal=t > 1)  # (B, H, T, D)
-        else:
-            key_slots = torch.arange(ctx.total - s, ctx.total, device=k.device)
-            visible, bias = self._mask(ctx, key_slots)
-            out = numerics.attention(q, k, v, visible, bias, False)
-        return numerics.fast_linear(out.transpose(1, 2).reshape(batch, t, -1), self._wo.get(self.wo))
-
-    def _mask(self, ctx: StepContext, key_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """visible: (B, 1, T, S') bool; bias: (B, H, T, S') for ALiBi, else None."""
-        query_slots = torch.arange(ctx.start, ctx.total, device=key_slots.device)
-        distance = query_slots[:, None] - key_slots[None, :]  # (T, S')
-        visible = distance >= 0
-        if self.config.sliding_window is not None:
-            visible &= distance < self.config.sliding_window
-        key_is_token = ctx.key_is_token[:, key_slots]  # (B, S')
-        visible = visible[None] & key_is_token[:, None, :]
-        visible |= (distance == 0)[None]  # a padding query sees itself
-        bias = None
-        if ctx.alibi_slopes is not None:
-            q_pos = ctx.position_ids[:, ctx.start : ctx.total]  # (B, T)
-            k_pos = ctx.position_ids[:, key_slots]  # (B, S')
-            rel = (q_pos[:, :, None] - k_pos[:, None, :]).to(ctx.alibi_slopes.dtype)  # (B, T, S')
-            bias = -ctx.alibi_slopes[None, :, None, None] * rel[:, None]
-        return visible[:, None], bias
+        k, v = written_slots(k, v, ctx.total)  # (B, Hkv, S', D): slots total - S' .. total - 1
+        out = ops.attention(q, k, v, ctx.mask(k.shape[-2]))  # (B, H, T, D)
+        return ops.linear(out.transpose(1, 2).reshape(batch, t, -1), self.wo)  # (B, T, d_model)
 
 
 class MLP(nn.Module):
@@ -199,61 +76,33 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.strict = config.numerics == "strict"
+        self.ops = kernels.for_config(config)
         self.w_gate = _param(config.d_ff, config.d_model)
         self.w_up = _param(config.d_ff, config.d_model)
         self.w_down = _param(config.d_model, config.d_ff)
-        self._gate_up, self._down = _PackedWeight(), _PackedWeight()
 
-    def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """``in_scale``: the folded RMSNorm weight (fast numerics only, see :class:`_PackedWeight`)."""
-        if not self.strict:  # one matmul for gate and up
-            gate_up = numerics.fast_linear(x, self._gate_up.get(self.w_gate, self.w_up, in_scale=in_scale))
-            gate, up = gate_up.chunk(2, dim=-1)
-            return numerics.fast_linear(nn.functional.silu(gate).mul_(up), self._down.get(self.w_down))
-        gate = numerics.elementwise(nn.functional.silu, numerics.linear(x, self.w_gate, self.strict), self.strict)
-        return numerics.linear(gate * numerics.linear(x, self.w_up, self.strict), self.w_down, self.strict)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = self.ops
+        gate = ops.silu(ops.linear(x, self.w_gate))  # (..., d_ff)
+        return ops.linear(gate * ops.linear(x, self.w_up), self.w_down)  # (..., d_model)
 
 
 class Norm(nn.Module):
+    """RMSNorm, or LayerNorm (with a bias) when ``config.norm == "layer"``."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.eps, self.strict = config.norm_eps, config.numerics == "strict"
+        self.eps, self.ops = config.norm_eps, kernels.for_config(config)
         self.weight = _param(config.d_model)
         self.bias = _param(config.d_model) if config.norm == "layer" else None
-        self.fast = config.numerics == "fast"
-        self._eps_tensor: torch.Tensor | None = None  # eps for fast_rms_norm, in the dtype and device last seen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast and x.dtype in (torch.float32, torch.float64):  # the fast kernels, same formula
-            if self.bias is None:
-                return numerics.fast_rms_norm(x, self.weight, self._eps_like(x))
-            return numerics.fast_layer_norm(x, self.weight, self.bias, self.eps)
         if self.bias is None:
-            return numerics.rms_norm(x, self.weight, self.eps, self.strict)
-        return numerics.layer_norm(x, self.weight, self.bias, self.eps, self.strict)
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
 
-    def folds(self, x: torch.Tensor) -> bool:
-        """Whether this norm's weight moves into the next projection for ``x``: fast RMSNorm in float32 or
-        float64. The caller then applies :meth:`unit` and passes ``weight`` as the projection's ``in_scale``."""
-        return self.fast and self.bias is None and x.dtype in (torch.float32, torch.float64)
-
-    def unit(self, x: torch.Tensor) -> torch.Tensor:
-        """RMSNorm without its weight, where :meth:`folds` is true."""
-        return numerics.fast_rms_unit(x, self._eps_like(x))
-
-    def before_projection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(normalized x, in_scale)`` for the projection that follows: ``(unit(x), weight)`` where the weight
-        folds into that projection (see :class:`_PackedWeight`), else ``(norm(x), None)``."""
-        if self.folds(x):
-            return self.unit(x), self.weight
-        return self(x), None
-
-    def _eps_like(self, x: torch.Tensor) -> torch.Tensor:
-        eps = self._eps_tensor
-        if eps is None or eps.dtype != x.dtype or eps.device != x.device:
-            eps = self._eps_tensor = torch.tensor(self.eps, dtype=x.dtype, device=x.device)
-        return eps
+    def weights(self) -> NormWeights:
+        return NormWeights(self.weight.detach(), None if self.bias is None else self.bias.detach())
 
 
 class Block(nn.Module):
@@ -263,11 +112,18 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = Norm(config), MLP(config)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None) -> torch.Tensor:
-        h, in_scale = self.attn_norm.before_projection(x)
-        x = x + self.attn(h, ctx, cache, in_scale=in_scale)
-        h, in_scale = self.mlp_norm.before_projection(x)
-        x = x + self.mlp(h, in_scale=in_scale)
+        x = x + self.attn(self.attn_norm(x), ctx, cache)
+        x = x + self.mlp(self.mlp_norm(x))
         return x
+
+    def weights(self) -> LayerWeights:
+        attn, mlp = self.attn, self.mlp
+        return LayerWeights(
+            attn_norm=self.attn_norm.weights(),
+            wq=attn.wq.detach(), wk=attn.wk.detach(), wv=attn.wv.detach(), wo=attn.wo.detach(),
+            mlp_norm=self.mlp_norm.weights(),
+            w_gate=mlp.w_gate.detach(), w_up=mlp.w_up.detach(), w_down=mlp.w_down.detach(),
+        )  # fmt: skip
 
 
 class ReferenceModel(nn.Module):
@@ -276,7 +132,7 @@ class ReferenceModel(nn.Module):
 
     def __init__(self, config: ModelConfig, seed: int = 0) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.ops = config, kernels.for_config(config)
         self.tok_embeddings = _param(config.vocab_size, config.d_model)
         self.pos_embeddings = _param(config.max_seq_len, config.d_model) if config.positional == "learned" else None
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
@@ -284,10 +140,12 @@ class ReferenceModel(nn.Module):
         self.lm_head = _param(config.vocab_size, config.d_model)
         slopes = numerics.alibi_slopes(config.n_heads) if config.positional == "alibi" else None
         self.alibi_slopes = slopes.to(config.dtype).to(config.device) if slopes is not None else None
-        self._rope_table = _RopeTable(config)
-        self._lm_head = _PackedWeight()
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # the kernels' RoPE tables: (max_seq_len, D) each
+        if config.positional == "rope":
+            every = torch.arange(config.max_seq_len, device=config.device)[None]  # (1, max_seq_len)
+            cos, sin = self.ops.rope_tables(every, config.head_dim, config.rope_theta, config.dtype)
+            self.rope = cos[0, 0], sin[0, 0]
         self._init_weights(seed)
-        self._decode_step = fast_decode.DecodeStep(self) if fast_decode.supports(config) else None
 
     @torch.no_grad()
     def _init_weights(self, seed: int) -> None:
@@ -304,6 +162,17 @@ class ReferenceModel(nn.Module):
                 value = torch.randn(shape, generator=generator, dtype=torch.float64) / shape[-1] ** 0.5
             param.data = value.to(dtype=self.config.dtype, device=self.config.device)
 
+    def weights(self) -> ModelWeights:
+        """Every weight as it is now, as plain tensors (the parameters' own storage, detached)."""
+        return ModelWeights(
+            config=self.config,
+            tok_embeddings=self.tok_embeddings.detach(),
+            pos_embeddings=None if self.pos_embeddings is None else self.pos_embeddings.detach(),
+            layers=tuple(cast("Block", block).weights() for block in self.layers),
+            final_norm=self.final_norm.weights(),
+            lm_head=self.lm_head.detach(),
+        )
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -319,15 +188,11 @@ class ReferenceModel(nn.Module):
         slot so far (None: no padding). Without a cache, ``start`` must be 0. Returns (B, T, vocab), or
         (B, 1, vocab) with ``last_only``.
         """
-        c = self.config
-        step = self._decode_step  # fast numerics: one unpadded, cached token takes the flat step (fast_decode)
-        one_token = tokens.shape[1] == 1 and attention_mask is None and start < c.max_seq_len
-        if step is not None and cache is not None and one_token:
-            return step(tokens, cache, start)[:, None]
-        if c.numerics == "fast" and attention_mask is None:
-            ctx = self._unpadded_context(tokens, start)
-        else:
-            ctx = self._context(tokens, start, attention_mask)
+        ctx = StepContext.build(
+            tokens, start, attention_mask,
+            rope_tables=self.rope,
+            alibi_slopes=self.alibi_slopes, window=self.config.sliding_window,
+        )  # fmt: skip
         x = self.tok_embeddings[tokens]  # (B, T, d_model)
         if self.pos_embeddings is not None:
             x = x + self.pos_embeddings[ctx.position_ids[:, start:]]
@@ -335,42 +200,7 @@ class ReferenceModel(nn.Module):
             x = layer(x, ctx, cache)
         if last_only:
             x = x[:, -1:]
-        if c.numerics == "fast":
-            h, in_scale = self.final_norm.before_projection(x)
-            return numerics.fast_linear(h, self._lm_head.get(self.lm_head, in_scale=in_scale))
-        return numerics.linear(self.final_norm(x), self.lm_head, c.numerics == "strict")
-
-    def _context(self, tokens: torch.Tensor, start: int, attention_mask: torch.Tensor | None) -> StepContext:
-        c = self.config
-        batch, t = tokens.shape
-        total = start + t
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, total, dtype=torch.long, device=tokens.device)
-        key_is_token = attention_mask.bool()
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, N)
-        new_positions = position_ids[:, start:]
-        rope = None
-        if c.positional == "rope":
-            if c.numerics == "fast":
-                rope = self._rope_table.lookup(new_positions)
-            else:
-                rope = numerics.rope_tables(new_positions, c.head_dim, c.rope_theta, c.dtype, c.numerics == "strict")
-        cache_position = torch.arange(start, total, device=tokens.device)
-        dense = c.numerics == "fast" and self.alibi_slopes is None and bool(key_is_token.all())
-        return StepContext(start, total, key_is_token, position_ids, rope, self.alibi_slopes, cache_position, dense)
-
-    def _unpadded_context(self, tokens: torch.Tensor, start: int) -> StepContext:
-        """:meth:`_context` without an attention mask, for fast numerics: positions are the slots, so RoPE
-        rows are views of the table and nothing waits on a tensor's value."""
-        batch, t = tokens.shape
-        total = start + t
-        slots = torch.arange(total, device=tokens.device)  # (N,)
-        key_is_token = torch.ones(batch, total, dtype=torch.bool, device=tokens.device)
-        rope = self._rope_table.span(start, total, tokens.device) if self.config.positional == "rope" else None
-        dense = self.alibi_slopes is None
-        return StepContext(
-            start, total, key_is_token, slots.expand(batch, total), rope, self.alibi_slopes, slots[start:], dense
-        )
+        return self.ops.linear(self.final_norm(x), self.lm_head)  # (B, T or 1, vocab)
 
     @torch.no_grad()
     def generate(
@@ -389,29 +219,21 @@ class ReferenceModel(nn.Module):
         prefills ``cache`` (a new :class:`~kvverify.caches.ContiguousCache` when None) with the tokens it does
         not hold yet and then feeds one token per step. A non-empty cache must hold a prefix of ``prompt``.
         """
-        from kvverify.reference.inputs import check_generate_inputs
-
         mask = check_generate_inputs(self.config, prompt, max_new_tokens, attention_mask, use_cache, cache)
-        # Without padding, fast numerics needs no mask: generated tokens never add any.
-        unpadded = self.config.numerics == "fast" and bool(mask.all())
+        unpadded = bool(mask.all())  # generated tokens never add padding: no mask needed at all
         sequences = prompt  # grown every step only where a step needs it (uncached); else joined at the end
         chosen_tokens: list[torch.Tensor] = []
         chosen_logits: list[torch.Tensor] = []
-        # The flat decode step, its weights read once: nothing in this loop but the cache's own code runs between
-        # two steps, and a cache has no business changing the model's parameters.
-        flat = self._decode_step if use_cache and unpadded else None
-        if flat is not None:
-            flat.refresh()
+        engine = None  # fast numerics decodes unpadded tokens one at a time with the engine, from today's weights
+        if use_cache and unpadded and decode.supports(self.config):
+            engine = decode.DecodeStep(self.weights(), max_len=prompt.shape[1] + max_new_tokens)
         if use_cache:
-            from kvverify.caches import ContiguousCache
-
             cache = ContiguousCache() if cache is None else cache
             past = int(cache.get_seq_length())  # transformers' static caches return a 0-d tensor
             new = prompt[:, past:]
         for _ in range(max_new_tokens):
-            if flat is not None and cache is not None and new.shape[1] == 1 and past < self.config.max_seq_len:
-                last = flat.decode(new, cache, past)  # (B, vocab)
-                past += 1
+            if engine is not None and cache is not None and new.shape[1] == 1 and past < engine.max_len:
+                last, past = engine(new, cache, past), past + 1  # (B, vocab)
             elif use_cache:
                 logits = self(new, cache=cache, start=past, attention_mask=None if unpadded else mask, last_only=True)
                 last, past = logits[:, -1], past + new.shape[1]

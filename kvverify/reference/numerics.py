@@ -1,18 +1,17 @@
-"""The two numerics of the reference model.
+"""Strict numerics, the reference model's oracle arithmetic (its other, fast numerics is
+:mod:`kvverify.engine.kernels`; :mod:`kvverify.reference.kernels` chooses between them).
 
-``strict``: one row gets the same bits whether it is computed alone or inside a batch, whatever masked keys
-surround it and on whichever device it runs. Strict numerics is built only from operations whose result for an
-element cannot depend on the tensor's shape: elementwise kernels, indexing (gather, sort of a bool key, cat),
-order-free reductions (max, amax) and integer sums. Every floating-point sum (projections, norms, q·k, the
-softmax denominator, the weighted sum of values) is :func:`tree_sum`, a fixed halving tree of elementwise adds
-over a zero-padded power-of-two length, accumulated in float32 at least. Sums over keys first bring the keys a
-query sees together, oldest first (the order the protocol defines), so a query gets the same bits from a cache
+One row gets the same bits whether it is computed alone or inside a batch, whatever masked keys surround it and
+on whichever device it runs. Strict numerics is built only from operations whose result for an element cannot
+depend on the tensor's shape: elementwise kernels, indexing (gather, sort of a bool key, cat), order-free
+reductions (max, amax) and integer sums. Every floating-point sum (projections, norms, q·k, the softmax
+denominator, the weighted sum of values) is :func:`tree_sum`, a fixed halving tree of elementwise adds over a
+zero-padded power-of-two length, accumulated in float32 at least. Sums over keys first bring the keys a query
+sees together, oldest first (the order the protocol defines), so a query gets the same bits from a cache
 returning a ring, a preallocated buffer or a concatenation as from a full recomputation. Cached and uncached
 logits are then bitwise identical, and any difference is a bug in the cache. (Torch's own ``sum``, ``cumsum``,
-matmul and SDPA choose their order by the tensor's shape: on CUDA for all of them, on the CPU for matmul and SDPA.)
-
-``fast``: the standard kernels (``torch.matmul`` on packed, transposed weights, ``F.scaled_dot_product_attention``);
-what benchmarks time.
+matmul and SDPA choose their order by the tensor's shape: on CUDA for all of them, on the CPU for matmul and
+SDPA.)
 """
 
 from __future__ import annotations
@@ -190,58 +189,6 @@ def _strict_attention(
     return out.reshape(batch, n_heads, t_q, head_dim).to(returned)
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor:
-    """Fast attention without a mask tensor: every key visible, or (``causal``) the square causal mask, where
-    top-left and bottom-right alignment agree. q: (B, H, T, D); k, v: (B, Hkv, S, D) -> (B, H, T, D)."""
-    batch, n_heads, t_q, head_dim = q.shape
-    n_kv_heads = k.shape[1]
-    group = n_heads // n_kv_heads
-    scale = 1.0 / math.sqrt(head_dim)
-    if t_q == 1 and not causal:  # one query per head: a group's queries become rows against their shared KV head
-        rows = q.view(batch, n_kv_heads, group, head_dim)
-        out = F.scaled_dot_product_attention(rows, k, v, scale=scale)  # (B, Hkv, group, D)
-        return out.view(batch, n_heads, 1, head_dim)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1)
-
-
-def fast_linear(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` from the transposed weight. x: (..., d_in), weight_t: (d_in, d_out) -> (..., d_out)."""
-    return torch.matmul(x, weight_t)
-
-
-def fast_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """RMSNorm for fast numerics in float32 or float64 (reduced precision goes through :func:`rms_norm`):
-    ``x * rsqrt(eps + |x|^2 / d) * weight`` in five kernels, where ``F.rms_norm`` on CPU launches a dozen.
-
-    x: (..., d); eps: 0-d, of x's dtype and device.
-    """
-    return fast_rms_unit(x, eps) * weight
-
-
-def fast_rms_unit(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """:func:`fast_rms_norm` without the weight, for a norm whose weight is folded into the next projection.
-
-    x: (..., d); eps: 0-d, of x's dtype and device.
-    """
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (..., 1)
-    return x * torch.rsqrt(torch.addcmul(eps, norm, norm, value=1 / x.shape[-1]))
-
-
-def fast_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm with torch's fused kernel, for fast numerics in float32 or float64. x: (..., d)."""
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-
-
-def fast_rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and a signed sin for :func:`fast_apply_rope`: ``rotate_half(x) * sin == swap_halves(x) * signed``."""
-    half = sin.shape[-1] // 2
-    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-
-
-def fast_apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """:func:`apply_rope` in three kernels. x: (B, heads, T, D); cos, signed_sin: (B, 1, T, D)."""
-    swapped = x.roll(x.shape[-1] // 2, dims=-1)  # halves swapped
-    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
