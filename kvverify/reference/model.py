@@ -140,11 +140,11 @@ class ReferenceModel(nn.Module):
         self.lm_head = _param(config.vocab_size, config.d_model)
         slopes = numerics.alibi_slopes(config.n_heads) if config.positional == "alibi" else None
         self.alibi_slopes = slopes.to(config.dtype).to(config.device) if slopes is not None else None
-        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # the kernels' RoPE tables: (max_seq_len, D) each
+        self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin: (max_seq_len, D) each
         if config.positional == "rope":
             every = torch.arange(config.max_seq_len, device=config.device)[None]  # (1, max_seq_len)
             cos, sin = self.ops.rope_tables(every, config.head_dim, config.rope_theta, config.dtype)
-            self.rope = cos[0, 0], sin[0, 0]
+            self.rope_tables = cos[0, 0], sin[0, 0]
         self._init_weights(seed)
 
     @torch.no_grad()
@@ -190,7 +190,7 @@ class ReferenceModel(nn.Module):
         """
         ctx = StepContext.build(
             tokens, start, attention_mask,
-            rope_tables=self.rope,
+            rope_tables=self.rope_tables,
             alibi_slopes=self.alibi_slopes, window=self.config.sliding_window,
         )  # fmt: skip
         x = self.tok_embeddings[tokens]  # (B, T, d_model)
