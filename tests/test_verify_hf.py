@@ -125,3 +125,21 @@ def test_batch_invariant_kernels_are_removed_afterwards() -> None:
         assert torch.equal(inside, ordered), "the fixed-order kernel is not in use"
     assert not torch.equal(inside, before), "this product does not tell the two kernels apart"
     assert torch.equal(a @ b, before), "the standard kernel was not restored"
+
+
+def test_a_pair_whose_cache_raises_is_a_failure_of_that_pair_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("transformers")
+    real = verify.teacher_forced
+
+    calls = []
+
+    def broken_for_static(model: Any, prompt: Any, mask: Any, tokens: Any, cache: Any) -> Any:
+        calls.append(cache)
+        if len(calls) == 2:  # the second pair's cache: static
+            raise ValueError("True is not in list")
+        return real(model, prompt, mask, tokens, cache)
+
+    monkeypatch.setattr(verify, "teacher_forced", broken_for_static)
+    rows = {row.cache: row for row in verify.verify_model("llama", ["dynamic", "static"])}
+    assert rows["dynamic"].verdict == "pass"
+    assert rows["static"].verdict == "FAIL" and "raised ValueError: True is not in list" in rows["static"].reason

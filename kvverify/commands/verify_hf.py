@@ -28,7 +28,8 @@ def format_table(rows: list[Row]) -> Table:
     for row in rows:
         c = row.comparison
         if c is None:
-            pairs.add_row(row.model, row.cache, "-", "-", "-", f"n/a: {row.reason}")
+            verdict = f"FAIL: {row.reason}" if row.error else f"n/a: {row.reason}"
+            pairs.add_row(row.model, row.cache, "-", "-", "-", verdict)
         else:
             pairs.add_row(row.model, row.cache, f"{c.max_error:.2g}", f"{c.atol:g}", c.tokens, row.verdict)
     return pairs
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     print_table(format_table(rows))
     print("caches: " + "; ".join(f"{name} = {CACHES[name].what}" for name in caches))
     failed = [row for row in rows if row.verdict == "FAIL"]
-    ran = sum(row.comparison is not None for row in rows)
+    ran = sum(row.comparison is not None or row.error for row in rows)
     print(f"{ran} pairs compared, {len(failed)} failed, {len(rows) - ran} not applicable "
           f"in {time.perf_counter() - started:.1f} s")
     return EXIT_FAILED if failed else EXIT_OK

@@ -93,15 +93,19 @@ def _tokens(expected: Generation, actual: Generation, agreement: Agreement) -> s
 
 @dataclass(frozen=True)
 class Row:
-    """One (model, cache) pair: its comparison, or None and the reason when the cache does not apply."""
+    """One (model, cache) pair: its comparison, or None and the reason when the cache does not apply (or, with
+    ``error``, when generating through the cache raised)."""
 
     model: str
     cache: str
     comparison: Comparison | None
     reason: str = ""
+    error: bool = False
 
     @property
     def verdict(self) -> str:
+        if self.error:
+            return "FAIL"
         if self.comparison is None:
             return "n/a"
         return "pass" if self.comparison.passed else "FAIL"
@@ -133,6 +137,10 @@ def _verify_model(name: str, cache_names: list[str], seed: int, bitwise: bool, d
         except NotApplicable as why:
             rows.append(Row(name, cache_name, None, str(why)))
             continue
-        actual = teacher_forced(model, prompt, mask, expected.tokens, cache)
+        try:
+            actual = teacher_forced(model, prompt, mask, expected.tokens, cache)
+        except Exception as error:  # the cache (or transformers with it) broke: a finding for this pair only
+            rows.append(Row(name, cache_name, None, f"raised {type(error).__name__}: {error}", error=True))
+            continue
         rows.append(Row(name, cache_name, compare(expected, actual, cache_atol(cache_name, bitwise))))
     return rows
