@@ -246,3 +246,15 @@ BELOW_THE_BOUNDARY: dict[str, Scenario] = {
 def test_subtle_mutant_hides_below_its_boundary(name: str) -> None:
     cached, uncached = BELOW_THE_BOUNDARY[name](MUTANTS[name].factory)
     assert torch.equal(cached, uncached), f"{name} fails without {sorted(MUTANTS[name].needs)}: the catalogue is wrong"
+
+
+def test_isolated_mutants_run_each_in_a_fresh_process_and_report_the_same() -> None:
+    # The path `mutants --device cuda` takes (one spawned process per mutant), run on the CPU.
+    from kvverify.commands.mutants import _rows
+
+    names = ["positions_restart", "offset_advanced_by_total"]  # the second trips a device-side assert on CUDA
+    isolated = list(_rows(names, "dev", 0, False, torch.device("cpu"), isolate=True))
+    in_process = list(_rows(names, "dev", 0, False, torch.device("cpu"), isolate=False))
+    assert [r.name for r in isolated] == names, "rows must come back in the order asked"
+    assert [(r.killed, r.killer) for r in isolated] == [(r.killed, r.killer) for r in in_process]
+    assert all(r.killed for r in isolated)

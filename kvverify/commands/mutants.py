@@ -10,10 +10,11 @@ killed and every control passes.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,32 @@ def _run_mutant(name: str, factory: CacheFactory, profile: str, seed: int, with_
     )
 
 
+def _rows(names: Sequence[str], profile: str, seed: int, with_baseline: bool, device: torch.device,
+          isolate: bool | None = None) -> Iterator[Row]:
+    """Each mutant's row, in order. On the CPU in this process; on a GPU (``isolate`` None) each mutant runs in a
+    fresh process, a few at a time: a mutant that indexes out of bounds trips a device-side assert, which leaves
+    the process's CUDA context unusable for every mutant after it."""
+    if not (device.type != "cpu" if isolate is None else isolate):
+        for name in names:
+            yield _run_mutant_named(name, profile, seed, with_baseline, device)
+        return
+    context = multiprocessing.get_context("spawn")  # a CUDA context does not survive fork
+    with context.Pool(processes=_WORKERS, maxtasksperchild=1) as pool:
+        jobs = [pool.apply_async(_run_mutant_named, (name, profile, seed, with_baseline, device)) for name in names]
+        for job in jobs:
+            yield job.get()
+
+
+#: Mutants run at once on a GPU, each in its own process.
+_WORKERS = 4
+
+
+def _run_mutant_named(name: str, profile: str, seed: int, with_baseline: bool, device: torch.device) -> Row:
+    from kvverify.mutants import MUTANTS
+
+    return _run_mutant(name, MUTANTS[name].factory, profile, seed, with_baseline, device)
+
+
 def _time_to_kill(results: Sequence[PropertyResult]) -> float | None:
     """Seconds from the start of the suite to the first failing example: the properties that passed before
     the killer, then the killer up to its first failure."""
@@ -157,9 +184,9 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"kvverify mutants: profile {args.profile}, seed {args.seed}, device {describe_device(device)}", flush=True)
     rows = []
-    for name in names:
-        rows.append(_run_mutant(name, MUTANTS[name].factory, args.profile, args.seed, with_baseline, device))
-        print(f"  {name}: {'killed by ' + rows[-1].killer if rows[-1].killed else 'survived'}", flush=True)
+    for row in _rows(names, args.profile, args.seed, with_baseline, device):
+        rows.append(row)
+        print(f"  {row.name}: {'killed by ' + row.killer if row.killed else 'survived'}", flush=True)
     print()
     _print_table(rows, with_baseline)
     if args.details:
