@@ -61,9 +61,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, strict: bool) -> torch.Tensor:
 
 def _strict_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x: (R, d_in), weight: (d_out, d_in) -> (R, d_out): products, then a tree over d_in."""
-    compute = _compute_dtype(x.dtype)
-    products = x.to(compute)[:, None, :] * weight.to(compute)  # (R, d_out, d_in)
-    return tree_sum(products, -1).to(x.dtype)
+    dtype, compute = x.dtype, _compute_dtype(x.dtype)
+    x, weight = _as(x, compute), _as(weight, compute)
+    pad = _pow2(x.shape[-1]) - x.shape[-1]  # padded here, where it is small, rather than after the product
+    if pad:  # 0 * 0: exact +0 terms, as tree_sum's own padding
+        x, weight = F.pad(x, (0, pad)), F.pad(weight, (0, pad))
+    products = x[:, None, :] * weight  # (R, d_out, d_in padded)
+    return _as(tree_sum(products, -1), dtype)
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _pow2(n: int) -> int:
+    """The power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
 
 
 def _rows_in_chunks(
@@ -72,7 +85,7 @@ def _rows_in_chunks(
     """``fn`` over the rows of x (..., d) -> (..., d'), a chunk of rows at a time (see _CHUNK_ELEMENTS)."""
     rows = x.reshape(-1, x.shape[-1])  # (R, d)
     step = max(1, _CHUNK_ELEMENTS // max(1, elements_per_row))
-    out = torch.cat([fn(chunk) for chunk in torch.split(rows, step)]) if rows.shape[0] else fn(rows)
+    out = fn(rows) if rows.shape[0] <= step else torch.cat([fn(chunk) for chunk in torch.split(rows, step)])
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -94,7 +107,7 @@ def tree_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     length = x.shape[dim]
     if length == 0:
         return x.sum(dim)  # an empty sum: zeros of the right shape
-    width = 1 << (length - 1).bit_length()  # the power of two >= length
+    width = _pow2(length)
     if width != length:
         pad_shape = list(x.shape)
         pad_shape[dim] = width - length
