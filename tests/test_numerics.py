@@ -17,7 +17,7 @@ def test_strict_linear_gives_a_row_the_same_bits_in_any_batch(dtype: torch.dtype
     w = torch.randn(29, 37, generator=g).to(dtype)
     for rows in range(1, 40):
         x = torch.randn(2, rows, 37, generator=g).to(dtype)
-        assert torch.equal(numerics.linear(x, w, True)[:, -1:], numerics.linear(x[:, -1:], w, True))
+        assert torch.equal(numerics.linear(x, w)[:, -1:], numerics.linear(x[:, -1:], w))
 
 
 def test_lane_stable_bits_do_not_depend_on_where_an_element_sits() -> None:
@@ -32,11 +32,11 @@ def test_strict_attention_ignores_masked_keys_wherever_they_are() -> None:
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 1, 4, generator=g) for _ in range(3))
     visible = torch.ones(1, 1, 1, 1, dtype=torch.bool)
-    alone = numerics.attention(q, k, v, visible, None, True)
+    alone = numerics.attention(q, k, v, visible, None)
     junk = torch.randn(1, 2, 5, 4, generator=g)
     padded_k, padded_v = torch.cat((junk, k), 2), torch.cat((junk, v), 2)
     mask = torch.tensor([False] * 5 + [True]).view(1, 1, 1, 6)
-    assert torch.equal(numerics.attention(q, padded_k, padded_v, mask, None, True), alone)
+    assert torch.equal(numerics.attention(q, padded_k, padded_v, mask, None), alone)
 
 
 GRID = list(itertools.product(["rope", "learned", "alibi", "none"], [None, 3], [torch.float32, torch.float16]))

@@ -35,15 +35,15 @@ class Kernels:
 
 
 def _strict_linear(x: Tensor, weight: Tensor) -> Tensor:
-    return numerics.linear(x, weight, True)
+    return numerics.linear(x, weight)
 
 
 def _strict_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    return numerics.rms_norm(x, weight, eps, True)
+    return numerics.rms_norm(x, weight, eps)
 
 
 def _strict_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    return numerics.layer_norm(x, weight, bias, eps, True)
+    return numerics.layer_norm(x, weight, bias, eps)
 
 
 def _strict_silu(x: Tensor) -> Tensor:
@@ -51,11 +51,11 @@ def _strict_silu(x: Tensor) -> Tensor:
 
 
 def _strict_rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    return numerics.rope_tables(positions, head_dim, theta, dtype, True)
+    return numerics.rope_tables(positions, head_dim, theta, dtype)
 
 
 def _strict_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Tensor:
-    return numerics.attention(q, k, v, *mask.tensors(), True)
+    return numerics.attention(q, k, v, *mask.tensors())
 
 
 def _fast_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Tensor:

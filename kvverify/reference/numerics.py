@@ -48,15 +48,9 @@ def lane_stable(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
     return out[:n].view(x.shape)
 
 
-def elementwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, strict: bool) -> torch.Tensor:
-    return lane_stable(fn, x) if strict else fn(x)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, strict: bool) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T``. x: (..., d_in), weight: (d_out, d_in) -> (..., d_out)."""
-    if strict:
-        return _rows_in_chunks(lambda rows: _strict_linear(rows, weight), x, weight.numel())
-    return F.linear(x, weight)
+    return _rows_in_chunks(lambda rows: _strict_linear(rows, weight), x, weight.numel())
 
 
 def _strict_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -118,27 +112,25 @@ def tree_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return x.squeeze(dim)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, strict: bool) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm, computed in float32 at least (as transformers' LlamaRMSNorm does). x: (..., d)."""
     compute = _compute_dtype(x.dtype)
     h = x.to(compute)
-    h = h * elementwise(torch.rsqrt, _mean(h * h, strict) + eps, strict)
+    h = h * lane_stable(torch.rsqrt, _mean(h * h) + eps)
     return weight * h.to(x.dtype)
 
 
-def _mean(x: torch.Tensor, strict: bool) -> torch.Tensor:
-    """The mean over the last dimension (keepdim); a tree sum divided by the length in strict numerics."""
-    if strict:
-        return tree_sum(x, -1)[..., None] / x.shape[-1]
-    return x.mean(-1, keepdim=True)
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean over the last dimension (keepdim): a tree sum divided by the length."""
+    return tree_sum(x, -1)[..., None] / x.shape[-1]
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, strict: bool) -> torch.Tensor:
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm from row-local sums, so strict and fast agree. x: (..., d)."""
     compute = _compute_dtype(x.dtype)
     h = x.to(compute)
-    centred = h - _mean(h, strict)
-    h = centred * elementwise(torch.rsqrt, _mean(centred * centred, strict) + eps, strict)
+    centred = h - _mean(h)
+    h = centred * lane_stable(torch.rsqrt, _mean(centred * centred) + eps)
     return h.to(x.dtype) * weight + bias
 
 
@@ -148,7 +140,6 @@ def attention(
     v: torch.Tensor,
     visible: torch.Tensor,
     bias: torch.Tensor | None,
-    strict: bool,
 ) -> torch.Tensor:
     """Softmax attention with grouped-query heads, repeated here after reading the cache.
 
@@ -157,14 +148,8 @@ def attention(
     one key. Returns (B, H, Tq, D).
     """
     batch, n_heads, t_q, head_dim = q.shape
-    n_kv_heads, s = k.shape[1], k.shape[2]
-    group = n_heads // n_kv_heads
+    s = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim)
-    if not strict:
-        mask: torch.Tensor = visible
-        if bias is not None:
-            mask = bias.masked_fill(~visible, float("-inf")).to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
     step = max(1, _CHUNK_ELEMENTS // max(1, batch * n_heads * s * head_dim))  # queries per chunk
     chunks = [
         _strict_attention(q[:, :, i : i + step], k, v, visible[:, :, i : i + step],
@@ -210,7 +195,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_tables(
-    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, strict: bool
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin for rotary embeddings (the non-interleaved layout of transformers' Llama).
 
@@ -222,7 +207,7 @@ def rope_tables(
     )
     freqs = position_ids.to(compute)[..., None] * inv_freq  # (B, T, head_dim / 2)
     emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = elementwise(torch.cos, emb, strict), elementwise(torch.sin, emb, strict)
+    cos, sin = lane_stable(torch.cos, emb), lane_stable(torch.sin, emb)
     return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
