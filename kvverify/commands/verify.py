@@ -1,21 +1,35 @@
 """``kvverify verify [MODULE:FACTORY] [--profile ci|dev|thorough] [--max-examples N] [--seed N] [--device D]
-[--junitxml PATH]``.
+[--junitxml PATH] [--time-limit SECONDS|none] [--in-process]``.
 
 Without a target it verifies the built-in caches. Exit 0 when every property holds, 1 when a property or the
 contract fails, 2 when the command is wrong or the target unusable. Every failure prints the one-line command
 that reproduces it: the same seed, profile and example count run the same examples.
+
+Each target runs in a child process (:mod:`kvverify.suite.isolation`) that gets every option of the command:
+:func:`suite_for` is where they reach :func:`~kvverify.suite.run_suite`. A target that ends, crashes or hangs
+that process fails the property it was running; it cannot end or hang this one.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import sys
 import time
+from collections.abc import Collection
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvverify.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from kvverify.commands.tables import print_results
 from kvverify.suite.settings import PROFILE_EXAMPLES
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvverify.protocol import CacheFactory
+    from kvverify.suite import SuiteResult
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -34,38 +48,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", metavar="DEVICE",
                         help="where the models, prompts and caches live: cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--junitxml", metavar="PATH", help="also write a JUnit XML report")
-    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--time-limit", default=None, metavar="SECONDS",
                         help="seconds one example may take before the cache is reported as hanging "
-                        "(default: 60)")
+                        "(default: 60; none: no limit)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the target in this process, for a debugger (a target that exits, crashes or "
+                        "swallows the time limit then ends or hangs the run)")
 
 
-def _targets(spec: str | None) -> list[tuple[str, object]]:
+def _target_names(spec: str | None) -> list[str]:
+    """The built-in caches' names without a target; else the target (loaded where its suite runs)."""
     from kvverify.caches import BUILTIN_CACHES
 
-    if spec is None:
-        return list(BUILTIN_CACHES.items())
-    if spec in BUILTIN_CACHES:
-        return [(spec, BUILTIN_CACHES[spec])]
+    return list(BUILTIN_CACHES) if spec is None else [spec]
+
+
+def _factory(name: str) -> CacheFactory:
+    from kvverify.caches import BUILTIN_CACHES
     from kvverify.suite.loading import load_factory
 
-    return [(spec, load_factory(spec))]
+    return BUILTIN_CACHES[name] if name in BUILTIN_CACHES else load_factory(name)
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvverify.suite import PROPERTIES, run_suite
+    from kvverify.suite import PROPERTIES
     from kvverify.suite.devices import DeviceError, describe_device, resolve_device
     from kvverify.suite.loading import TargetError
 
-    if args.max_examples is not None and args.max_examples < 1:
-        print(f"kvverify verify: --max-examples must be >= 1; got {args.max_examples}", file=sys.stderr)
-        return EXIT_USAGE
-    unknown = [p for p in args.properties or [] if p not in PROPERTIES]
-    if unknown:
-        expected = ", ".join(sorted(PROPERTIES))
-        print(f"kvverify verify: unknown property {unknown[0]!r}; expected one of {expected}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.time_limit is not None and args.time_limit <= 0:
-        print(f"kvverify verify: --time-limit must be > 0 seconds; got {args.time_limit}", file=sys.stderr)
+    problem = _usage_problem(args, PROPERTIES)
+    if problem:
+        print(f"kvverify verify: {problem}", file=sys.stderr)
         return EXIT_USAGE
     try:
         device = resolve_device(args.device, option="--device")
@@ -73,21 +85,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvverify verify: {error}", file=sys.stderr)
         return EXIT_USAGE
     seed = args.seed if args.seed is not None else random.randrange(2**32)
-    try:
-        targets = _targets(args.target)
-    except TargetError as error:
-        print(f"kvverify verify: {error}", file=sys.stderr)
-        return EXIT_USAGE
     print(f"kvverify verify: profile {args.profile}, seed {seed}, device {describe_device(device)}", flush=True)
     started = time.perf_counter()
     results = []
-    for name, factory in targets:
+    for name in _target_names(args.target):
         try:
-            result = run_suite(factory, target=name, profile=args.profile, seed=seed,  # type: ignore[arg-type]
-                               properties=args.properties, time_limit=_time_limit(args),
-                               reproduce=_reproduce_command(args, name, seed), max_examples=args.max_examples,
-                               device=device)
-        except TargetError as error:
+            result = _run_target(args, name, seed, device, list(args.properties or PROPERTIES))
+        except (TargetError, DeviceError) as error:
             print(f"kvverify verify: {error}", file=sys.stderr)
             return EXIT_USAGE
         results.append(result)
@@ -97,14 +101,77 @@ def run(args: argparse.Namespace) -> int:
     if args.junitxml:
         from kvverify.suite.junit import write_junit
 
-        write_junit(results, args.junitxml)
+        try:
+            write_junit(results, args.junitxml)
+        except OSError as error:
+            print(f"kvverify verify: --junitxml {args.junitxml!r} could not be written: {error}", file=sys.stderr)
+            return EXIT_USAGE
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
 
-def _time_limit(args: argparse.Namespace) -> float:
-    from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT
+def _run_target(args: argparse.Namespace, name: str, seed: int, device: torch.device,
+                properties: list[str]) -> SuiteResult:
+    """The target's suite, in a child process unless ``--in-process``."""
+    if args.in_process:
+        return suite_for(args, name, seed, device, properties=properties)
+    from kvverify.suite.isolation import run_isolated
 
-    return float(args.time_limit) if args.time_limit is not None else DEFAULT_TIME_LIMIT
+    work = functools.partial(suite_for, args, name, seed, device)
+    return run_isolated(work, target=name, properties=properties, time_limit=_time_limit(args),
+                        reproduce=_reproduce_command(args, name, seed))
+
+
+def suite_for(args: argparse.Namespace, name: str, seed: int, device: torch.device, *,
+              properties: list[str]) -> SuiteResult:
+    """One target's suite with the command's options; where it runs, the target is loaded and run. An option
+    that changes the run reaches run_suite here, and so the child process."""
+    from kvverify.suite import run_suite
+
+    return run_suite(_factory(name), target=name, profile=args.profile, seed=seed, properties=properties,
+                     time_limit=_time_limit(args), reproduce=_reproduce_command(args, name, seed),
+                     max_examples=args.max_examples, device=device)
+
+
+def _usage_problem(args: argparse.Namespace, properties: Collection[str]) -> str | None:
+    """What is wrong with the command's options (checked before anything runs), or None."""
+    from kvverify.suite.watchdog import parse_time_limit
+
+    if args.max_examples is not None and args.max_examples < 1:
+        return f"--max-examples must be >= 1; got {args.max_examples}"
+    unknown = [p for p in args.properties or [] if p not in properties]
+    if unknown:
+        return f"unknown property {unknown[0]!r}; expected one of {', '.join(sorted(properties))}"
+    if args.time_limit is not None:
+        try:
+            parse_time_limit(args.time_limit, "--time-limit")
+        except ValueError as error:
+            return str(error)
+    return _unwritable(args.junitxml) if args.junitxml else None
+
+
+def _unwritable(path: str) -> str | None:
+    """Why a report cannot be written at ``path``, or None (a file it creates to find out is removed)."""
+    report = Path(path)
+    if report.is_dir():
+        return (f"--junitxml {path!r} is a directory; expected the path of the XML file to write, e.g. "
+                f"{str(report / 'kvverify.xml')!r}")
+    existed = report.exists()
+    try:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        with report.open("a"):
+            pass
+    except OSError as error:
+        return (f"--junitxml {path!r} cannot be written ({error.strerror or error}); expected a file path in a "
+                "writable directory: choose another path or fix the permissions")
+    if not existed:
+        report.unlink()
+    return None
+
+
+def _time_limit(args: argparse.Namespace) -> float | None:
+    from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT, parse_time_limit
+
+    return DEFAULT_TIME_LIMIT if args.time_limit is None else parse_time_limit(args.time_limit, "--time-limit")
 
 
 def _reproduce_command(args: argparse.Namespace, name: str, seed: int) -> str:
@@ -113,7 +180,8 @@ def _reproduce_command(args: argparse.Namespace, name: str, seed: int) -> str:
     if args.max_examples is not None:
         parts.append(f"--max-examples {args.max_examples}")
     if args.time_limit is not None:
-        parts.append(f"--time-limit {args.time_limit:g}")
+        limit = _time_limit(args)
+        parts.append(f"--time-limit {'none' if limit is None else format(limit, 'g')}")
     if args.device != "cpu":
         parts.append(f"--device {args.device}")
     return " ".join(parts)

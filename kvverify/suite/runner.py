@@ -16,10 +16,18 @@ from hypothesis.errors import HypothesisException
 
 from kvverify.protocol import CacheFactory
 from kvverify.reference.threads import torch_threads
+from kvverify.suite.loading import TargetError
 from kvverify.suite.properties import PROPERTIES, Property
-from kvverify.suite.settings import profile_settings
+from kvverify.suite.settings import PROFILE_EXAMPLES, profile_settings
 from kvverify.suite.target import Target, make_target
-from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT, ExampleTimeout, run_with_time_limit
+from kvverify.suite.watchdog import (
+    DEFAULT_TIME_LIMIT,
+    ExampleTimeout,
+    TargetExit,
+    check_time_limit,
+    run_with_time_limit,
+    tell,
+)
 
 Verdict = Literal["passed", "failed", "skipped", "error"]
 
@@ -85,7 +93,7 @@ def _failure_report(error: BaseException, case: Any, where: str = "", label: str
 
 
 def _checked(prop: Property, target: Target, case: Any, time_limit: float | None) -> None:
-    run_with_time_limit(lambda: prop.check(target, case), time_limit, f"one example of {prop.name}")
+    run_with_time_limit(lambda: prop.check(target, case), time_limit, f"one example of {prop.name}", case)
 
 
 def property_test(
@@ -167,7 +175,7 @@ def _locate(prop: Property, target: Target, case: Any, time_limit: float | None)
 
     try:
         return locate(prop.check, target, case, time_limit)
-    except Exception as error:  # locating is a courtesy: never let it hide the failure itself
+    except (Exception, ExampleTimeout) as error:  # locating is a courtesy: never let it hide the failure itself
         return f"where: could not be located ({type(error).__name__}: {error})."
 
 
@@ -185,40 +193,79 @@ def run_suite(
     target: str,
     profile: str = "ci",
     seed: int | None = None,
-    properties: Sequence[str] | None = None,
+    properties: Sequence[str] | str | None = None,
     time_limit: float | None = DEFAULT_TIME_LIMIT,
     reproduce: str | None = None,
     stop_at_first_failure: bool = False,
     device: str | torch.device | None = None,
     max_examples: int | None = None,
 ) -> SuiteResult:
-    """Run every property (or the named ones) against the cache the factory builds, with every model, prompt
-    and cache on ``device`` (the CPU when None).
+    """Run every property (or the named ones: a name or a list of names) against the cache the factory builds,
+    with every model, prompt and cache on ``device`` (the CPU when None).
 
     ``max_examples``: in place of the profile's count of examples (each property runs its share of it).
+
+    ``time_limit``: seconds one example may take (None: no limit); probing the target may take
+    :data:`PROBE_CALLS` times as long.
 
     ``stop_at_first_failure``: skip the remaining properties once one fails (a kill is a kill).
 
     ``reproduce``: a command that reruns the suite with this seed; each failure gets it with ``--property NAME``.
     Raises :class:`~kvverify.suite.loading.TargetError` when the factory is unusable or declares other devices,
-    :class:`~kvverify.suite.devices.DeviceError` when this machine lacks the device.
+    :class:`~kvverify.suite.devices.DeviceError` when this machine lacks the device, ValueError naming what
+    is expected for a wrong profile, property, time limit or example count.
     """
-    chosen = list(PROPERTIES) if properties is None else list(properties)
-    unknown = [name for name in chosen if name not in PROPERTIES]
-    if unknown:
-        raise ValueError(f"unknown propert(y/ies) {unknown}; expected some of {sorted(PROPERTIES)}")
+    chosen = check_options(profile=profile, properties=properties, time_limit=time_limit, max_examples=max_examples)
     seed = random.randrange(2**32) if seed is None else seed
-    described = make_target(factory, target, time_limit=time_limit, device=device)
+    described = describe_target(factory, target, time_limit=time_limit, device=device)
+    tell("suite", target, seed, profile, str(described.device))
     results = []
     for name in chosen:
+        tell("property", name)
         result = run_property(PROPERTIES[name], described, profile=profile, seed=seed, time_limit=time_limit,
                               max_examples=max_examples)
         if reproduce and result.verdict in ("failed", "error"):
             result = replace(result, reproduce=f"{reproduce} --property {name}")
+        tell("result", result)
         results.append(result)
         if stop_at_first_failure and result.verdict in ("failed", "error"):
             break
     return SuiteResult(target, seed, profile, results, device=str(described.device))
+
+
+#: Probing a target (two caches built, then crop, reorder_cache and reset tried) may take this many time limits.
+PROBE_CALLS = 8
+
+
+def describe_target(factory: CacheFactory, name: str, *, time_limit: float | None,
+                    device: str | torch.device | None) -> Target:
+    """:func:`~kvverify.suite.target.make_target` within ``PROBE_CALLS`` time limits, with a probe that
+    hangs, ends the process (``sys.exit``) or interrupts itself answered by a
+    :class:`~kvverify.suite.loading.TargetError`."""
+    budget = None if time_limit is None else PROBE_CALLS * time_limit
+    what = f"probing target {name!r} (two caches built, then crop, reorder_cache and reset tried on a third)"
+    try:
+        return run_with_time_limit(lambda: make_target(factory, name, time_limit=time_limit, device=device),
+                                   budget, what)
+    except (TargetExit, ExampleTimeout) as error:
+        raise TargetError(f"target {name!r}: {error}") from None
+
+
+def check_options(*, profile: str, properties: Sequence[str] | str | None, time_limit: object,
+                  max_examples: int | None) -> list[str]:
+    """The property names to run (a single name is one property), or ValueError naming what was expected."""
+    if profile not in PROFILE_EXAMPLES:
+        raise ValueError(f"profile must be one of {', '.join(PROFILE_EXAMPLES)}; got {profile!r}.")
+    check_time_limit(time_limit, "time_limit")
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
+                                     or max_examples < 1):
+        raise ValueError(f"max_examples must be a whole number >= 1 (None: the profile's count); got {max_examples!r}.")
+    chosen = [properties] if isinstance(properties, str) else list(PROPERTIES if properties is None else properties)
+    unknown = [name for name in chosen if name not in PROPERTIES]
+    if unknown or not chosen:
+        raise ValueError(f"properties must name some of {', '.join(PROPERTIES)} (a name or a list of names; None "
+                         f"for all); got {properties!r}" + (f", where {unknown} are unknown." if unknown else "."))
+    return chosen
 
 
 def check_cache(
@@ -228,7 +275,7 @@ def check_cache(
     seed: int | None = None,
     name: str | None = None,
     max_examples: int | None = None,
-    properties: Sequence[str] | None = None,
+    properties: Sequence[str] | str | None = None,
     time_limit: float | None = DEFAULT_TIME_LIMIT,
     device: str | torch.device | None = None,
 ) -> SuiteResult:
@@ -238,12 +285,20 @@ def check_cache(
 
     ``device``: ``"cpu"`` (the default), ``"cuda"``, ``"cuda:N"`` or a torch.device; the models, prompts and
     caches live there. One this machine lacks raises :class:`~kvverify.suite.devices.DeviceError`.
+    ``properties``: a property's name or a list of names (None: all). ``time_limit``: seconds per example
+    (None: no limit). A wrong profile, property, limit or count raises ValueError naming what is expected.
+
+    It runs in the calling process: a cache that calls ``sys.exit()`` or raises ``KeyboardInterrupt`` fails,
+    but one that calls ``os._exit()``, crashes the interpreter, swallows the time limit's interrupt in a bare
+    ``except:`` or leaves a non-daemon thread behind takes the caller with it. ``kvverify verify`` runs the
+    target in a child process that contains all of those.
 
     >>> import kvverify
     >>> kvverify.check_cache(kvverify.ContiguousCache.from_config, profile="dev")  # doctest: +SKIP
     """
     from kvverify.suite.devices import resolve_device
 
+    check_options(profile=profile, properties=properties, time_limit=time_limit, max_examples=max_examples)
     where = resolve_device(device, option="device=")
     label = name or str(getattr(factory, "__qualname__", "cache"))
     seed = random.randrange(2**32) if seed is None else seed

@@ -1,0 +1,236 @@
+"""Running a target's suite in a child process, so that nothing the target does can end, hang or fool the run.
+
+:func:`run_isolated` starts a fresh interpreter (multiprocessing's "spawn": the same on Linux, macOS and
+Windows) that runs the suite and sends each :class:`~kvverify.suite.runner.PropertyResult` back over a pipe,
+with a message as each call into the cache begins and ends (:func:`kvverify.suite.watchdog.tell`). The parent
+holds the clock: a call that runs past its time limit plus a grace (the child's own SIGALRM could not stop it:
+a bare ``except:`` swallowed it, or a C call never returned, or there is no SIGALRM) gets the child killed.
+A child that dies (``os._exit()``, ``sys.exit()`` from a thread, a segfault, the OOM killer) or is killed
+becomes a failed property naming the exit code or signal, the call and the last case it ran; the remaining
+properties run in a new child. The child ends with ``os._exit`` once it has sent its last message, so a
+non-daemon thread the cache left behind cannot keep it alive, and it ignores SIGINT: a ``KeyboardInterrupt``
+in it comes from the cache, while the user's Ctrl-C stops the parent, which kills the child.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from kvverify.suite.devices import DeviceError
+from kvverify.suite.loading import TargetError
+from kvverify.suite.runner import PropertyResult, SuiteResult
+from kvverify.suite.watchdog import listen
+
+#: What a child runs: ``work(properties=[...])`` returns the suite of those properties. It must pickle (a
+#: module-level function, or a functools.partial of one with picklable arguments).
+Work = Callable[..., SuiteResult]
+
+#: Seconds the child may go without a word outside any timed call (imports, the suite's own work), when a time
+#: limit is set; at least four time limits.
+QUIET_LIMIT = 300.0
+_POLL = 0.5  # seconds between checks that the child still lives
+_ERRORS: dict[str, type[Exception]] = {"TargetError": TargetError, "DeviceError": DeviceError,
+                                       "ValueError": ValueError}
+
+
+def grace(seconds: float) -> float:
+    """How long past a call's time limit the parent waits for the child's own interrupt before killing it."""
+    return min(10.0, max(2.0, seconds / 4))
+
+
+def run_isolated(work: Work, *, target: str, properties: Sequence[str], time_limit: float | None,
+                 reproduce: str | None = None) -> SuiteResult:
+    """``work(properties=...)`` in child processes: one, and a new one for the remaining properties after each
+    death. ``time_limit``: the per-example limit the work applies (None: none, and the child is never killed).
+    ``reproduce``: the command that reruns the suite; a property whose child died gets it with ``--property``.
+
+    Raises :class:`~kvverify.suite.loading.TargetError` for an unusable target, or one whose child died
+    before the properties began; the work's own ValueError and DeviceError come through as such."""
+    remaining = list(properties)
+    results: list[PropertyResult] = []
+    header: tuple[str, int, str, str] | None = None
+    while remaining:
+        watch = _Watch(time_limit)
+        final = watch.run(work, remaining)
+        results += watch.results
+        header = watch.header or header
+        if final is not None:
+            header = (final.target, final.seed, final.profile, final.device)
+            break
+        if watch.property is None or header is None:
+            raise TargetError(f"target {target!r}: {watch.death}")
+        again = f"{reproduce} --property {watch.property}" if reproduce else ""
+        results.append(PropertyResult(watch.property, "failed", watch.examples,
+                                      time.monotonic() - watch.property_started, watch.death, reproduce=again))
+        done = {r.name for r in results}
+        remaining = [name for name in remaining if name not in done]
+    if header is None:  # no properties asked for
+        raise ValueError("run_isolated needs at least one property")
+    name, seed, profile, device = header
+    return SuiteResult(name, seed, profile, results, device=device)
+
+
+def _child(connection: Connection, work: Work, properties: list[str]) -> None:
+    """The child's whole life: run the work, say how it went, and end whatever the cache left running."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: a KeyboardInterrupt here is the cache's
+    message: tuple[Any, ...]
+    try:
+        listen(connection.send)
+        message = ("done", work(properties=properties))
+    except BaseException as error:
+        message = ("error", type(error).__name__, str(error), "".join(traceback.format_exception(error)))
+    try:
+        listen(None)
+        connection.send(message)
+        connection.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(0)
+
+
+@dataclass
+class _Watch:
+    """One child, watched: what it reported, and what it was doing when it died."""
+
+    time_limit: float | None
+    results: list[PropertyResult] = field(default_factory=list)
+    header: tuple[str, int, str, str] | None = None  # target, seed, profile, device
+    property: str | None = None  # the property running now
+    property_started: float = 0.0
+    examples: int = 0  # calls of the current property that finished
+    calls: list[tuple[float | None, float, str, str | None]] = field(default_factory=list)  # limit, start, what, case
+    last_case: str | None = None
+    last_word: float = field(default_factory=time.monotonic)
+    death: str = ""
+
+    def run(self, work: Work, properties: list[str]) -> SuiteResult | None:
+        """The child's SuiteResult, or None when it died (``death`` says how)."""
+        context = multiprocessing.get_context("spawn")
+        reader, writer = context.Pipe(duplex=False)
+        # not a daemon: a daemon may not start processes of its own, and a cache may (workers, a server)
+        process = context.Process(target=_child, args=(writer, work, properties), name="kvverify-target")
+        process.start()
+        writer.close()  # the child holds the only writer: its death is the reader's end of file
+        try:
+            return self._follow(process, reader)
+        finally:
+            reader.close()
+            if process.is_alive():
+                process.kill()
+            process.join(5)
+
+    def _follow(self, process: Any, reader: Connection) -> SuiteResult | None:
+        while True:
+            deadline, call = self._deadline()
+            now = time.monotonic()
+            if deadline is not None and now >= deadline and not reader.poll(0):
+                process.kill()
+                process.join(5)
+                self.death = self._with_case(_hang(call, now - (call[1] if call else self.last_word)))
+                return None
+            if reader.poll(_POLL if deadline is None else min(_POLL, deadline - now)):
+                try:
+                    message = reader.recv()
+                except (EOFError, OSError):
+                    self._died(process)
+                    return None
+                self.last_word = time.monotonic()
+                if message[0] == "done":
+                    return message[1]  # type: ignore[no-any-return]
+                if message[0] == "error":
+                    _raise(*message[1:])
+                self._note(message)
+            elif not process.is_alive() and not reader.poll(0):
+                self._died(process)
+                return None
+
+    def _note(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "enter":
+            self.calls.append((message[1], time.monotonic(), message[2], message[3]))
+            self.last_case = message[3] or self.last_case
+        elif kind == "leave" and self.calls:
+            self.calls.pop()
+            self.examples += not self.calls and self.property is not None
+        elif kind == "suite":
+            self.header = (message[1], message[2], message[3], message[4])
+        elif kind == "property":
+            self.property, self.property_started, self.examples, self.last_case = message[1], time.monotonic(), 0, None
+        elif kind == "result":
+            self.results.append(message[1])
+            self.property = None
+
+    def _deadline(self) -> tuple[float | None, tuple[float | None, float, str, str | None] | None]:
+        """When to kill the child, and the call whose limit that is (None: the quiet limit between calls)."""
+        if self.time_limit is None:
+            return None, None
+        timed = [(start + limit + grace(limit), (limit, start, what, case))
+                 for limit, start, what, case in self.calls if limit is not None]
+        if timed:
+            return min(timed, key=lambda pair: pair[0])
+        if self.calls:  # inside a call with no limit of its own
+            return None, None
+        return self.last_word + max(QUIET_LIMIT, 4 * self.time_limit), None
+
+    def _died(self, process: Any) -> None:
+        process.join(5)
+        code = process.exitcode
+        what = self.calls[-1][2] if self.calls else self._between()
+        if code is not None and code < 0:
+            name = _signal_name(-code)
+            cause = (f"was killed by signal {-code} ({name}) during {what}: a crash in native code (a segfault "
+                     "in an extension or a kernel: SIGSEGV or SIGBUS; abort(): SIGABRT), or memory exhausted (the "
+                     "kernel's out-of-memory killer sends SIGKILL).")
+        else:
+            cause = (f"ended with exit code {code} during {what}: the cache's code ended the process (os._exit(), "
+                     "or an extension calling exit() or abort()) instead of returning or raising an exception.")
+        self.death = self._with_case(f"The process running the cache {cause}")
+
+    def _between(self) -> str:
+        if self.property is not None:
+            return f"property {self.property}, between two calls to the cache"
+        return "the suite's setup (importing the target, building the models)"
+
+    def _with_case(self, text: str) -> str:
+        plural = "" if self.examples == 1 else "s"
+        done = f" after {self.examples} example{plural} of {self.property} finished" if self.property else ""
+        text += f" It happened{done}; the remaining properties run in a new process." if done else ""
+        if self.last_case:
+            text += "\n\nlast case (not shrunk):\n" + "\n".join("  " + line for line in self.last_case.splitlines())
+        return text
+
+
+def _hang(call: tuple[float | None, float, str, str | None] | None, elapsed: float) -> str:
+    if call is None:
+        return (f"the process running the cache said nothing for {elapsed:.0f} s outside any call to the cache "
+                "(importing the target, or the suite's own work) and was stopped.")
+    limit, _, what, _ = call
+    text = (f"{what} did not finish within the time limit of {limit:g} s, and went on past the interrupt sent at "
+            "the limit (a bare `except:` or `except BaseException:` around a retry loop swallows it; so does a C "
+            f"call that never returns): kvverify stopped the process running the cache after {elapsed:.1f} s. "
+            "Raise the limit with --time-limit SECONDS if it is merely slow.")
+    return text
+
+
+def _raise(kind: str, text: str, trace: str) -> None:
+    """The child's exception, raised again here: the suite's own errors as such, anything else with its trace."""
+    if kind in _ERRORS:
+        raise _ERRORS[kind](text)
+    raise RuntimeError(f"the suite failed in the process running the cache: {kind}: {text}\n\n{trace}")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "an unknown signal"
