@@ -47,8 +47,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kv-max-examples", type=int, default=None, metavar="N",
                     help="override the profile's examples per property")
     group.addoption("--kv-seed", type=int, default=None, metavar="N", help="Hypothesis seed (default: random, shown)")
-    group.addoption("--kv-time-limit", type=float, default=None, metavar="SECONDS",
-                    help="seconds one example may take before the cache is reported as hanging (default: 60)")
+    group.addoption("--kv-time-limit", default=None, metavar="SECONDS",
+                    help="seconds one example may take before the cache is reported as hanging (default: 60; "
+                    "none: no limit)")
     group.addoption("--kv-device", metavar="DEVICE", default=None,
                     help=f"where the models, prompts and caches live: cpu, cuda or cuda:N (or set {ENV_DEVICE}; "
                     "default: cpu)")
@@ -73,27 +74,31 @@ class _TargetSession:
     """The target of this pytest run and the settings its properties run with; also a plugin (its hooks)."""
 
     def __init__(self, spec: str, factory: CacheFactory, target: Target, profile: str, seed: int,
-                 max_examples: int | None, time_limit: float, device_option: str | None = None) -> None:
+                 max_examples: int | None, time_limit: float | None, device_option: str | None = None) -> None:
         self.spec, self.factory, self.target, self.device_option = spec, factory, target, device_option
         self.profile, self.seed, self.max_examples, self.time_limit = profile, seed, max_examples, time_limit
 
     @classmethod
     def load(cls, config: pytest.Config, spec: str) -> _TargetSession:
-        from kvverify.suite import make_target
         from kvverify.suite.devices import DeviceError, resolve_device
         from kvverify.suite.loading import TargetError, load_factory
-        from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT
+        from kvverify.suite.runner import describe_target
+        from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT, parse_time_limit
 
         max_examples = config.getoption("kv_max_examples")
         if max_examples is not None and max_examples < 1:
             raise pytest.UsageError(f"--kv-max-examples must be >= 1; got {max_examples}")
-        time_limit = config.getoption("kv_time_limit") or DEFAULT_TIME_LIMIT
+        limit = config.getoption("kv_time_limit")
+        try:
+            time_limit = DEFAULT_TIME_LIMIT if limit is None else parse_time_limit(limit, "--kv-time-limit")
+        except ValueError as error:
+            raise pytest.UsageError(f"kvverify: {error}") from None
         device_option = config.getoption("kv_device") or os.environ.get(ENV_DEVICE) or None
         option = "--kv-device" if config.getoption("kv_device") else ENV_DEVICE + "="
         try:
             device = resolve_device(device_option, option=option)
             factory = load_factory(spec)
-            target = make_target(factory, spec, time_limit=time_limit, device=device)
+            target = describe_target(factory, spec, time_limit=time_limit, device=device)
         except (DeviceError, TargetError) as error:
             raise pytest.UsageError(f"kvverify: {error}") from None
         seed = config.getoption("kv_seed")

@@ -47,6 +47,7 @@ class _Segfaults(_Misbehaves):
 
 class _RetriesForever(_Misbehaves):
     def misbehave(self) -> None:
+        print("retrying forever", flush=True)
         while True:  # a retry loop whose bare except swallows every interrupt
             try:  # noqa: SIM105
                 time.sleep(0.05)
