@@ -157,3 +157,36 @@ def test_the_plugin_refuses_a_time_limit_that_is_not_positive(pytester: pytest.P
                                 f"--kv-time-limit={limit}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*--kv-time-limit must be > 0 seconds and finite*got {limit}*"])
+
+
+def _raise(error: BaseException) -> None:
+    raise error
+
+
+def test_a_keyboard_interrupt_is_the_cache_s_unless_a_sigint_came() -> None:
+    from kvverify.suite.watchdog import TargetExit, run_with_time_limit
+
+    with pytest.raises(TargetExit, match="KeyboardInterrupt raised by the cache's code"):
+        run_with_time_limit(lambda: _raise(KeyboardInterrupt()), 5, "a call")
+    with pytest.raises(TargetExit, match=r"SystemExit\(3\) raised by the cache's code \(a call\)"):
+        run_with_time_limit(lambda: sys.exit(3), None, "a call")
+    if sys.platform != "win32":
+        with pytest.raises(KeyboardInterrupt):  # the user's Ctrl-C: still stops the run
+            run_with_time_limit(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)), 10, "a call")
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="SIGALRM limits are POSIX")
+def test_time_limits_nest_without_extending_the_outer_one() -> None:
+    from kvverify.suite.watchdog import ExampleTimeout, run_with_time_limit
+
+    def inner(seconds: float, sleep: float) -> None:
+        run_with_time_limit(lambda: time.sleep(sleep), seconds, "the inner call")
+
+    with pytest.raises(ExampleTimeout, match="the outer call"):  # an inner limit never extends the outer one
+        run_with_time_limit(lambda: inner(30, 30), 0.3, "the outer call")
+    started = time.perf_counter()
+    with pytest.raises(ExampleTimeout, match="the outer call"):  # the outer limit holds after an inner one ends
+        run_with_time_limit(lambda: (inner(0.1, 0), time.sleep(30)), 0.5, "the outer call")
+    assert time.perf_counter() - started < 5
+    with pytest.raises(ExampleTimeout, match="the inner call"):
+        run_with_time_limit(lambda: inner(0.2, 30), 30, "the outer call")
