@@ -190,3 +190,13 @@ def test_time_limits_nest_without_extending_the_outer_one() -> None:
     assert time.perf_counter() - started < 5
     with pytest.raises(ExampleTimeout, match="the inner call"):
         run_with_time_limit(lambda: inner(0.2, 30), 30, "the outer call")
+
+
+def test_after_a_death_the_remaining_properties_run_in_a_new_process(tmp_path: Path) -> None:
+    report = tmp_path / "kv.xml"
+    run = _verify("targets.hostile:os_exit_in_update", *QUICK, "--property", "reset", "--junitxml", str(report))
+    output = run.stdout + run.stderr
+    assert run.returncode == 1, output
+    assert output.count("The process running the cache ended with exit code 0") == 2, output
+    assert "reproduce: kvverify verify targets.hostile:os_exit_in_update" in output and "--property reset" in output
+    assert 'failures="2"' in report.read_text()
