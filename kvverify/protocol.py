@@ -11,6 +11,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from kvverify.quantizers import Quantizer
 from kvverify.reference.config import ModelConfig
 
 #: Optional methods, detected on each cache rather than assumed.
@@ -101,6 +102,9 @@ class CacheDeclaration:
         transformers 4) or ``"remove"`` -n tokens (transformers 5); see :mod:`kvverify.suite.cropping`.
     devices: where the cache runs, e.g. ``("cuda",)`` for a cache of CUDA kernels (``"cuda"`` covers every GPU,
         ``"cuda:1"`` one); asking the suite for another device is a usage error. None: any device.
+    quantizer: a lossy cache's quantizer (:class:`kvverify.quantizers.Quantizer`); ``cached_equals_uncached`` then
+        compares with the reference run through the same quantizer (:mod:`kvverify.suite.replay`), bit for bit
+        where the replay is exact, instead of within ``lossy_atol``.
     """
 
     lossy_atol: float | None = None
@@ -109,6 +113,7 @@ class CacheDeclaration:
     max_seq_len: int | None = None
     crop_argument: Literal["keep", "remove"] | None = None
     devices: tuple[str, ...] | None = None
+    quantizer: Quantizer | None = None
 
     def __post_init__(self) -> None:
         if self.devices is None:

@@ -17,9 +17,11 @@ sliding window the sliding-window layers.
 - ``sliding_window_cache``: ``DynamicCache`` of ``DynamicSlidingWindowLayer``. Exact; declares its window.
 - ``static_sliding_window_cache``: ``StaticCache`` of ``StaticSlidingWindowLayer`` (generate's former
   "sliding_window" and "hybrid" caches). Exact; declares its window.
-- ``quantized_cache``: ``QuantizedCache("fp8")``, float8_e4m3fn with a per-tensor scale. Lossy: ``FP8_ATOL``.
-- ``quanto_cache``, ``hqq_cache``: ``QuantizedCache("quanto" | "hqq")``, 4-bit group-wise; they need the
-  optimum-quanto or hqq package. Lossy: ``INT4_ATOL``.
+- ``quantized_cache``: ``QuantizedCache("fp8")``, float8_e4m3fn with a per-tensor scale. Lossy: ``FP8_ATOL``;
+  declares its quantizer (``FP8_QUANTIZER``), so ``cached_equals_uncached`` replays it bit for bit.
+- ``quanto_cache``, ``hqq_cache``: ``QuantizedCache("quanto" | "hqq")``, 4-bit, one group per token and head
+  (``q_group_size=head_dim``), residual ``RESIDUAL_LENGTH``; they need the optimum-quanto or hqq package.
+  Lossy: ``INT4_ATOL``.
 
 Where transformers 5.24 departs from the protocol: ``StaticCache.get_seq_length()`` returns a 0-d long
 tensor once written; ``crop`` takes only a negative count (a positive length raises ValueError or
@@ -37,6 +39,7 @@ import torch
 
 from kvverify.adapters import INSTALL_HINT, import_transformers
 from kvverify.protocol import CacheDeclaration, CacheFactory, KVCache
+from kvverify.quantizers import Quantizer
 from kvverify.reference.config import ModelConfig
 
 #: The window the sliding-window targets declare, so the suite builds models with it: small, so that
@@ -51,9 +54,20 @@ SLIDING_WINDOW = 6
 #: of magnitude about 4). 4.0 leaves a 2x margin over the largest.
 FP8_ATOL = 4.0
 
-#: Logit tolerance declared for the 4-bit group-wise backends (quanto, hqq): not measured, as neither package
-#: is installed here; 4 bits per value are 16x coarser than fp8's 3-bit mantissa in the worst case.
+#: The fp8 backend's quantizer, declared so that ``cached_equals_uncached`` compares it with the reference run
+#: through the same loss (:mod:`kvverify.suite.replay`): bit for bit, as the replay reproduces transformers'
+#: arithmetic exactly (36 of 36 generations bitwise equal, float32/float64/bfloat16, strict and fast numerics).
+FP8_QUANTIZER = Quantizer(kind="fp8", scheme="append")
+
+#: Logit tolerance declared for the 4-bit group-wise backends (quanto, hqq), with one group per token and head
+#: (q_group_size=head_dim). A first measurement (one reference model per head_dim, 2 rows, 20 new tokens, residual
+#: 4) gave at most 8.3e-7 / 1.1e-6 at head_dim 2, 0.074 / 0.13 at head_dim 4 and 3.96 / 4.14 at head_dim 8
+#: (quanto / hqq; greedy tokens differ at head_dim 8). 8.0 leaves about 2x over the largest; the wider measurement
+#: is ``python -m kvverify.adapters.hf quanto`` (and ``hqq``).
 INT4_ATOL = 8.0
+#: Newest tokens the group-wise backends keep in full precision (transformers' default is 128, longer than the
+#: suite's sequences).
+RESIDUAL_LENGTH = 8
 
 
 class NotApplicable(Exception):
@@ -144,15 +158,20 @@ def static_sliding_window_cache(config: ModelConfig) -> KVCache:
 
 def _quantized(config: ModelConfig, backend: str, atol: float, package: str | None) -> KVCache:
     transformers = import_transformers()
+    # the group-wise backends: one group per token and head (q_group_size=head_dim, which quanto needs to divide
+    # what it groups; its default 64 exceeds the suite's head dims), and a short residual, so that generations
+    # run through several re-quantizations
+    group_wise = {} if package is None else dict(nbits=4, q_group_size=config.head_dim,
+                                                  residual_length=RESIDUAL_LENGTH)
     try:
-        cache = transformers.QuantizedCache(backend, _cache_config(config, None))
+        cache = transformers.QuantizedCache(backend, _cache_config(config, None), **group_wise)
     except ImportError as error:
         raise ImportError(
             f"transformers' QuantizedCache backend {backend!r} needs the {package} package, which is not "
             f"installed; run: pip install {package} (and {INSTALL_HINT}). The 'fp8' backend "
             "(kvverify.adapters.hf:quantized_cache) needs nothing extra."
         ) from error
-    return _declare(cache, CacheDeclaration(lossy_atol=atol))
+    return _declare(cache, CacheDeclaration(lossy_atol=atol, quantizer=FP8_QUANTIZER if package is None else None))
 
 
 def quantized_cache(config: ModelConfig) -> KVCache:
@@ -176,7 +195,8 @@ sliding_window_cache.kvverify_declaration = CacheDeclaration(sliding_window=SLID
 static_sliding_window_cache.kvverify_declaration = CacheDeclaration(  # type: ignore[attr-defined]
     sliding_window=SLIDING_WINDOW
 )
-quantized_cache.kvverify_declaration = CacheDeclaration(lossy_atol=FP8_ATOL)  # type: ignore[attr-defined]
+quantized_cache.kvverify_declaration = CacheDeclaration(  # type: ignore[attr-defined]
+    lossy_atol=FP8_ATOL, quantizer=FP8_QUANTIZER)
 quanto_cache.kvverify_declaration = CacheDeclaration(lossy_atol=INT4_ATOL)  # type: ignore[attr-defined]
 hqq_cache.kvverify_declaration = CacheDeclaration(lossy_atol=INT4_ATOL)  # type: ignore[attr-defined]
 

@@ -1,0 +1,78 @@
+"""transformers' known failures (see :mod:`kvverify.known_failures`), each with its fixed reproducing example.
+
+- ``transformers-static-overcrop``: ``StaticLayer.crop(-k)`` subtracts k from its length without clamping, so
+  cropping more tokens than a ``StaticCache`` holds leaves ``get_seq_length()`` negative (``crop(-9)`` on 8
+  tokens: -1). ``DynamicLayer.crop`` had the same class of bug (transformers #47433) and now clamps at 0. Found
+  by the ``crop`` property (and, when it draws such a crop, ``stateful``) on the ``transformers-static`` control
+  of ``kvverify mutants``.
+- ``transformers-offloaded-all-sliding``: ``StaticCache(offloading=True)`` on a model whose every layer is a
+  sliding one (Mistral) raises ``ValueError: True is not in list`` in ``prefetch``, which looks for a non-sliding
+  layer to prefetch and finds none. ``kvverify verify-hf --device cuda`` meets it on Mistral (offloading needs
+  CUDA); the fixed example calls ``prefetch`` directly, so it reproduces on the CPU.
+
+No upstream issue for either was found (searched transformers' issues for both messages).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvverify.adapters import import_transformers
+from kvverify.known_failures import KnownFailure
+
+#: DynamicLayer's oversized negative crop, the same class of bug, fixed by clamping.
+DYNAMIC_OVERCROP_ISSUE = "https://github.com/huggingface/transformers/issues/47433"
+
+
+def static_overcrop() -> str | None:
+    """``StaticCache`` holding 8 tokens, ``crop(-9)``: its length must clamp at 0."""
+    transformers = import_transformers()
+    config = transformers.LlamaConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                                      num_key_value_heads=1, head_dim=8, max_position_embeddings=16)
+    cache = transformers.StaticCache(config=config, max_cache_len=16)
+    states = torch.ones(1, 1, 8, 8)  # (B, Hkv, 8 tokens, D)
+    cache.update(states, states.clone(), 0, {"cache_position": torch.arange(8)})
+    cache.crop(-9)
+    length = int(cache.get_seq_length())
+    return None if length == 0 else f"crop(-9) on 8 tokens: get_seq_length() is {length}, expected 0"
+
+
+def offloaded_all_sliding() -> str | None:
+    """``StaticCache(offloading=True)`` of a Mistral config (every layer sliding): ``prefetch`` must not raise."""
+    transformers = import_transformers()
+    config = transformers.MistralConfig(vocab_size=16, hidden_size=8, num_hidden_layers=2, num_attention_heads=1,
+                                        num_key_value_heads=1, head_dim=8, sliding_window=4,
+                                        max_position_embeddings=16)
+    cache = transformers.StaticCache(config=config, max_cache_len=16, offloading=True)
+    try:
+        cache.prefetch(1, True)
+    except ValueError as error:
+        return f"prefetch on an all-sliding model raised ValueError: {error}"
+    except (AssertionError, RuntimeError):  # past the lookup: it reached the CUDA stream, so the lookup was fixed
+        return None
+    return None
+
+
+KNOWN: tuple[KnownFailure, ...] = (
+    KnownFailure(
+        name="transformers-static-overcrop",
+        library="transformers",
+        versions=("5.0", None),
+        cache="transformers-static",
+        checks=("crop", "stateful"),
+        pattern=r"get_seq_length\(\d*\) (returned|is) tensor\(-\d+\)",
+        summary="StaticCache.crop(-k) past the start leaves get_seq_length() negative (no clamp at 0)",
+        reproduce=static_overcrop,
+        related=DYNAMIC_OVERCROP_ISSUE,
+    ),
+    KnownFailure(
+        name="transformers-offloaded-all-sliding",
+        library="transformers",
+        versions=("5.17", None),
+        cache="offloaded-static",
+        checks=("verify-hf:mistral",),
+        pattern=r"ValueError: True is not in list",
+        summary="StaticCache(offloading=True) with every layer sliding raises ValueError in prefetch",
+        reproduce=offloaded_all_sliding,
+    ),
+)

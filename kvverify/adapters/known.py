@@ -1,0 +1,14 @@
+"""Every library's known failures, in one registry (see :mod:`kvverify.known_failures`)."""
+
+from __future__ import annotations
+
+from kvverify.adapters.hf.known import KNOWN as TRANSFORMERS_KNOWN
+from kvverify.known_failures import KnownFailure, KnownFailures
+
+#: The known upstream failures, by library.
+KNOWN_FAILURES: tuple[KnownFailure, ...] = (*TRANSFORMERS_KNOWN,)
+
+
+def registry() -> KnownFailures:
+    """A fresh registry of :data:`KNOWN_FAILURES` (each fixed example runs once per registry)."""
+    return KnownFailures(KNOWN_FAILURES)
