@@ -308,7 +308,9 @@ class _Opaque:
 @pytest.mark.parametrize(
     ("other", "message"),
     [
-        (TINY.replace(n_kv_heads=1), r"update\(\) returned for layer 0 keys of shape \(1, 1, 6, 8\)"),
+        (TINY.replace(n_kv_heads=3, n_heads=3, d_model=24),
+         r"update\(\) returned for layer 0 keys of shape \(1, 3, 6, 8\)"),
+        (TINY.replace(head_dim=16), r"update\(\) returned for layer 0 keys of shape \(1, 2, 6, 16\)"),
         (TINY.replace(dtype=torch.float64), r"update\(\) returned for layer 0 keys of dtype torch.float64"),
     ],
 )

@@ -140,16 +140,20 @@ def check_cache_output(config: ModelConfig, result: object, layer_idx: int) -> N
             f"the cache's update() returned {type(result).__name__} for layer {layer_idx}; the model expects a "
             "(keys, values) pair of tensors (see kvverify.KVCache)."
         )
-    _check_kv(config, result[0], result[1], f"the cache's update() returned for layer {layer_idx}")
+    _check_kv(config, result[0], result[1], f"the cache's update() returned for layer {layer_idx}", any_group=True)
 
 
 def _check_kv(config: ModelConfig, keys: torch.Tensor, values: torch.Tensor, what: str, *,
-              dtype_and_device: bool = True) -> None:
+              dtype_and_device: bool = True, any_group: bool = False) -> None:
+    """any_group: accept any head count that divides n_heads (what attention can read; repeating KV heads before
+    caching wastes memory but gives the same logits, which the suite's contract reports, not the model)."""
     device = torch.device(config.device)
     expected = f"(batch, n_kv_heads={config.n_kv_heads}, seq, head_dim={config.head_dim})"
     for name, tensor in (("keys", keys), ("values", values)):
         shape = tuple(tensor.shape)
-        if len(shape) != 4 or shape[1] != config.n_kv_heads or shape[3] != config.head_dim:
+        heads_ok = len(shape) == 4 and (config.n_heads % shape[1] == 0 if any_group and shape[1] > 0
+                                        else shape[1] == config.n_kv_heads)
+        if not heads_ok or shape[3] != config.head_dim:
             raise InputError(f"{what} {name} of shape {shape}, but the model expects {expected}: the cache was "
                              "built for another model. Pass a cache built for this model's config.")
         if not dtype_and_device:
