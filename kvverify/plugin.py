@@ -35,6 +35,7 @@ ENV_TARGET = "KVVERIFY_CACHE"
 #: The environment variable that names the device when ``--kv-device`` is not given.
 ENV_DEVICE = "KVVERIFY_DEVICE"
 _STATE = "kvverify-target"
+_SEED_KEY = "kvverify_seed"
 PROFILES = ("dev", "ci", "thorough")
 
 
@@ -61,8 +62,15 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "kv_needs(*methods): skip unless the --kv-cache target has these optional methods "
         "(crop, reorder_cache, reset)")
     spec = config.getoption("kv_cache") or os.environ.get(ENV_TARGET) or None
-    if spec is not None:
+    if spec is None:
+        return
+    try:
         config.pluginmanager.register(_TargetSession.load(config, spec), _STATE)
+    except pytest.UsageError as error:
+        if config.getoption("kv_cache"):
+            raise  # asked for on the command line: the run itself is wrong
+        # named by the environment: only the kvverify items and fixtures error; every other test still runs
+        config.pluginmanager.register(_UnloadableTarget(spec, str(error)), _STATE)
 
 
 def _session(config: pytest.Config) -> _TargetSession | None:
@@ -102,8 +110,14 @@ class _TargetSession:
         except (DeviceError, TargetError) as error:
             raise pytest.UsageError(f"kvverify: {error}") from None
         seed = config.getoption("kv_seed")
+        if seed is None:  # an xdist worker runs the seed its controller drew (see pytest_configure_node)
+            seed = getattr(config, "workerinput", {}).get(_SEED_KEY)
         return cls(spec, factory, target, config.getoption("kv_profile"),
                    random.randrange(2**32) if seed is None else seed, max_examples, time_limit, device_option)
+
+    @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook, on the controller: every worker gets its seed
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput[_SEED_KEY] = self.seed
 
     def reproduce(self, name: str) -> str:
         parts = [f"pytest --kv-cache={self.spec} --kv-profile={self.profile} --kv-seed={self.seed}"]
@@ -182,7 +196,51 @@ class PropertyItem(pytest.Item):
         return self.path, None, f"kvverify[{self.state.spec}]::{self.prop.name}"
 
 
+class _UnloadableTarget:
+    """A target named by the environment that could not be loaded: its items error with the loading message."""
+
+    def __init__(self, spec: str, message: str) -> None:
+        self.spec, self.message = spec, f"{message} (the target comes from {ENV_TARGET}={spec})"
+
+    def pytest_report_header(self, config: pytest.Config) -> str:
+        return f"kvverify: {ENV_TARGET}={self.spec} could not be loaded; its items error, other tests run"
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
+        suite = _UnloadableSuite.from_parent(session, name=f"kvverify[{self.spec}]", nodeid=f"kvverify[{self.spec}]")
+        suite.message = self.message
+        items.extend(session.genitems(suite))  # reported as collected, like the items of a loaded target
+
+
+class _UnloadableSuite(pytest.Collector):
+    message: str
+
+    def collect(self) -> list[pytest.Item | pytest.Collector]:
+        from kvverify.suite import PROPERTIES
+
+        return [_UnloadableItem.from_parent(self, name=name, message=self.message) for name in PROPERTIES]
+
+
+class _UnloadableItem(pytest.Item):
+    def __init__(self, *, message: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.message = message
+        self.add_marker("kvverify")
+
+    def setup(self) -> None:  # an error in setup: reported as an error, with the message alone
+        pytest.fail(self.message, pytrace=False)
+
+    def runtest(self) -> None:  # never reached: setup fails
+        pytest.fail(self.message, pytrace=False)
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.path, None, self.nodeid
+
+
 def _require_session(request: pytest.FixtureRequest) -> _TargetSession:
+    state = request.config.pluginmanager.get_plugin(_STATE)
+    if isinstance(state, _UnloadableTarget):
+        pytest.fail(state.message, pytrace=False)
     state = _session(request.config)
     if state is None:
         pytest.skip(f"no kvverify target: pass --kv-cache=MODULE:FACTORY or set {ENV_TARGET}")

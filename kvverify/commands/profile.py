@@ -1,6 +1,7 @@
 """``kvverify profile``: time and memory of every cache, cached vs uncached, against the analytical model.
 
-Writes report.html (self-contained), report.md with its PNGs, and results.json into ``--out``.
+Writes report.html (self-contained), report.md with its PNGs, and results.json into ``--out``, all at once: into
+a temporary folder next to it first, then moved into place (see :mod:`kvverify.profiling.folder`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from kvverify.adapters import import_transformers
 
-EXIT_OK, EXIT_USAGE = 0, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -71,11 +72,13 @@ class StepProgress:
 def run(args: argparse.Namespace) -> int:
 
     from kvverify.profiling import plan as plans
-    from kvverify.profiling.report import write_report
+    from kvverify.profiling.folder import ReportFolderError, prepare, staged
+    from kvverify.profiling.report import is_report_file, write_files
     from kvverify.profiling.runner import run_profile
     from kvverify.reference.threads import torch_threads
     from kvverify.suite.devices import DeviceError, resolve_device
-    from kvverify.suite.loading import TargetError, load_factory
+    from kvverify.suite.loading import TargetError, _where, load_factory
+    from kvverify.suite.target import make_target
 
     try:
         device = resolve_device(args.device, option="--device")
@@ -87,11 +90,19 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     specs = plans.builtin_specs()
     for target in args.target:
-        try:
-            specs.append(plans.CacheSpec(target, load_factory(target), layout=None))
-        except TargetError as error:
+        try:  # refused before anything is measured, as `verify` does: the factory is called and its cache checked
+            factory = load_factory(target)
+            make_target(factory, target, device=device)
+        except (TargetError, DeviceError) as error:
             print(f"kvverify profile: {error}", file=sys.stderr)
             return EXIT_USAGE
+        specs.append(plans.CacheSpec(target, factory, layout=None))
+    out_dir: Path = args.out
+    try:
+        prepare(out_dir)
+    except ReportFolderError as error:
+        print(f"kvverify profile: {error}", file=sys.stderr)
+        return EXIT_USAGE
     if not args.no_transformers:
         try:
             import_transformers()
@@ -100,10 +111,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"kvverify profile: transformers' side skipped: {error}", file=sys.stderr)
     chosen = plans.QUICK if args.quick else plans.FULL
     chosen = plans.Plan(**{**vars(chosen), "device": str(device)})
-    out_dir: Path = args.out
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with torch_threads(args.threads), StepProgress() as progress:
-        profile = run_profile(chosen, specs, progress, out_dir)
-    written = write_report(profile, out_dir)
+    try:  # written next to --out and moved into place at the end: a failure leaves --out as it was
+        with staged(out_dir, is_report_file) as stage, torch_threads(args.threads), StepProgress() as progress:
+            profile = run_profile(chosen, specs, progress, stage)
+            written = write_files(profile, stage)
+    except Exception as error:
+        print(f"kvverify profile: the profile failed midway ({type(error).__name__}: {error}{_where(error)}); "
+              f"{out_dir} was left as it was.", file=sys.stderr)
+        return EXIT_FAILED
     print(f"wrote {len(written)} files to {out_dir} in {profile.seconds:.1f} s: report.html, report.md, results.json")
     return EXIT_OK
+

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jinja2
 
+from kvverify.profiling.folder import staged
 from kvverify.profiling.plots import FIGURES
 from kvverify.profiling.results import CacheRow, Profile
 
@@ -181,9 +182,28 @@ def html_page(profile: Profile, figures: list[tuple[str, str, bytes]]) -> str:
     )
 
 
+#: The files of a report that do not depend on what was measured.
+REPORT_FILES = ("report.html", "report.md", "results.json", "cuda_snapshot.pickle")
+
+
+def is_report_file(name: str) -> bool:
+    """Whether a file of this name is one a report writes (the fixed files, or a figure ``STEM_PRESET.png``)."""
+    return name in REPORT_FILES or (name.endswith(".png") and any(name.startswith(f"{s}_") for s, _, _ in FIGURES))
+
+
 def write_report(profile: Profile, out_dir: Path) -> list[Path]:
-    """Write report.html, report.md (with its PNGs beside it) and results.json into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write report.html, report.md (with its PNGs beside it) and results.json into ``out_dir``, all at once
+    (see :mod:`kvverify.profiling.folder`): the earlier report's files there are replaced or removed (but the
+    CUDA snapshot ``profile`` names), and nothing is written when rendering fails."""
+    snapshot = str((profile.cuda or {}).get("snapshot", ""))
+    with staged(out_dir, is_report_file, keep=[snapshot] if snapshot else []) as stage:
+        names = [path.name for path in write_files(profile, stage)]
+    return [out_dir / name for name in names]
+
+
+def write_files(profile: Profile, out_dir: Path) -> list[Path]:
+    """Write the report's files into ``out_dir`` as they are rendered (:func:`write_report` writes them all at
+    once)."""
     figures = render_figures(profile)
     written = []
     for stem, _, png in figures:

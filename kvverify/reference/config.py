@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,18 +39,46 @@ class ConfigError(ValueError):
     """A ModelConfig field broke one of its rules; the message names the field, the rule and the value."""
 
 
+def _got(value: object) -> str:
+    """What came, with its type: ``'32' (str)``."""
+    return f"{value!r} ({type(value).__name__})"
+
+
 def _require(condition: bool, field: str, rule: str, value: object) -> None:
     if not condition:
-        raise ConfigError(f"ModelConfig.{field} must be {rule}; got {value!r}.")
+        raise ConfigError(f"ModelConfig.{field} must be {rule}; got {_got(value)}.")
 
 
-def _as_dtype(value: torch.dtype | str) -> torch.dtype:
+def _is_int(value: object) -> bool:
+    """An int that is not a bool (True is an int to Python, never a size here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _as_dtype(value: object) -> torch.dtype:
+    expected = f"a floating torch.dtype or its name, one of {sorted(DTYPES)}"
     if isinstance(value, torch.dtype):
+        _require(value in DTYPES.values(), "dtype", expected + " (the reference model computes in floating point)",
+                 value)
         return value
-    name = str(value).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ConfigError(f"ModelConfig.dtype must be one of {sorted(DTYPES)}; got {value!r}.")
-    return DTYPES[name]
+    _require(isinstance(value, str) and value.removeprefix("torch.") in DTYPES, "dtype", expected, value)
+    return DTYPES[str(value).removeprefix("torch.")]
+
+
+def _as_device(value: object) -> str:
+    try:
+        if isinstance(value, (str, torch.device)):
+            return str(torch.device(value))
+    except (RuntimeError, ValueError):
+        pass
+    raise ConfigError(
+        f"ModelConfig.device must be a torch device name such as 'cpu', 'cuda' or 'cuda:0' (a str or a "
+        f"torch.device); got {_got(value)}."
+    )
 
 
 @dataclass(frozen=True)
@@ -84,11 +113,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "dtype", _as_dtype(self.dtype))
-        set_(self, "device", str(self.device))
+        set_(self, "device", _as_device(self.device))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "max_batch_size"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                     name, "a positive int", value)
+            _require(_is_int(value) and value >= 1, name, "a positive int", value)
+        for name in ("n_kv_heads", "head_dim", "d_ff"):  # 0 (or None): derived below
+            value = getattr(self, name)
+            _require(value is None or (_is_int(value) and value >= 0), name, "a positive int, or 0 to derive it",
+                     value)
         if self.n_kv_heads in (0, None):
             set_(self, "n_kv_heads", self.n_heads)
         if self.head_dim in (0, None):
@@ -97,21 +129,19 @@ class ModelConfig:
             set_(self, "head_dim", self.d_model // self.n_heads)
         if self.d_ff in (0, None):
             set_(self, "d_ff", 4 * self.d_model)
-        for name in ("n_kv_heads", "head_dim", "d_ff"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                     name, "a positive int", value)
         _require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
                  f"a divisor of n_heads={self.n_heads} (1 for MQA, n_heads for MHA)", self.n_kv_heads)
-        _require(self.norm in NORMS, "norm", f"one of {NORMS}", self.norm)
-        _require(self.positional in POSITIONALS, "positional", f"one of {POSITIONALS}", self.positional)
-        _require(self.numerics in NUMERICS, "numerics", f"one of {NUMERICS}", self.numerics)
+        for name, allowed in (("norm", NORMS), ("positional", POSITIONALS), ("numerics", NUMERICS)):
+            value = getattr(self, name)
+            _require(isinstance(value, str) and value in allowed, name, f"one of {allowed}", value)
         if self.positional == "rope":
             _require(self.head_dim % 2 == 0, "head_dim", "even when positional='rope'", self.head_dim)
-        _require(self.rope_theta > 0, "rope_theta", "positive", self.rope_theta)
-        _require(self.norm_eps > 0, "norm_eps", "positive", self.norm_eps)
+        _require(_is_real(self.rope_theta) and self.rope_theta > 0, "rope_theta", "a positive, finite number",
+                 self.rope_theta)
+        _require(_is_real(self.norm_eps) and self.norm_eps > 0, "norm_eps", "a positive, finite number",
+                 self.norm_eps)
         if self.sliding_window is not None:
-            _require(isinstance(self.sliding_window, int) and self.sliding_window >= 1,
+            _require(_is_int(self.sliding_window) and self.sliding_window >= 1,
                      "sliding_window", "None or an int >= 1 (the query plus W-1 tokens before it)",
                      self.sliding_window)
 

@@ -59,12 +59,139 @@ def check_generate_inputs(
     if not use_cache and cache is not None:
         raise InputError("a cache was passed with use_cache=False; pass use_cache=True or drop the cache.")
     if cache is not None:
-        past: object = cache.get_seq_length()
-        if isinstance(past, torch.Tensor) and past.numel() == 1 and not past.is_floating_point():
-            past = int(past)  # transformers' static caches return a 0-d tensor
+        past = _seq_length(cache)
         if not isinstance(past, int) or past < 0 or past >= length:
             raise InputError(
                 f"the cache holds {past!r} tokens but the prompt has {length}: pass the whole sequence "
                 "(the tokens the cache holds, then at least one new token)."
             )
+        if past > 0:
+            _check_layer_lengths(config, cache, past)
+        check_cache_layout(config, cache)
     return mask.to(prompt.device)
+
+
+def _check_layer_lengths(config: ModelConfig, cache: KVCache, past: int) -> None:
+    """Every layer of the model holds ``past`` tokens, and the cache no layer beyond the model's."""
+    for layer_idx in range(1, config.n_layers):
+        held = _seq_length(cache, layer_idx)
+        if held != past:
+            raise InputError(
+                f"the cache holds {past} tokens in layer 0 but {held!r} in layer {layer_idx}; the model "
+                f"(n_layers={config.n_layers}) expects every layer to hold the same tokens. Was the cache built "
+                "for a model with fewer layers? Pass a cache built for this model's config."
+            )
+    try:
+        beyond = _seq_length(cache, config.n_layers)
+    except Exception:  # no such layer: as it should be
+        return
+    if isinstance(beyond, int) and beyond > 0:
+        raise InputError(
+            f"the cache holds {beyond} tokens in layer {config.n_layers}, but the model has n_layers="
+            f"{config.n_layers} (layers 0..{config.n_layers - 1}): it was filled by a model with more layers. "
+            "Pass a cache built for this model's config."
+        )
+
+
+def _seq_length(cache: KVCache, layer_idx: int = 0) -> object:
+    past: object = cache.get_seq_length(layer_idx)
+    if isinstance(past, torch.Tensor) and past.numel() == 1 and not past.is_floating_point():
+        past = int(past)  # transformers' static caches return a 0-d tensor
+    return past
+
+
+def check_cache_start(config: ModelConfig, cache: KVCache, start: int) -> None:
+    """For ``forward(tokens, cache=cache, start=start)``: the cache must hold exactly the ``start`` tokens before
+    the new ones, and (where kvverify can read it) hold keys and values shaped for this model."""
+    past = _seq_length(cache)
+    if past != start:
+        raise InputError(
+            f"the cache holds {past!r} tokens but forward() was asked to write the new tokens at slot start={start}; "
+            "the model expects start == cache.get_seq_length(). Pass start=cache.get_seq_length(), or a fresh cache "
+            "with start=0."
+        )
+    check_cache_layout(config, cache)
+
+
+def check_cache_layout(config: ModelConfig, cache: KVCache) -> None:
+    """The layers, KV heads, head_dim, dtype and device of what a cache holds against what the model writes, for
+    the caches whose tensors kvverify knows how to read (its own, transformers'); other caches are checked on
+    what their ``update`` returns (:func:`check_cache_output`)."""
+    layers, ours = _held_layers(cache)
+    if all(pair is None for pair in layers):
+        return  # nothing allocated yet: nothing to compare
+    if len(layers) != config.n_layers:
+        plural = "s" if len(layers) > 1 else ""
+        raise InputError(
+            f"the cache holds {len(layers)} layer{plural} but the model has n_layers={config.n_layers}; it was built "
+            "for another model. Pass a cache built for this model's config, or a fresh one."
+        )
+    for layer_idx, pair in enumerate(layers):
+        if pair is not None:
+            _check_kv(config, *pair, f"the cache's layer {layer_idx} holds", dtype_and_device=ours)
+
+
+def check_cache_output(config: ModelConfig, result: object, layer_idx: int) -> None:
+    """What ``cache.update`` returned for a layer: a (keys, values) pair of (B, n_kv_heads, S, head_dim) tensors
+    of the model's dtype, on its device."""
+    if not (isinstance(result, (tuple, list)) and len(result) == 2
+            and isinstance(result[0], torch.Tensor) and isinstance(result[1], torch.Tensor)):
+        raise InputError(
+            f"the cache's update() returned {type(result).__name__} for layer {layer_idx}; the model expects a "
+            "(keys, values) pair of tensors (see kvverify.KVCache)."
+        )
+    _check_kv(config, result[0], result[1], f"the cache's update() returned for layer {layer_idx}", any_group=True)
+
+
+def _check_kv(config: ModelConfig, keys: torch.Tensor, values: torch.Tensor, what: str, *,
+              dtype_and_device: bool = True, any_group: bool = False) -> None:
+    """any_group: accept any head count that divides n_heads (what attention can read; repeating KV heads before
+    caching wastes memory but gives the same logits, which the suite's contract reports, not the model)."""
+    device = torch.device(config.device)
+    expected = f"(batch, n_kv_heads={config.n_kv_heads}, seq, head_dim={config.head_dim})"
+    for name, tensor in (("keys", keys), ("values", values)):
+        shape = tuple(tensor.shape)
+        heads_ok = len(shape) == 4 and (config.n_heads % shape[1] == 0 if any_group and shape[1] > 0
+                                        else shape[1] == config.n_kv_heads)
+        if not heads_ok or shape[3] != config.head_dim:
+            raise InputError(f"{what} {name} of shape {shape}, but the model expects {expected}: the cache was "
+                             "built for another model. Pass a cache built for this model's config.")
+        if not dtype_and_device:
+            continue
+        if tensor.dtype != config.dtype:
+            raise InputError(f"{what} {name} of dtype {tensor.dtype}, but the model computes in {config.dtype}. "
+                             "Pass a cache built for this model's config (its dtype).")
+        if not _same_device(tensor.device, device):
+            raise InputError(f"{what} {name} on {tensor.device}, but the model is on {device}. Pass a cache "
+                             "built on the model's device.")
+
+
+def _same_device(held: torch.device, model: torch.device) -> bool:
+    return held.type == model.type and (held.index is None or model.index is None or held.index == model.index)
+
+
+def _held_layers(cache: object) -> tuple[list[tuple[torch.Tensor, torch.Tensor] | None], bool]:
+    """(keys, values) per layer (None where not allocated yet) of a cache whose tensors kvverify knows how to
+    read: its built-in caches and transformers' caches, also wrapped in the suite's contract check; else ``[]``.
+    The flag says whether the cache is one of kvverify's: transformers' may legitimately keep a layer in another
+    dtype (quantized) or on another device (offloaded), so only their shapes are read."""
+    while type(cache).__module__ == "kvverify.suite.contract" and hasattr(cache, "inner"):
+        cache = cache.inner
+    module = type(cache).__module__
+    layers = getattr(cache, "layers", None)
+    if module.startswith("transformers.") and isinstance(layers, list):
+        pairs = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in layers]
+    elif module.startswith("kvverify.caches."):
+        keys = getattr(cache, "key_pool", None) or getattr(cache, "keys", None)
+        values = getattr(cache, "value_pool", None) or getattr(cache, "values", None)
+        if not isinstance(keys, list) or not isinstance(values, list) or len(keys) != len(values):
+            return [], True
+        pairs = list(zip(keys, values, strict=True))
+    else:
+        return [], True
+    held: list[tuple[torch.Tensor, torch.Tensor] | None] = [
+        (k, v) if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == v.dim() == 4 else None
+        for k, v in pairs
+    ]  # transformers' quantized layers keep an empty 1-d placeholder between flushes: not a layout to read
+    return held, module.startswith("kvverify.")
+

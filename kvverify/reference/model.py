@@ -21,7 +21,7 @@ from kvverify.protocol import KVCache, written_slots
 from kvverify.reference import kernels, numerics
 from kvverify.reference.config import ModelConfig
 from kvverify.reference.context import StepContext
-from kvverify.reference.inputs import check_generate_inputs
+from kvverify.reference.inputs import check_cache_output, check_cache_start, check_generate_inputs
 from kvverify.reference.weights import LayerWeights, ModelWeights, NormWeights
 
 
@@ -65,7 +65,9 @@ class Attention(nn.Module):
         if ctx.rope is not None:  # RoPE before caching: the cache holds rotated keys
             q, k = ops.apply_rope(q, *ctx.rope), ops.apply_rope(k, *ctx.rope)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx, {"cache_position": ctx.cache_position})
+            result = cache.update(k, v, self.layer_idx, {"cache_position": ctx.cache_position})
+            check_cache_output(c, result, self.layer_idx)
+            k, v = result
         k, v = written_slots(k, v, ctx.total)  # (B, Hkv, S', D): slots total - S' .. total - 1
         out = ops.attention(q, k, v, ctx.mask(k.shape[-2]))  # (B, H, T, D)
         return ops.linear(out.transpose(1, 2).reshape(batch, t, -1), self.wo)  # (B, T, d_model)
@@ -186,8 +188,10 @@ class ReferenceModel(nn.Module):
 
         tokens: (B, T) long; attention_mask: (B, start+T), 1 for tokens and 0 for (left) padding, over every
         slot so far (None: no padding). Without a cache, ``start`` must be 0. Returns (B, T, vocab), or
-        (B, 1, vocab) with ``last_only``.
+        (B, 1, vocab) with ``last_only``. A cache must hold exactly ``start`` tokens, for a model of this config.
         """
+        if cache is not None:
+            check_cache_start(self.config, cache, start)
         ctx = StepContext.build(
             tokens, start, attention_mask,
             rope_tables=self.rope_tables,
