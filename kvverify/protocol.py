@@ -101,6 +101,8 @@ class CacheDeclaration:
         transformers 4) or ``"remove"`` -n tokens (transformers 5); see :mod:`kvverify.suite.cropping`.
     devices: where the cache runs, e.g. ``("cuda",)`` for a cache of CUDA kernels (``"cuda"`` covers every GPU,
         ``"cuda:1"`` one); asking the suite for another device is a usage error. None: any device.
+    compile: the cache is meant to run inside ``torch.compile`` and CUDA graphs (a static cache): the
+        ``compiled`` property then checks it (see :mod:`kvverify.suite.properties.compiled`).
     """
 
     lossy_atol: float | None = None
@@ -109,6 +111,7 @@ class CacheDeclaration:
     max_seq_len: int | None = None
     crop_argument: Literal["keep", "remove"] | None = None
     devices: tuple[str, ...] | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.devices is None:
