@@ -13,6 +13,7 @@ The eager :class:`~kvverify.engine.decode.DecodeStep` stays the reference these 
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -71,11 +72,21 @@ class CompileCounter:
         return compiled
 
 
-def compile_step(fn: PositionFn, counter: CompileCounter, *, fullgraph: bool = True) -> PositionFn:
-    """``fn`` under ``torch.compile`` with ``counter`` as its backend, static shapes (``dynamic=False``: a new
-    shape is a recompile, which the counter sees) and, by default, one graph or an error at a graph break."""
+def compile_step(fn: PositionFn, counter: CompileCounter | str, *, fullgraph: bool = True) -> PositionFn:
+    """``fn`` under ``torch.compile`` with ``counter`` (or a backend's name) as its backend, static shapes
+    (``dynamic=False``: a new shape is a recompile, which a counter sees) and, by default, one graph or an error
+    at a graph break."""
     compiled: PositionFn = torch.compile(fn, backend=counter, fullgraph=fullgraph, dynamic=False)
     return compiled
+
+
+def own_code(step: PositionStep) -> PositionFn:
+    """``step.at`` on a copy of its code object. dynamo caches compiled code, and counts recompiles against its
+    limit (8), per code object: a process holding decoders of many shapes would otherwise hit that limit."""
+    function = PositionStep.at
+    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    return types.MethodType(copy, step)
 
 
 class CompiledDecoder:
@@ -109,7 +120,7 @@ class CompiledDecoder:
         self.counter = CompileCounter(backend)
         self.device = torch.device(config.device)
         graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._decode = compile_step(self.step.at, self.counter)
+        self._decode = compile_step(own_code(self.step), self.counter)
         self._graphed: dict[int, GraphedStep] = {}  # by batch: a capture has fixed shapes
         self._use_graphs = graphs
 
