@@ -84,3 +84,12 @@ def test_the_profile_records_its_engine(tmp_path: Path) -> None:
     assert profile.ratios and all(r.engine == "compiled" and r.reference_cache == "static" for r in profile.ratios)
     with pytest.raises(ValueError, match="unknown engine"):
         engines.check_engine("jit")
+
+
+def test_the_sweep_runs_the_compiled_engine() -> None:
+    report = run_sweep(Sweep("tiny", TINY, contexts=(8,), batches=(2,), steps=2), "compiled", lambda what: None,
+                       transformers=False)
+    (row,) = report.decode
+    assert report.engine == "compiled" and row.fits and row.step_s is not None and row.step_s < 0.05, row
+    # the static cache's buffers, and its lengths counter (int64 per layer) written by the compiled step
+    assert row.kv_held_bytes == row.kv_formula_bytes + 8 * TINY.n_layers, row
