@@ -178,6 +178,9 @@ class PropertyItem(pytest.Item):
         missing = sorted(self.prop.needs - state.target.capabilities)
         if missing:
             pytest.skip(f"the cache {state.spec} has no {', '.join(f'{m}()' for m in missing)}")
+        reason = self.prop.skip_reason(state.target)
+        if reason is not None:
+            pytest.skip(f"{state.spec}: {reason}")
         result = run_property(self.prop, state.target, profile=state.profile, seed=state.seed,
                               time_limit=state.time_limit, max_examples=state.max_examples)
         if result.verdict in ("failed", "error"):

@@ -105,6 +105,8 @@ class CacheDeclaration:
     quantizer: a lossy cache's quantizer (:class:`kvverify.quantizers.Quantizer`); ``cached_equals_uncached`` then
         compares with the reference run through the same quantizer (:mod:`kvverify.suite.replay`), bit for bit
         where the replay is exact, instead of within ``lossy_atol``.
+    compile: the cache is meant to run inside ``torch.compile`` and CUDA graphs (a static cache): the
+        ``compiled`` property then checks it (see :mod:`kvverify.suite.properties.compiled`).
     """
 
     lossy_atol: float | None = None
@@ -114,6 +116,7 @@ class CacheDeclaration:
     crop_argument: Literal["keep", "remove"] | None = None
     devices: tuple[str, ...] | None = None
     quantizer: Quantizer | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.devices is None:

@@ -17,5 +17,8 @@ def check_property(name: str, target: Target) -> None:
     missing = prop.needs - target.capabilities
     if missing:
         pytest.skip(f"{target.name} has no {', '.join(sorted(missing))}()")
+    reason = prop.skip_reason(target)
+    if reason is not None:
+        pytest.skip(f"{target.name}: {reason}")
     profile = settings.get_current_profile_name().removeprefix("kvverify-")
     property_test(prop, target, profile=profile if profile in PROFILE_EXAMPLES else None)()

@@ -7,13 +7,20 @@ from typing import Any
 import torch
 
 from kvverify.caches._common import new_positions, resolve_crop
+from kvverify.protocol import CacheDeclaration
 from kvverify.reference.config import ModelConfig
 
 
 class StaticCache:
     """Per layer, a zeroed (max_batch, Hkv, max_seq_len, D) buffer; tokens are written at their
     ``cache_position`` and the whole buffer (for the batch in use) is returned: the model masks the
-    unwritten tail."""
+    unwritten tail.
+
+    Under ``torch.compile`` or CUDA graph capture the lengths go to a tensor written in place (a Python int
+    would be specialised on, a recompile every step; reading a tensor into one would synchronise, which a
+    capture forbids), allocated by the first such update and folded into the Python ints when read."""
+
+    kvverify_declaration = CacheDeclaration(compile=True)
 
     def __init__(
         self,
@@ -31,6 +38,7 @@ class StaticCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.lengths = [0] * n_layers
         self.batch_size = max_batch_size
+        self._seen: torch.Tensor | None = None  # (n_layers,) lengths written by compiled or captured updates
 
     @classmethod
     def from_config(cls, config: ModelConfig, dtype: torch.dtype | None = None) -> StaticCache:
@@ -64,10 +72,17 @@ class StaticCache:
         positions = new_positions(cache_kwargs, self.lengths[layer_idx], count, key_states.device)
         keys.index_copy_(2, positions, key_states)
         values.index_copy_(2, positions, value_states)
-        self.lengths[layer_idx] = max(self.lengths[layer_idx], int(positions.max()) + 1)
+        if torch.compiler.is_compiling() or _capturing(positions):
+            if self._seen is None:
+                self._seen = torch.zeros(len(self.keys), dtype=torch.long, device=positions.device)
+            self._seen[layer_idx] = torch.maximum(self._seen[layer_idx], positions.max() + 1)
+        else:
+            self.lengths[layer_idx] = max(self.lengths[layer_idx], int(positions.max()) + 1)
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        if self._seen is not None:
+            return max(self.lengths[layer_idx], int(self._seen[layer_idx]))
         return self.lengths[layer_idx]
 
     def crop(self, max_length: int) -> None:
@@ -75,7 +90,9 @@ class StaticCache:
         for layer in range(len(self.keys)):
             self.keys[layer][:, :, keep:] = 0
             self.values[layer][:, :, keep:] = 0
-            self.lengths[layer] = min(self.lengths[layer], keep)
+            self.lengths[layer] = min(self.get_seq_length(layer), keep)
+        if self._seen is not None:
+            self._seen.clamp_(max=keep)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         rows = beam_idx.numel()
@@ -90,3 +107,10 @@ class StaticCache:
             self.keys[layer].zero_()
             self.values[layer].zero_()
             self.lengths[layer] = 0
+        if self._seen is not None:  # zeroed in place: a captured graph keeps writing to this very tensor
+            self._seen.zero_()
+
+
+def _capturing(positions: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (no host synchronisation allowed)."""
+    return positions.is_cuda and torch.cuda.is_current_stream_capturing()

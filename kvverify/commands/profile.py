@@ -33,6 +33,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="where the model and caches live: cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, for stable timings)")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers' LlamaForCausalLM and caches")
+    parser.add_argument("--engine", choices=("eager", "compiled"), default="eager",
+                        help="the reference's decode engine in the ratio rows: eager (DecodeStep) or compiled "
+                             "(torch.compile, a CUDA graph on CUDA; times a static cache)")
+    parser.add_argument("--preset", metavar="NAME", default=None,
+                        help="sweep a real model size instead (1b, 8b: bfloat16, contexts to 32k, batches 1-64; "
+                             "GPU only); with --quick, two contexts and two batch sizes")
 
 
 class StepProgress:
@@ -88,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         print(f"kvverify profile: --threads must be >= 1; got {args.threads}.", file=sys.stderr)
         return EXIT_USAGE
+    if args.preset is not None:
+        from kvverify.commands.sweep_report import run_preset
+
+        return run_preset(args, device)
     specs = plans.builtin_specs()
     for target in args.target:
         try:  # refused before anything is measured, as `verify` does: the factory is called and its cache checked
@@ -110,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as error:
             print(f"kvverify profile: transformers' side skipped: {error}", file=sys.stderr)
     chosen = plans.QUICK if args.quick else plans.FULL
-    chosen = plans.Plan(**{**vars(chosen), "device": str(device)})
+    chosen = plans.Plan(**{**vars(chosen), "device": str(device), "engine": args.engine})
     try:  # written next to --out and moved into place at the end: a failure leaves --out as it was
         with staged(out_dir, is_report_file) as stage, torch_threads(args.threads), StepProgress() as progress:
             profile = run_profile(chosen, specs, progress, stage)

@@ -24,6 +24,8 @@ from kvverify.reference.config import ModelConfig
 from kvverify.reference.weights import ModelWeights, NormWeights
 
 NormFn = Callable[[torch.Tensor], torch.Tensor]
+#: What a query attends to: keys, values (B, Hkv, S', D) and a mask broadcastable to (B, Hkv, group, S') or None.
+Keys = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 class _Layer(NamedTuple):
@@ -95,16 +97,36 @@ class DecodeStep:
         # grows several-fold right after a projection has streamed its weight through the caches. Hence one fused
         # call where two would do (addmm_ for the residual, norm weights folded into the projections) and lookups
         # instead of per-step tensors (slots, RoPE rows).
-        n_q, n_kv, head_dim, window = self._n_q, self._n_kv, self._head_dim, self._window
-        batch = tokens.shape[0]
+        window = self._window
         total = start + 1  # N: tokens in the cache after this step
-        cache_kwargs = {"cache_position": self._slots[start:total]}  # (1,)
-        x = self._embeddings.index_select(0, tokens.view(batch))  # (B, d_model), a new tensor: updated in place
+        x = self._embeddings.index_select(0, tokens.view(tokens.shape[0]))  # (B, d_model), a new tensor
         if self._positions is not None:
             x = x + self._positions[start]
-        rope = self._rope
-        if rope is not None:
-            cos, sin = rope[0][start], rope[1][start]  # (D,)
+        rope = None if self._rope is None else (self._rope[0][start], self._rope[1][start])  # (D,) each
+
+        def visible(k: torch.Tensor, v: torch.Tensor) -> Keys:
+            k, v = written_slots(k, v, total)
+            s = k.shape[-2]
+            if window is not None and s > window:  # the query sees the newest `window` keys only
+                k, v = k[:, :, s - window :], v[:, :, s - window :]
+            return k, v, None
+
+        return self.blocks(x, cache, self._slots[start:total], rope, visible)
+
+    def blocks(
+        self,
+        x: torch.Tensor,
+        cache: KVCache,
+        cache_position: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        visible: Callable[[torch.Tensor, torch.Tensor], Keys],
+    ) -> torch.Tensor:
+        """Every block and the LM head for one token per row: x (B, d_model), updated in place; cache_position
+        (1,); rope: cos and signed sin rows, (D,) or (1, D); ``visible(keys, values)`` -> the keys and values the
+        query attends to and an attention mask for them (None: all). Returns logits (B, vocab)."""
+        n_q, n_kv, head_dim = self._n_q, self._n_kv, self._head_dim
+        batch = x.shape[0]
+        cache_kwargs = {"cache_position": cache_position}
         qkv_shape = (batch, n_q + 2 * n_kv, 1, head_dim)
         rows_shape = (batch, n_kv, n_q // n_kv, head_dim)  # a KV head's queries as rows (kernels.dense_attention)
         scale = 1.0 / math.sqrt(head_dim)
@@ -113,13 +135,10 @@ class DecodeStep:
             qkv = mm(attn_norm(x), w_qkv).view(qkv_shape)  # (B, H + 2 Hkv, 1, D)
             qk, v = qkv[:, : n_q + n_kv], qkv[:, n_q + n_kv :]  # (B, H + Hkv, 1, D), (B, Hkv, 1, D)
             if rope is not None:
-                qk = kernels.apply_rope(qk, cos, sin)
+                qk = kernels.apply_rope(qk, *rope)
             k, v = cache.update(qk[:, n_q:], v, layer_idx, cache_kwargs)  # (B, Hkv, S, D)
-            k, v = written_slots(k, v, total)
-            s = k.shape[-2]
-            if window is not None and s > window:  # the query sees the newest `window` keys only
-                k, v = k[:, :, s - window :], v[:, :, s - window :]
-            out = sdpa(qk[:, :n_q].reshape(rows_shape), k, v, scale=scale)  # (B, Hkv, H / Hkv, D)
+            k, v, mask = visible(k, v)
+            out = sdpa(qk[:, :n_q].reshape(rows_shape), k, v, attn_mask=mask, scale=scale)  # (B, Hkv, H / Hkv, D)
             x.addmm_(out.reshape(batch, n_q * head_dim), w_o)  # reshape: CUDA SDPA returns non-contiguous rows
             gate_up = mm(mlp_norm(x), w_gate_up)  # (B, 2 d_ff)
             d_ff = gate_up.shape[-1] // 2

@@ -26,6 +26,7 @@ NEEDS: dict[str, str] = {
     "block_boundary": "a paged row whose block table grows after its first token was written",
     "zero_key": "a token whose key is exactly zero (a zeroed embedding row under RMSNorm)",
     "shape": "a check of the returned (batch, n_kv_heads, seq, head_dim) shape or of memory; logits are unchanged",
+    "compile": "the decode step under torch.compile (dynamic=False) or captured in a CUDA graph; logits are unchanged",
 }
 
 #: The sections of docs/KV_BUGS.md that the catalogue covers.
@@ -176,5 +177,11 @@ MUTANTS: dict[str, Mutant] = dict(
         _mutant("dtype_bits_reinterpreted", layout.Bfloat16BitsReadAsFloat16.from_config,
                 "bfloat16 bits stored in a float16 buffer and read as float16",
                 "vLLM #54338", _LAYOUT, set(), "static"),
+        _mutant("compile_buffer_regrown", layout.GrowsByReallocating.from_config,
+                "the buffer is reallocated a chunk larger when full: a recompile per growth, a stale CUDA graph",
+                "ik_llama.cpp #2096", _STATIC, {"compile", "decode"}, "static"),
+        _mutant("compile_length_python_int", layout.LengthAsPythonInt.from_config,
+                "the write position is a Python int attribute: compile specialises on it, a recompile every step",
+                "torchtune #1663", _STATIC, {"compile", "decode"}, "static"),
     ]
 )

@@ -200,3 +200,64 @@ class Bfloat16BitsReadAsFloat16(_StoredAs):
 
         keys, values = super().update(as_bits(key_states), as_bits(value_states), layer_idx, cache_kwargs)
         return keys.to(key_states.dtype), values.to(value_states.dtype)
+
+
+class GrowsByReallocating(StaticCache):
+    """ik_llama.cpp #2096: a captured CUDA graph replayed after the KV buffers it reads changed under it. Here
+    the buffer starts at ``chunk`` slots and, when a write passes its end, an eager allocator (outside any graph)
+    reallocates it ``chunk`` slots larger and copies it over. Eager decoding is right; under
+    ``torch.compile(dynamic=False)`` every growth is a new shape and a recompile, and a CUDA graph captured
+    before a growth keeps reading the old buffer."""
+
+    chunk = 2
+    limit = 0  # the largest buffer (max_seq_len), set when the first update shrinks the buffers to one chunk
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _make_room(self, layer_idx, key_states.shape[2], cache_kwargs)
+        return super().update(key_states, value_states, layer_idx, cache_kwargs)
+
+
+@torch.compiler.disable  # type: ignore[untyped-decorator]
+def _make_room(cache: GrowsByReallocating, layer_idx: int, count: int, cache_kwargs: dict[str, Any] | None) -> None:
+    """Grow ``cache``'s buffers of ``layer_idx`` by whole chunks until the write fits (at most to max_seq_len)."""
+    if not cache.limit:  # start small: give back what the constructor allocated
+        cache.limit = cache.keys[0].shape[2]
+        cache.keys = [k[:, :, : cache.chunk].clone() for k in cache.keys]
+        cache.values = [v[:, :, : cache.chunk].clone() for v in cache.values]
+    position = (cache_kwargs or {}).get("cache_position")
+    end = cache.lengths[layer_idx] + count if position is None else int(position.max()) + 1
+    while end > cache.keys[layer_idx].shape[2] < cache.limit:
+        grown = min(cache.keys[layer_idx].shape[2] + cache.chunk, cache.limit)
+        for buffers in (cache.keys, cache.values):
+            old = buffers[layer_idx]
+            buffers[layer_idx] = torch.cat((old, old.new_zeros(*old.shape[:2], grown - old.shape[2], old.shape[3])), 2)
+
+
+class LengthAsPythonInt(StaticCache):
+    """torchtune #1663: the cache's length is a Python int attribute that ``update`` reads and writes, so a
+    compiled decode step specialises on its value: a recompile every step (dynamo's recompile limit soon after),
+    with the right logits. transformers #29114 moved StaticCache's seen-token count to a tensor for this."""
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        batch, _, count, _ = key_states.shape
+        keys, values = keys[:batch], values[:batch]
+        self.batch_size = batch
+        start = self.lengths[layer_idx]  # the Python int the compiled step is specialised on
+        positions = torch.arange(start, start + count, device=key_states.device)
+        keys.index_copy_(2, positions, key_states)
+        values.index_copy_(2, positions, value_states)
+        self.lengths[layer_idx] = start + count
+        return keys, values

@@ -34,6 +34,7 @@ class Plan:
     prompt: int = 16
     window: int = 256  # the sliding cache's window (capped at half a preset's max_seq_len)
     device: str = "cpu"
+    engine: str = "eager"  # the reference's decode engine in the ratio rows (kvverify.profiling.engines.ENGINES)
 
     def window_for(self, config: ModelConfig) -> int:
         return max(2, min(self.window, config.max_seq_len // 2))

@@ -75,6 +75,7 @@ def row_cells(row: CacheRow) -> list[str]:
 
 
 RATIO_HEADER = (
+    "engine",
     "loop",
     "reference cache",
     "transformers cache",
@@ -93,6 +94,7 @@ _LOOPS = {"forward": "one greedy loop over both forwards", "generate": "each lib
 def ratio_cells(profile: Profile) -> list[list[str]]:
     return [
         [
+            r.engine,
             _LOOPS[r.loop],
             r.reference_cache,
             r.transformers_cache,

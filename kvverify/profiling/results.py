@@ -72,6 +72,7 @@ class RatioRow:
     reference_s_per_token: float  # medians
     transformers_s_per_token: float
     ratio: float  # median of per-round reference / transformers
+    engine: str = "eager"  # the reference's decode engine: "eager" (DecodeStep) or "compiled" (engine/compiled.py)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

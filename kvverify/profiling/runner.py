@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from kvverify.adapters.hf.llama import to_llama
-from kvverify.profiling import analysis, cuda, hostmem, timing
+from kvverify.profiling import analysis, cuda, engines, hostmem, timing
 from kvverify.profiling.environment import describe
 from kvverify.profiling.plan import CacheSpec, Plan
 from kvverify.profiling.replay import UpdatePlan, replay
@@ -23,6 +23,8 @@ Progress = Callable[[int, int, str], None]
 
 #: (reference cache, transformers cache) pairs timed against each other in one greedy forward loop.
 RATIO_PAIRS: tuple[tuple[str, str], ...] = (("contiguous", "hf-dynamic"), ("static", "hf-static"))
+#: The pairs of the compiled engine, which needs a static cache (sized to the generation, kvverify.profiling.engines).
+COMPILED_PAIRS: tuple[tuple[str, str], ...] = (("static", "hf-dynamic"), ("static", "hf-static"))
 #: The pair timed through each library's own generate(): their default caches.
 GENERATE_PAIR = ("contiguous", "hf-dynamic")
 
@@ -60,7 +62,7 @@ def run_profile(plan: Plan, specs: list[CacheSpec], progress: Progress, out_dir:
     """Measure every spec at every length of every preset, then the reference-vs-transformers time ratio."""
     began = time.perf_counter()
     first_config = ModelConfig.preset(next(iter(plan.presets)), numerics="fast", device=plan.device)
-    profile = Profile(environment=describe(first_config.dtype, plan.device).as_dict())
+    profile = Profile(environment={**describe(first_config.dtype, plan.device).as_dict(), "engine": plan.engine})
     total, done = count_tasks(plan, specs), 0
 
     def tick(what: str) -> None:
@@ -167,7 +169,8 @@ def _ratios(
     preset = next(iter(plan.presets))
     models = models_by_preset[preset]
     timed: list[tuple[str, str, str, timing.Ratio]] = []
-    for ours, theirs in RATIO_PAIRS:
+    pairs = COMPILED_PAIRS if plan.engine == "compiled" else RATIO_PAIRS
+    for ours, theirs in pairs:
         if ours not in by_name or theirs not in by_name:
             profile.skipped.append(f"ratio {ours} vs {theirs}: one of them was not profiled")
             continue
@@ -176,7 +179,7 @@ def _ratios(
     if ours in by_name and theirs in by_name:
         ratio = _generate_ratio(plan, models, by_name[ours], by_name[theirs], profile)
         if ratio is not None:
-            timed.append(("generate", ours, theirs, ratio))
+            timed.append(("generate", "static" if plan.engine == "compiled" else ours, theirs, ratio))
     return [
         RatioRow(
             preset=preset,
@@ -189,6 +192,7 @@ def _ratios(
             reference_s_per_token=ratio.first_median_s,
             transformers_s_per_token=ratio.second_median_s,
             ratio=ratio.ratio,
+            engine=plan.engine,
         )
         for loop, ours, theirs, ratio in timed
     ]
@@ -196,6 +200,9 @@ def _ratios(
 
 def _forward_ratio(plan: Plan, models: _Models, ours: CacheSpec, theirs: CacheSpec) -> timing.Ratio:
     config = models.config
+    if plan.engine == "compiled":
+        return engines.forward_ratio(models.reference(None), models.llama(), lambda: theirs.make(config),
+                                     _tokens(config, plan.prompt, seed=1), plan.ratio_tokens, plan.ratio_rounds)
     return timing.forward_ratio(
         models.reference(None),
         models.llama(),
@@ -212,15 +219,13 @@ def _generate_ratio(
 ) -> timing.Ratio | None:
     """The ``generate()`` row, left out with the reason when the two models choose different tokens."""
     config = models.config
-    ratio = timing.generate_ratio(
-        models.reference(None),
-        models.llama(),
-        lambda: ours.make(config),
-        lambda: theirs.make(config),
-        _tokens(config, plan.prompt, seed=1),
-        plan.ratio_tokens,
-        plan.ratio_rounds,
-    )
+    if plan.engine == "compiled":
+        ratio = engines.generate_ratio(models.reference(None), models.llama(), lambda: theirs.make(config),
+                                       _tokens(config, plan.prompt, seed=1), plan.ratio_tokens, plan.ratio_rounds)
+    else:
+        ratio = timing.generate_ratio(models.reference(None), models.llama(), lambda: ours.make(config),
+                                      lambda: theirs.make(config), _tokens(config, plan.prompt, seed=1),
+                                      plan.ratio_tokens, plan.ratio_rounds)
     if ratio is None:
         profile.skipped.append("ratio through generate(): the two models chose different tokens")
     return ratio

@@ -46,9 +46,13 @@ def llama_step(llama: Any) -> StepFn:
     return step
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA), so that a wall-clock reading covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+_sync = sync
 
 
 @dataclass(frozen=True)

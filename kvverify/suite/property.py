@@ -24,13 +24,22 @@ Ex = TypeVar("Ex")
 @dataclass(frozen=True)
 class Property:
     """name: a test-id-friendly name; summary: one sentence, with the bug classes it catches;
-    needs: optional cache methods it uses (skipped, with the reason, when the target lacks one)."""
+    needs: optional cache methods it uses (skipped, with the reason, when the target lacks one);
+    skip: why the property does not apply to a target (None: it does), for conditions other than methods."""
 
     name: str
     summary: str
     needs: frozenset[str]
     strategy: Callable[[Target], st.SearchStrategy[Any]]
     check: Callable[[Target, Any], None]
+    skip: Callable[[Target], str | None] | None = None
+
+    def skip_reason(self, target: Target) -> str | None:
+        """Why the property is skipped for ``target`` (a method it lacks, or :attr:`skip`'s reason); None: it runs."""
+        missing = self.needs - target.capabilities
+        if missing:
+            return f"the cache has no {', '.join(f'{m}()' for m in sorted(missing))}"
+        return None if self.skip is None else self.skip(target)
 
 
 def expect_same(target: Target, case: Case, expected: Generation, actual: Generation, what: str) -> None:

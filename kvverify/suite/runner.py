@@ -130,9 +130,9 @@ def _run_property(
     prop: Property, target: Target, *, profile: str, seed: int | None, time_limit: float | None, locate: bool,
     max_examples: int | None,
 ) -> PropertyResult:
-    missing = prop.needs - target.capabilities
-    if missing:
-        return PropertyResult(prop.name, "skipped", 0, 0.0, f"the cache has no {', '.join(sorted(missing))}()")
+    reason = prop.skip_reason(target)
+    if reason is not None:
+        return PropertyResult(prop.name, "skipped", 0, 0.0, reason)
     settings = profile_settings(profile, prop.name, max_examples=max_examples)
     progress = _Progress(start=time.perf_counter())
 

@@ -22,6 +22,7 @@ PROPERTY_SHARE: Mapping[str, float] = MappingProxyType({
     "reorder": 0.3,
     "reset": 0.15,
     "stateful": 0.25,
+    "compiled": 0.05,  # each example compiles the decode step (seconds): 10 at ci, 100 at thorough
 })
 
 
@@ -34,6 +35,10 @@ def examples_for(profile: str, prop: str | None = None, *, max_examples: int | N
         return examples
     return max(min(10, examples), round(examples * PROPERTY_SHARE.get(prop, 1.0)))
 
+#: Properties whose examples cost seconds each (a compilation) and fail alike on any case: their first failing
+#: case is reported as found, not shrunk (shrinking would compile hundreds of times).
+UNSHRUNK = frozenset({"compiled"})
+
 _COMMON = dict(
     deadline=None,  # per-example time limits are enforced by kvverify's own watchdog, not by Hypothesis
     database=None,  # no example database: every run is reproducible from its seed alone
@@ -42,6 +47,7 @@ _COMMON = dict(
     phases=[Phase.explicit, Phase.generate, Phase.target, Phase.shrink, Phase.explain],
     report_multiple_bugs=False,
 )
+_UNSHRUNK_PHASES = [Phase.explicit, Phase.generate, Phase.target, Phase.explain]
 
 
 def register_profiles() -> None:
@@ -56,8 +62,9 @@ def profile_settings(name: str, prop: str | None = None, *, max_examples: int | 
     unknown name."""
     if name not in PROFILE_EXAMPLES:
         raise ValueError(f"unknown profile {name!r}; expected one of {sorted(PROFILE_EXAMPLES)}")
+    common = dict(_COMMON, phases=_UNSHRUNK_PHASES) if prop in UNSHRUNK else _COMMON
     return settings(settings.get_profile(f"kvverify-{name}") if _registered() else None,
-                    max_examples=examples_for(name, prop, max_examples=max_examples), **_COMMON)  # type: ignore[arg-type]
+                    max_examples=examples_for(name, prop, max_examples=max_examples), **common)  # type: ignore[arg-type]
 
 
 def _registered() -> bool:

@@ -6,6 +6,7 @@ continuing from the cache length is :data:`CONTINUATION`'s job."""
 from __future__ import annotations
 
 from kvverify.suite.properties.batch import BATCH_INDEPENDENCE
+from kvverify.suite.properties.compiled import COMPILED
 from kvverify.suite.properties.generation import CACHED_EQUALS_UNCACHED, CONTINUATION, check_cached_equals_uncached
 from kvverify.suite.properties.prefill import CHUNKED_PREFILL, SLIDING_WINDOW
 from kvverify.suite.properties.reset import RESET
@@ -25,6 +26,7 @@ PROPERTIES: dict[str, Property] = {
         REORDER,
         RESET,
         STATEFUL,
+        COMPILED,
     )
 }
 
