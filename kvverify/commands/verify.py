@@ -52,16 +52,17 @@ def _targets(spec: str | None) -> list[tuple[str, object]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvverify.suite import PROPERTIES, run_suite
+    from kvverify.suite import run_suite
     from kvverify.suite.devices import DeviceError, describe_device, resolve_device
     from kvverify.suite.loading import TargetError
+    from kvverify.suite.properties import ALL_PROPERTIES
 
     if args.max_examples is not None and args.max_examples < 1:
         print(f"kvverify verify: --max-examples must be >= 1; got {args.max_examples}", file=sys.stderr)
         return EXIT_USAGE
-    unknown = [p for p in args.properties or [] if p not in PROPERTIES]
+    unknown = [p for p in args.properties or [] if p not in ALL_PROPERTIES]
     if unknown:
-        expected = ", ".join(sorted(PROPERTIES))
+        expected = ", ".join(sorted(ALL_PROPERTIES))
         print(f"kvverify verify: unknown property {unknown[0]!r}; expected one of {expected}", file=sys.stderr)
         return EXIT_USAGE
     if args.time_limit is not None and args.time_limit <= 0:

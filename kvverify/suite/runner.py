@@ -16,7 +16,7 @@ from hypothesis.errors import HypothesisException
 
 from kvverify.protocol import CacheFactory
 from kvverify.reference.threads import torch_threads
-from kvverify.suite.properties import PROPERTIES, Property
+from kvverify.suite.properties import ALL_PROPERTIES, PROPERTIES, Property
 from kvverify.suite.settings import profile_settings
 from kvverify.suite.target import Target, make_target
 from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT, ExampleTimeout, run_with_time_limit
@@ -204,14 +204,14 @@ def run_suite(
     :class:`~kvverify.suite.devices.DeviceError` when this machine lacks the device.
     """
     chosen = list(PROPERTIES) if properties is None else list(properties)
-    unknown = [name for name in chosen if name not in PROPERTIES]
+    unknown = [name for name in chosen if name not in ALL_PROPERTIES]
     if unknown:
-        raise ValueError(f"unknown propert(y/ies) {unknown}; expected some of {sorted(PROPERTIES)}")
+        raise ValueError(f"unknown propert(y/ies) {unknown}; expected some of {sorted(ALL_PROPERTIES)}")
     seed = random.randrange(2**32) if seed is None else seed
     described = make_target(factory, target, time_limit=time_limit, device=device)
     results = []
     for name in chosen:
-        result = run_property(PROPERTIES[name], described, profile=profile, seed=seed, time_limit=time_limit,
+        result = run_property(ALL_PROPERTIES[name], described, profile=profile, seed=seed, time_limit=time_limit,
                               max_examples=max_examples)
         if reproduce and result.verdict in ("failed", "error"):
             result = replace(result, reproduce=f"{reproduce} --property {name}")

@@ -158,11 +158,24 @@ class Session:
         self.tokens, self.mask = self.tokens[:, :0], self.mask[:, :0]
         self._expect_lengths(self.log[-1])
 
-    def fork(self, junk: torch.Tensor) -> None:
-        """Continue with a deep copy; the original takes ``junk`` tokens, which the copy must not see."""
-        self.log.append(f"fork (deepcopy), original fed {junk.shape[1]} other tokens")
-        original, self.cache = self.cache, copy.deepcopy(self.cache)
-        if junk.shape[1] and self.length:
-            mask = torch.cat((self.mask, torch.ones_like(junk)), dim=1)
-            self.model(junk, cache=original, start=self.length, attention_mask=mask)
+    def fork(self, tokens: torch.Tensor) -> None:
+        """Continue with a deep copy, after using both: the copy appends ``tokens``, then the original appends
+        other tokens at the same positions, then each appends one more token and reads back what it holds.
+        A copy that shares the original's storage then reads the original's tokens (or the other way round)."""
+        self.log.append(f"fork (deepcopy) with {tokens.shape[1]} tokens on each side")
+        original = self._twin(self.cache)
+        self.cache = copy.deepcopy(self.cache)
         self._expect_lengths(self.log[-1])
+        count = min(tokens.shape[1], self.room - 1)
+        if count < 1 or not self.length:
+            return
+        tokens = tokens[:, :count]
+        other = (tokens + 1) % self.config.vocab_size  # the original's tokens differ from the copy's
+        for session, fed in ((self, tokens), (original, other), (self, other[:, -1:]), (original, tokens[:, -1:])):
+            session.append(fed)
+
+    def _twin(self, cache: KVCache) -> Session:
+        """A session over ``cache`` holding this session's sequence (the original of a fork)."""
+        twin = copy.copy(self)
+        twin.cache, twin.log = cache, [*self.log[:-1], "the original of the fork"]
+        return twin
