@@ -34,6 +34,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", metavar="DEVICE",
                         help="where the models, prompts and caches live: cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--junitxml", metavar="PATH", help="also write a JUnit XML report")
+    parser.add_argument("--repro-script", metavar="PATH", default=None,
+                        help="write the first failure as a self-contained Python script that exits 1 while the bug "
+                        "is there")
     parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                         help="seconds one example may take before the cache is reported as hanging "
                         "(default: 60)")
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             result = run_suite(factory, target=name, profile=args.profile, seed=seed,  # type: ignore[arg-type]
                                properties=args.properties, time_limit=_time_limit(args),
                                reproduce=_reproduce_command(args, name, seed), max_examples=args.max_examples,
-                               device=device)
+                               device=device, repro_script=args.repro_script)
         except TargetError as error:
             print(f"kvverify verify: {error}", file=sys.stderr)
             return EXIT_USAGE

@@ -36,6 +36,7 @@ class PropertyResult:
     detail: str = ""
     first_failure_seconds: float | None = None
     reproduce: str = ""
+    case: Any = field(default=None, compare=False, repr=False)  # the minimal failing case, when one was found
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def _run_property(
 
 def _failed(prop: Property, progress: _Progress, detail: str) -> PropertyResult:
     return PropertyResult(prop.name, "failed", progress.passed, time.perf_counter() - progress.start, detail,
-                          first_failure_seconds=progress.first_failure)
+                          first_failure_seconds=progress.first_failure, case=progress.last_case)
 
 
 def _locate(prop: Property, target: Target, case: Any, time_limit: float | None) -> str:
@@ -191,6 +192,7 @@ def run_suite(
     stop_at_first_failure: bool = False,
     device: str | torch.device | None = None,
     max_examples: int | None = None,
+    repro_script: str | None = None,
 ) -> SuiteResult:
     """Run every property (or the named ones) against the cache the factory builds, with every model, prompt
     and cache on ``device`` (the CPU when None).
@@ -200,6 +202,9 @@ def run_suite(
     ``stop_at_first_failure``: skip the remaining properties once one fails (a kill is a kill).
 
     ``reproduce``: a command that reruns the suite with this seed; each failure gets it with ``--property NAME``.
+
+    ``repro_script``: a path; the first failure's minimal case is written there as a self-contained Python script
+    (:mod:`kvverify.suite.repro`) that exits 1 while the bug is there.
     Raises :class:`~kvverify.suite.loading.TargetError` when the factory is unusable or declares other devices,
     :class:`~kvverify.suite.devices.DeviceError` when this machine lacks the device.
     """
@@ -215,6 +220,12 @@ def run_suite(
                               max_examples=max_examples)
         if reproduce and result.verdict in ("failed", "error"):
             result = replace(result, reproduce=f"{reproduce} --property {name}")
+        if repro_script and result.verdict == "failed" and result.case is not None:
+            from kvverify.suite.repro import write_repro_script
+
+            path = write_repro_script(repro_script, target, name, result.case)
+            result = replace(result, detail=f"{result.detail}\nrepro script: python {path}")
+            repro_script = None  # the first failure's
         results.append(result)
         if stop_at_first_failure and result.verdict in ("failed", "error"):
             break
