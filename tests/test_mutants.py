@@ -8,6 +8,7 @@ bit for bit.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from functools import cache
 
@@ -18,6 +19,7 @@ from kvverify import BUILTIN_CACHES, ModelConfig, ReferenceModel
 from kvverify.caches import PagedCache
 from kvverify.mutants import MUTANTS, NEEDS, Mutant
 from kvverify.protocol import KVCache
+from kvverify.suite.expected import teacher_forced
 
 Factory = Callable[[ModelConfig], KVCache]
 #: A scenario builds caches with the factory and returns (cached logits, uncached logits).
@@ -117,6 +119,39 @@ def reset(config: ModelConfig) -> Scenario:
     return scenario
 
 
+def long_decode(length: int) -> Scenario:
+    """Prefill 16 tokens and decode until the cache holds ``length``; the uncached logits of every step come
+    from one teacher-forced forward (exact in strict numerics: tests/test_expected.py)."""
+
+    def scenario(factory: Factory) -> tuple[torch.Tensor, torch.Tensor]:
+        config = TINY.replace(max_seq_len=length, max_batch_size=1)
+        reference, prompt = model(config), tokens(1, 16)
+        cached = reference.generate(prompt, length - 15, cache=factory(config))
+        return cached.logits, teacher_forced(reference, prompt, cached.tokens).logits
+
+    return scenario
+
+
+def fork() -> Scenario:
+    """Generate, deepcopy the cache, feed the copy and then the original different tokens, continue the copy."""
+
+    def scenario(factory: Factory) -> tuple[torch.Tensor, torch.Tensor]:
+        reference = model(TINY)
+        first = reference.generate(tokens(1, 4), 3, cache=factory(TINY))
+        original = first.cache
+        assert original is not None
+        forked = copy.deepcopy(original)
+        ours, theirs = tokens(1, 2, seed=5), tokens(1, 2, seed=6)
+        held = first.sequences.shape[1] - 1
+        reference(ours, cache=forked, start=held)
+        reference(theirs, cache=original, start=held)
+        prompt = torch.cat((first.sequences[:, :held], ours, tokens(1, 1, seed=7)), dim=1)
+        cached = reference.generate(prompt, 3, cache=forked).logits
+        return cached, reference.generate(prompt, 3, use_cache=False).logits
+
+    return scenario
+
+
 PAGED_2 = TINY.replace(max_batch_size=2)
 
 #: The scenario of each mutant: the operations its bug needs, and nothing it does not.
@@ -154,6 +189,9 @@ SCENARIOS: dict[str, Scenario] = {
     "dtype_bits_reinterpreted": decode(TINY, 1, 4, 1),
     "compile_buffer_regrown": decode(TINY, 1, 4, 8),
     "compile_length_python_int": decode(TINY, 1, 4, 8),
+    "position_in_12_bits": long_decode(2064),
+    "static_stops_growing_at_2048": long_decode(2064),
+    "fork_shares_buffers": fork(),
 }
 
 #: Mutants whose logits are unchanged by design: the scenario checks the returned shape instead.
@@ -243,6 +281,8 @@ BELOW_THE_BOUNDARY: dict[str, Scenario] = {
     "window_rolls_early": chunked(WINDOW, 2, 6, 3),
     "window_slices_newest": decode(WINDOW, 1, 2, 8),
     "crop_negative_unclamped": crop(TINY, 1, 4, 4, -2, 5),
+    "position_in_12_bits": long_decode(2048),
+    "static_stops_growing_at_2048": long_decode(2048),
 }
 
 

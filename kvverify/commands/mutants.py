@@ -102,7 +102,7 @@ def _run_mutant(name: str, factory: CacheFactory, profile: str, seed: int, with_
 
     start = time.process_time()
     result = run_suite(factory, target=f"mutant:{name}", profile=profile, seed=seed, stop_at_first_failure=True,
-                       device=device)
+                       device=device, properties=_properties())
     cpu = time.process_time() - start
     failure = result.failures[0] if result.failures else None
     baseline = run_baseline(factory, device=device) if with_baseline else None
@@ -143,6 +143,13 @@ def _run_mutant_named(name: str, profile: str, seed: int, with_baseline: bool, d
     from kvverify.mutants import MUTANTS
 
     return _run_mutant(name, MUTANTS[name].factory, profile, seed, with_baseline, device)
+
+
+def _properties() -> list[str]:
+    """The default properties, then the opt-in ones (the long context): bugs that show only there count too."""
+    from kvverify.suite.properties import OPT_IN_PROPERTIES, PROPERTIES
+
+    return [*PROPERTIES, *OPT_IN_PROPERTIES]
 
 
 def _time_to_kill(results: Sequence[PropertyResult]) -> float | None:
@@ -229,7 +236,8 @@ def _run_controls(args: argparse.Namespace, device: torch.device) -> bool:
     ok = True
     print("\ncontrols (correct caches; every property must pass, but for known upstream failures):")
     for name, factory in _controls().items():
-        result = run_suite(factory, target=f"control:{name}", profile=args.profile, seed=args.seed, device=device)
+        result = run_suite(factory, target=f"control:{name}", profile=args.profile, seed=args.seed, device=device,
+                           properties=_properties())
         expected = {f.name: known.match(name, f.name, f.detail) for f in result.failures}
         unexpected = [f for f in result.failures if expected[f.name] is None]
         ok &= not unexpected

@@ -48,6 +48,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", metavar="DEVICE",
                         help="where the models, prompts and caches live: cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--junitxml", metavar="PATH", help="also write a JUnit XML report")
+    parser.add_argument("--repro-script", metavar="PATH", default=None,
+                        help="write the first failure as a self-contained Python script that exits 1 while the bug "
+                        "is there")
     parser.add_argument("--time-limit", default=None, metavar="SECONDS",
                         help="seconds one example may take before the cache is reported as hanging "
                         "(default: 60; none: no limit)")
@@ -74,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
     from kvverify.suite import PROPERTIES
     from kvverify.suite.devices import DeviceError, describe_device, resolve_device
     from kvverify.suite.loading import TargetError
+    from kvverify.suite.properties import ALL_PROPERTIES
 
-    problem = _usage_problem(args, PROPERTIES)
+    problem = _usage_problem(args, ALL_PROPERTIES)
     if problem:
         print(f"kvverify verify: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -129,7 +133,7 @@ def suite_for(args: argparse.Namespace, name: str, seed: int, device: torch.devi
 
     return run_suite(_factory(name), target=name, profile=args.profile, seed=seed, properties=properties,
                      time_limit=_time_limit(args), reproduce=_reproduce_command(args, name, seed),
-                     max_examples=args.max_examples, device=device)
+                     max_examples=args.max_examples, device=device, repro_script=args.repro_script)
 
 
 def _usage_problem(args: argparse.Namespace, properties: Collection[str]) -> str | None:

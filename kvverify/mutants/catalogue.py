@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvverify.mutants import layout, paged, positions, rollback, static, window
+from kvverify.mutants import layout, long, paged, positions, rollback, static, window
 from kvverify.protocol import CacheFactory
 
 #: What a mutant's bug needs before it shows; a mutant's ``needs`` is a subset of these keys.
@@ -27,6 +27,8 @@ NEEDS: dict[str, str] = {
     "zero_key": "a token whose key is exactly zero (a zeroed embedding row under RMSNorm)",
     "shape": "a check of the returned (batch, n_kv_heads, seq, head_dim) shape or of memory; logits are unchanged",
     "compile": "the decode step under torch.compile (dynamic=False) or captured in a CUDA graph; logits are unchanged",
+    "past_2048": "a sequence longer than 2048 tokens (the long_context property)",
+    "fork": "a deepcopy of the cache, then writes to the copy and the original, each read back after the other's",
 }
 
 #: The sections of docs/KV_BUGS.md that the catalogue covers.
@@ -183,5 +185,14 @@ MUTANTS: dict[str, Mutant] = dict(
         _mutant("compile_length_python_int", layout.LengthAsPythonInt.from_config,
                 "the write position is a Python int attribute: compile specialises on it, a recompile every step",
                 "torchtune #1663", _STATIC, {"compile", "decode"}, "static"),
+        _mutant("position_in_12_bits", long.PositionsInTwelveBits.from_config,
+                "positions held in a 12-bit signed field: token 2048 is written over an older slot",
+                "vllm-project/tpu-inference #2756", _POS, {"past_2048", "decode"}, "static"),
+        _mutant("static_stops_growing_at_2048", long.StopsGrowingAt2048.from_config,
+                "a 2048-slot buffer whose write position is clamped: every token past 2048 overwrites the last slot",
+                "finnvoor/CoreMLPipelines #3", _STATIC, {"past_2048", "decode"}, "static"),
+        _mutant("fork_shares_buffers", long.ForkSharesBuffers.from_config,
+                "deepcopy copies the lists but not the tensors: a fork and its original write the same buffers",
+                "gpytorch #785", _STATE, {"fork"}, "static"),
     ]
 )

@@ -32,7 +32,7 @@ _PIECE = 8192
 
 #: Strict products (rows × d_out × d_in, queries × keys × head_dim) are built this many elements at a time at
 #: most, in chunks of rows or queries: every element is computed alone, so chunking changes no bit.
-_CHUNK_ELEMENTS = 1 << 24
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def lane_stable(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -60,8 +60,8 @@ def _strict_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     pad = _pow2(x.shape[-1]) - x.shape[-1]  # padded here, where it is small, rather than after the product
     if pad:  # 0 * 0: exact +0 terms, as tree_sum's own padding
         x, weight = F.pad(x, (0, pad)), F.pad(weight, (0, pad))
-    products = x[:, None, :] * weight  # (R, d_out, d_in padded)
-    return _as(tree_sum(products, -1), dtype)
+    products = x.T[:, :, None] * weight.T[:, None, :]  # (d_in padded, R, d_out): each tree level adds two slabs
+    return _as(tree_sum(products, 0), dtype)
 
 
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -102,10 +102,13 @@ def tree_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     if length == 0:
         return x.sum(dim)  # an empty sum: zeros of the right shape
     width = _pow2(length)
-    if width != length:
-        pad_shape = list(x.shape)
-        pad_shape[dim] = width - length
-        x = torch.cat((x, x.new_zeros(pad_shape)), dim=dim)
+    if width != length:  # the first level against the zero padding, without building it
+        width //= 2
+        over = length - width  # elements of the upper half that are not padding
+        first = torch.empty_like(x.narrow(dim, 0, width))
+        torch.add(x.narrow(dim, 0, over), x.narrow(dim, width, over), out=first.narrow(dim, 0, over))
+        torch.add(x.narrow(dim, over, width - over), 0.0, out=first.narrow(dim, over, width - over))  # + a +0 pad
+        x = first
     while width > 1:
         width //= 2
         x = x.narrow(dim, 0, width) + x.narrow(dim, width, width)
@@ -146,17 +149,38 @@ def attention(
     q: (B, H, Tq, D); k, v: (B, Hkv, S, D) with H a multiple of Hkv; visible: bool (B, 1, Tq, S), True where
     the query may attend to the key; bias: additive (B, H, Tq, S) or None. Every query row must see at least
     one key. Returns (B, H, Tq, D).
+
+    Queries are taken a chunk at a time, each chunk against the span of keys from the first to the last one
+    some query of the chunk sees: the keys outside it are masked for every query of the chunk, and masked keys
+    only ever add exact zeros after the visible ones (see :func:`_strict_attention`), so dropping them changes
+    no bit. A causal prefill of T tokens then costs T²/2 query-key pairs, and a decode step against a
+    preallocated buffer only the slots written so far.
     """
     batch, n_heads, t_q, head_dim = q.shape
-    s = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim)
-    step = max(1, _CHUNK_ELEMENTS // max(1, batch * n_heads * s * head_dim))  # queries per chunk
-    chunks = [
-        _strict_attention(q[:, :, i : i + step], k, v, visible[:, :, i : i + step],
-                          None if bias is None else bias[:, :, i : i + step], scale)
-        for i in range(0, t_q, step)
-    ]
+    step = max(1, _ATTENTION_CHUNK // max(1, batch * n_heads * k.shape[2] * head_dim))  # queries per chunk
+    chunks = []
+    for i in range(0, t_q, step):
+        seen = visible[:, :, i : i + step]
+        lo, hi = _span(seen)
+        chunks.append(_strict_attention(
+            q[:, :, i : i + step], k[:, :, lo:hi], v[:, :, lo:hi], seen[..., lo:hi],
+            None if bias is None else bias[:, :, i : i + step, lo:hi], scale,
+        ))  # fmt: skip
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+
+
+#: Elements (queries × keys × head_dim × heads) of one chunk of :func:`attention`: small enough that a chunk's
+#: products stay in the core's cache; every element is computed alone, so the chunking changes no bit.
+_ATTENTION_CHUNK = 1 << 20
+
+
+def _span(visible: torch.Tensor) -> tuple[int, int]:
+    """The first and one past the last key slot that some query sees. visible: (B, 1, Tq, S) bool."""
+    seen = visible.any(dim=2).any(dim=1).any(dim=0).nonzero()  # (n, 1)
+    if seen.numel() == 0:
+        return 0, visible.shape[-1]
+    return int(seen[0]), int(seen[-1]) + 1
 
 
 def _strict_attention(
@@ -168,25 +192,29 @@ def _strict_attention(
     group = n_heads // n_kv_heads
     returned = torch.promote_types(q.dtype, torch.promote_types(k.dtype, v.dtype))  # a cache's dtype shows through
     compute = _compute_dtype(returned)
-    qg = q.to(compute).view(batch, n_kv_heads, group, t_q, 1, head_dim)
-    scores = tree_sum(qg * k.to(compute)[:, :, None, None], -1) * scale  # (B, Hkv, group, Tq, S)
+    # q·k summed over head_dim laid out first, so each level of the tree adds two contiguous halves
+    qd = q.to(compute).view(batch, n_kv_heads, group, t_q, head_dim).permute(4, 0, 1, 2, 3)[..., None]
+    kd = k.to(compute).permute(3, 0, 1, 2)[:, :, :, None, None]  # (D, B, Hkv, 1, 1, S)
+    scores = tree_sum(qd * kd, 0) * scale  # (B, Hkv, group, Tq, S)
     scores = scores.reshape(batch, n_heads, t_q, s)
     if bias is not None:
         scores = scores + bias.to(compute)
     scores = scores.masked_fill(~visible, float("-inf"))
     # The keys each query sees, brought to the front in slot order (oldest first); the masked ones follow as
     # exact zeros. Where a cache put its unwritten or evicted slots then changes no bit of the sums below.
-    order = torch.sort((~visible).to(torch.uint8), dim=-1, stable=True).indices  # (B, 1, Tq, S)
-    scores = scores.gather(-1, order.expand(batch, n_heads, t_q, s))
+    # When every query's visible keys already come first (a causal prefix), that order is the slots' own.
+    prefix = not bool((visible[..., 1:] & ~visible[..., :-1]).any())
+    values = v.to(compute)[:, :, None, None]  # (B, Hkv, 1, 1, S, D)
+    if not prefix:
+        order = torch.sort((~visible).to(torch.uint8), dim=-1, stable=True).indices  # (B, 1, Tq, S)
+        scores = scores.gather(-1, order.expand(batch, n_heads, t_q, s))
+        rows = order[..., None].expand(batch, n_kv_heads, t_q, s, head_dim)
+        values = v.to(compute)[:, :, None].expand(batch, n_kv_heads, t_q, s, head_dim).gather(3, rows)[:, :, None]
     weights = lane_stable(torch.exp, scores - scores.amax(-1, keepdim=True))  # masked keys: exactly 0
     probs = weights / tree_sum(weights, -1)[..., None]  # (B, H, Tq, S)
-    rows = order[..., None].expand(batch, n_kv_heads, t_q, s, head_dim)
-    values = v.to(compute)[:, :, None].expand(batch, n_kv_heads, t_q, s, head_dim).gather(3, rows)  # (B, Hkv, Tq, S, D)
     probs = probs.view(batch, n_kv_heads, group, t_q, s, 1)
-    out = tree_sum(probs * values[:, :, None], -2)  # (B, Hkv, group, Tq, D)
+    out = tree_sum(probs * values, -2)  # (B, Hkv, group, Tq, D)
     return out.reshape(batch, n_heads, t_q, head_dim).to(returned)
-
-
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

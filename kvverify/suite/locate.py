@@ -38,6 +38,7 @@ class Difference:
     max_abs: float  # largest |returned - recomputed| at this position, over rows and heads
     new_tokens: int  # tokens in that update
     written: int  # tokens written to the layer after it
+    note: str = ""  # what the wrong tensor equals instead, when it is recognisable
 
     def __str__(self) -> str:
         return (
@@ -45,6 +46,7 @@ class Difference:
             f"recomputed {self.what}, max abs {self.max_abs:.3g} (step {self.step}, a {self.new_tokens}-token "
             f"update bringing the layer to {self.written} tokens; batch row {self.row}"
             + (f"; cache #{self.cache} the property built" if self.cache else "") + ")"
+            + (f"; {self.note}" if self.note else "")
         )
 
 
@@ -92,11 +94,13 @@ class _Shadow:
         first = written - keys.shape[-2]
         slots = _visible_slots(first, written, count, self.log.window, keys.device)
         returned = slots - first
-        for what, actual, expected in (("key", keys, expected_keys), ("value", values, expected_values)):
+        pairs = (("key", keys, expected_keys, expected_values), ("value", values, expected_values, expected_keys))
+        for what, actual, expected, other in pairs:
             difference = self._compare(actual[:, :, returned], expected[:, :, slots], slots, layer_idx, what,
                                        count, written)
             if difference is not None:
-                self.log.found.append((order, difference))
+                self.log.found.append((order, replace(difference, note=_swapped(what, actual[:, :, returned],
+                                                                                other[:, :, slots]))))
                 return
 
     def _compare(self, actual: torch.Tensor, expected: torch.Tensor, slots: torch.Tensor, layer: int, what: str,
@@ -121,6 +125,14 @@ class _Shadow:
 
     def was_reset(self) -> None:
         self.shadow.reset()
+
+
+def _swapped(what: str, actual: torch.Tensor, other: torch.Tensor) -> str:
+    """A note when the returned keys equal the recomputed values (or the other way round): K and V swapped."""
+    if actual.shape != other.shape or not torch.equal(actual, other.to(actual.dtype)):
+        return ""
+    instead = "value" if what == "key" else "key"
+    return f"the cached {what} equals the recomputed {instead}: keys and values swapped (or one returned as both)"
 
 
 def _visible_slots(first: int, written: int, count: int, window: int | None, device: torch.device) -> torch.Tensor:

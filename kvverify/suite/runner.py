@@ -17,7 +17,7 @@ from hypothesis.errors import HypothesisException
 from kvverify.protocol import CacheFactory
 from kvverify.reference.threads import torch_threads
 from kvverify.suite.loading import TargetError
-from kvverify.suite.properties import PROPERTIES, Property
+from kvverify.suite.properties import ALL_PROPERTIES, PROPERTIES, Property
 from kvverify.suite.settings import PROFILE_EXAMPLES, profile_settings
 from kvverify.suite.target import Target, make_target
 from kvverify.suite.watchdog import (
@@ -44,6 +44,7 @@ class PropertyResult:
     detail: str = ""
     first_failure_seconds: float | None = None
     reproduce: str = ""
+    case: Any = field(default=None, compare=False, repr=False)  # the minimal failing case, when one was found
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def _run_property(
 
 def _failed(prop: Property, progress: _Progress, detail: str) -> PropertyResult:
     return PropertyResult(prop.name, "failed", progress.passed, time.perf_counter() - progress.start, detail,
-                          first_failure_seconds=progress.first_failure)
+                          first_failure_seconds=progress.first_failure, case=progress.last_case)
 
 
 def _locate(prop: Property, target: Target, case: Any, time_limit: float | None) -> str:
@@ -199,6 +200,7 @@ def run_suite(
     stop_at_first_failure: bool = False,
     device: str | torch.device | None = None,
     max_examples: int | None = None,
+    repro_script: str | None = None,
 ) -> SuiteResult:
     """Run every property (or the named ones: a name or a list of names) against the cache the factory builds,
     with every model, prompt and cache on ``device`` (the CPU when None).
@@ -211,6 +213,9 @@ def run_suite(
     ``stop_at_first_failure``: skip the remaining properties once one fails (a kill is a kill).
 
     ``reproduce``: a command that reruns the suite with this seed; each failure gets it with ``--property NAME``.
+
+    ``repro_script``: a path; the first failure's minimal case is written there as a self-contained Python script
+    (:mod:`kvverify.suite.repro`) that exits 1 while the bug is there.
     Raises :class:`~kvverify.suite.loading.TargetError` when the factory is unusable or declares other devices,
     :class:`~kvverify.suite.devices.DeviceError` when this machine lacks the device, ValueError naming what
     is expected for a wrong profile, property, time limit or example count.
@@ -222,11 +227,17 @@ def run_suite(
     results = []
     for name in chosen:
         tell("property", name)
-        result = run_property(PROPERTIES[name], described, profile=profile, seed=seed, time_limit=time_limit,
+        result = run_property(ALL_PROPERTIES[name], described, profile=profile, seed=seed, time_limit=time_limit,
                               max_examples=max_examples)
         if reproduce and result.verdict in ("failed", "error"):
             result = replace(result, reproduce=f"{reproduce} --property {name}")
-        tell("result", result)
+        if repro_script and result.verdict == "failed" and result.case is not None:
+            from kvverify.suite.repro import write_repro_script
+
+            path = write_repro_script(repro_script, target, name, result.case)
+            result = replace(result, detail=f"{result.detail}\nrepro script: python {path}")
+            repro_script = None  # the first failure's
+        tell("result", replace(result, case=None))  # the case stays here: the report carries what it says
         results.append(result)
         if stop_at_first_failure and result.verdict in ("failed", "error"):
             break
@@ -261,9 +272,9 @@ def check_options(*, profile: str, properties: Sequence[str] | str | None, time_
                                      or max_examples < 1):
         raise ValueError(f"max_examples must be a whole number >= 1 (None: the profile's count); got {max_examples!r}.")
     chosen = [properties] if isinstance(properties, str) else list(PROPERTIES if properties is None else properties)
-    unknown = [name for name in chosen if name not in PROPERTIES]
+    unknown = [name for name in chosen if name not in ALL_PROPERTIES]
     if unknown or not chosen:
-        raise ValueError(f"properties must name some of {', '.join(PROPERTIES)} (a name or a list of names; None "
+        raise ValueError(f"properties must name some of {', '.join(ALL_PROPERTIES)} (a name or a list of names; None "
                          f"for all); got {properties!r}" + (f", where {unknown} are unknown." if unknown else "."))
     return chosen
 

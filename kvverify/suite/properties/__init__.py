@@ -8,6 +8,7 @@ from __future__ import annotations
 from kvverify.suite.properties.batch import BATCH_INDEPENDENCE
 from kvverify.suite.properties.compiled import COMPILED
 from kvverify.suite.properties.generation import CACHED_EQUALS_UNCACHED, CONTINUATION, check_cached_equals_uncached
+from kvverify.suite.properties.long_context import LONG_CONTEXT
 from kvverify.suite.properties.prefill import CHUNKED_PREFILL, SLIDING_WINDOW
 from kvverify.suite.properties.reset import RESET
 from kvverify.suite.properties.rollback import CROP, REORDER
@@ -30,4 +31,12 @@ PROPERTIES: dict[str, Property] = {
     )
 }
 
-__all__ = ["PROPERTIES", "Property", "check_cached_equals_uncached", "expect_same"]
+#: Properties run only when named (``--property NAME``, ``properties=[...]``) or by ``kvverify mutants``: each
+#: example is expensive (a long context).
+OPT_IN_PROPERTIES: dict[str, Property] = {LONG_CONTEXT.name: LONG_CONTEXT}
+
+#: Every property, the default ones and the opt-in ones.
+ALL_PROPERTIES: dict[str, Property] = {**PROPERTIES, **OPT_IN_PROPERTIES}
+
+__all__ = ["ALL_PROPERTIES", "OPT_IN_PROPERTIES", "PROPERTIES", "Property", "check_cached_equals_uncached",
+           "expect_same"]

@@ -9,6 +9,7 @@ from hypothesis import reject
 from hypothesis import strategies as st
 
 from kvverify.suite.case import Case
+from kvverify.suite.expected import expected_generation
 from kvverify.suite.property import Property, expect_same, join, numerics_cases, random_tokens
 from kvverify.suite.replay import check_replayed
 from kvverify.suite.target import Target
@@ -19,9 +20,9 @@ def check_cached_equals_uncached(target: Target, case: Case) -> None:
         return check_replayed(target, case, target.declaration.quantizer)
     model = case.model()
     prompt, mask = case.tokens(), case.attention_mask()
-    expected = model.generate(prompt, case.max_new_tokens, use_cache=False, attention_mask=mask)
     cache = target.new_cache(case.config)
     actual = model.generate(prompt, case.max_new_tokens, cache=cache, attention_mask=mask)
+    expected = expected_generation(model, prompt, case.max_new_tokens, mask, actual)
     expect_same(target, case, expected, actual, "cached generation differs from uncached")
 
 
@@ -77,14 +78,14 @@ def check_continuation(target: Target, plan: Continuation) -> None:
     prompt, mask = case.tokens(), case.attention_mask()
     cache = target.new_cache(case.config)
     first = model.generate(prompt, case.max_new_tokens, cache=cache, attention_mask=mask)
-    expected_first = model.generate(prompt, case.max_new_tokens, use_cache=False, attention_mask=mask)
+    expected_first = expected_generation(model, prompt, case.max_new_tokens, mask, first)
     expect_same(target, case, expected_first, first, "first generation differs from uncached")
     extra = torch.tensor(plan.extra, dtype=torch.long, device=prompt.device).reshape(case.batch, -1)
     sequences = torch.cat((first.sequences, extra), dim=1)
     mask2 = torch.cat((first.attention_mask, torch.ones_like(extra)), dim=1)
     assert first.cache is not None
     second = model.generate(sequences, plan.more, cache=first.cache, attention_mask=mask2)
-    expected_second = model.generate(sequences, plan.more, use_cache=False, attention_mask=mask2)
+    expected_second = expected_generation(model, sequences, plan.more, mask2, second)
     expect_same(target, case, join(expected_first, expected_second), join(first, second),
                 "generation continued from the returned cache differs from generating it at once")
 

@@ -9,6 +9,7 @@ import torch
 from hypothesis import strategies as st
 
 from kvverify.suite.case import Case
+from kvverify.suite.expected import expected_generation
 from kvverify.suite.property import (
     Property,
     as_generation,
@@ -86,7 +87,7 @@ def check_chunked(target: Target, plan: Chunked) -> None:
         expect_same_for(target, case.config, as_generation(whole), as_generation(torch.cat(logits, dim=1)),
                         f"prompt logits fed in chunks {list(plan.chunks)} differ from a one-shot uncached prefill")
     actual = model.generate(prompt, case.max_new_tokens, cache=cache, attention_mask=mask)
-    expected = model.generate(prompt, case.max_new_tokens, use_cache=False, attention_mask=mask)
+    expected = expected_generation(model, prompt, case.max_new_tokens, mask, actual)
     expect_same(target, case, expected, actual, f"generation after a prefill in chunks {list(plan.chunks)} differs")
 
 

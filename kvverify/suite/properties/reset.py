@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from hypothesis import strategies as st
 
 from kvverify.suite.case import Case
+from kvverify.suite.expected import expected_generation
 from kvverify.suite.property import Property, expect_length, expect_same, numerics_cases
 from kvverify.suite.strategies import generation_lengths, prompts
 from kvverify.suite.target import Target
@@ -47,7 +48,7 @@ def check_reset(target: Target, plan: ResetPlan) -> None:
     second = plan.second
     prompt, mask = second.tokens(), second.attention_mask()
     actual = model.generate(prompt, second.max_new_tokens, cache=cache, attention_mask=mask)
-    expected = model.generate(prompt, second.max_new_tokens, use_cache=False, attention_mask=mask)
+    expected = expected_generation(model, prompt, second.max_new_tokens, mask, actual)
     expect_same(target, second, expected, actual, "the second sequence through a reset cache differs from uncached")
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from kvverify.caches._common import resolve_crop
 from kvverify.suite.case import Case
 from kvverify.suite.cropping import CROP_REFUSALS, crop_argument, crop_convention
+from kvverify.suite.expected import expected_generation
 from kvverify.suite.property import (
     Property,
     expect_length,
@@ -96,7 +97,7 @@ def check_crop(target: Target, plan: CropPlan) -> None:
     prompt = torch.cat((full[:, :kept], then), dim=1)
     mask = torch.cat((full_mask[:, :kept], torch.ones_like(then)), dim=1)
     actual = model.generate(prompt, more, cache=cache, attention_mask=mask)
-    expected = model.generate(prompt, more, use_cache=False, attention_mask=mask)
+    expected = expected_generation(model, prompt, more, mask, actual)
     expect_same(target, case, expected, actual, f"{what} (to {kept}), continuing differs from never appending")
 
 
@@ -159,7 +160,7 @@ def check_reorder(target: Target, plan: ReorderPlan) -> None:
     prompt = torch.cat((first.sequences[index, :held], fork), dim=1)
     mask = torch.cat((first.attention_mask[index, :held], torch.ones_like(fork)), dim=1)
     actual = model.generate(prompt, plan.more, cache=cache, attention_mask=mask)
-    expected = model.generate(prompt, plan.more, use_cache=False, attention_mask=mask)
+    expected = expected_generation(model, prompt, plan.more, mask, actual)
     expect_same(target, case, expected, actual,
                 f"after reorder_cache({list(plan.beam_idx)}), continuing differs from caches built for those rows")
 

@@ -74,6 +74,7 @@ class Session:
         self.tokens = torch.zeros(batch, 0, dtype=torch.long, device=device)
         self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)
         self.log: list[str] = []
+        self.last_change = "none"  # the last operation that changed what the cache should hold
 
     @property
     def length(self) -> int:
@@ -88,7 +89,7 @@ class Session:
             length = self.cache.get_seq_length(layer)
             assert length == self.length, (
                 f"after {what}: get_seq_length({layer}) is {length!r}, expected {self.length} "
-                f"(operations so far: {'; '.join(self.log)})"
+                f"({self._history()})"
             )
 
     def append(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -96,19 +97,21 @@ class Session:
         mask = torch.ones_like(tokens) if mask is None else mask
         start = self.length
         sequence, full_mask = torch.cat((self.tokens, tokens), dim=1), torch.cat((self.mask, mask), dim=1)
+        before = self._history()
         self.log.append(f"append {tokens.shape[1]} tokens at {start}")
         recording = RecordingCache(self.cache)
         logits = self.model(tokens, cache=recording, start=start, attention_mask=full_mask)
         expected_cache = ListCache()
         expected = self.model(sequence, cache=expected_cache, attention_mask=full_mask)[:, start:]
-        what = f"operations {'; '.join(self.log)}"
+        what = f"before this append: {before}"
+        exact = self.target.tolerance(self.config) is None  # a lossy cache's contents are only judged by logits
+        for layer, returned in recording.returned.items() if exact else ():  # contents first: they say more
+            self._expect_contents(layer, returned, (expected_cache.keys[layer], expected_cache.values[layer]), what)
         expect_same_for(self.target, self.config, as_generation(expected), as_generation(logits),
                         f"logits of the last append differ from a prefill of the whole sequence ({what})",
                         label=f"append {len(self.log)}")
-        exact = self.target.tolerance(self.config) is None  # a lossy cache's contents are only judged by logits
-        for layer, returned in recording.returned.items() if exact else ():
-            self._expect_contents(layer, returned, (expected_cache.keys[layer], expected_cache.values[layer]), what)
         self.tokens, self.mask = sequence, full_mask
+        self.last_change = self.log[-1]
         self._expect_lengths(self.log[-1])
 
     def _expect_contents(self, layer: int, returned: KeysValues, every: KeysValues, what: str) -> None:
@@ -122,12 +125,16 @@ class Session:
             )
         slots = returned[0].shape[2]
         held = written_slots(*returned, total)  # slot i holds token total - S' + i
-        for name, got, want in zip(("keys", "values"), held, every, strict=True):
+        for name, got, want, other in zip(("keys", "values"), held, every, every[::-1], strict=True):
             want_aligned = want[:, :, total - got.shape[2] :]
+            other_aligned = other[:, :, total - got.shape[2] :]
+            swapped = torch.equal(got, other_aligned)
+            instead = "values" if name == "keys" else "keys"
             assert torch.equal(got, want_aligned), (
                 f"layer {layer} returned {name} that differ from the tokens it should hold: {slots} slots for "
-                f"{total} tokens, max abs error {float((got.double() - want_aligned.double()).abs().max()):.3g} "
-                f"({what})"
+                f"{total} tokens, max abs error {float((got.double() - want_aligned.double()).abs().max()):.3g}"
+                + (f"; the cached {name} equal the recomputed {instead}: keys and values swapped" if swapped else "")
+                + f" ({what})"
             )
 
     def crop(self, argument: int) -> bool:
@@ -141,6 +148,8 @@ class Session:
         except CROP_REFUSALS:
             return False
         kept = resolve_crop(argument, self.length)
+        if kept < self.length:
+            self.last_change = self.log[-1]
         self.tokens, self.mask = self.tokens[:, :kept], self.mask[:, :kept]
         self._expect_lengths(self.log[-1])
         return True
@@ -149,20 +158,44 @@ class Session:
         self.log.append(f"reorder_cache({beam_idx})")
         index = torch.tensor(beam_idx, dtype=torch.long, device=self.tokens.device)
         self.cache.reorder_cache(index)  # type: ignore[attr-defined]
+        if beam_idx != list(range(self.tokens.shape[0])):  # an identity reorder changes nothing
+            self.last_change = self.log[-1]
         self.tokens, self.mask = self.tokens[index], self.mask[index]
         self._expect_lengths(self.log[-1])
 
     def reset(self) -> None:
         self.log.append("reset()")
+        if self.length:
+            self.last_change = self.log[-1]
         self.cache.reset()  # type: ignore[attr-defined]
         self.tokens, self.mask = self.tokens[:, :0], self.mask[:, :0]
         self._expect_lengths(self.log[-1])
 
-    def fork(self, junk: torch.Tensor) -> None:
-        """Continue with a deep copy; the original takes ``junk`` tokens, which the copy must not see."""
-        self.log.append(f"fork (deepcopy), original fed {junk.shape[1]} other tokens")
-        original, self.cache = self.cache, copy.deepcopy(self.cache)
-        if junk.shape[1] and self.length:
-            mask = torch.cat((self.mask, torch.ones_like(junk)), dim=1)
-            self.model(junk, cache=original, start=self.length, attention_mask=mask)
+    def fork(self, tokens: torch.Tensor) -> None:
+        """Continue with a deep copy, after using both: the copy appends ``tokens``, then the original appends
+        other tokens at the same positions, then each appends one more token and reads back what it holds.
+        A copy that shares the original's storage then reads the original's tokens (or the other way round)."""
+        self.log.append(f"fork (deepcopy) with {tokens.shape[1]} tokens on each side")
+        original = self._twin(self.cache)
+        self.cache = copy.deepcopy(self.cache)
+        self.last_change = self.log[-1]
         self._expect_lengths(self.log[-1])
+        count = min(tokens.shape[1], self.room - 1)
+        if count < 1 or not self.length:
+            return
+        tokens = tokens[:, :count]
+        other = (tokens + 1) % self.config.vocab_size  # the original's tokens differ from the copy's
+        for session, fed in ((self, tokens), (original, other), (self, other[:, -1:]), (original, tokens[:, -1:])):
+            session.append(fed)
+
+    def _history(self) -> str:
+        """The last operation that changed what the cache holds (an identity reorder, a crop that keeps every
+        token or a reset of an empty cache changes nothing), then every operation so far."""
+        return f"last operation that changed the cache: {self.last_change}; operations so far: " + (
+            "; ".join(self.log) or "none")
+
+    def _twin(self, cache: KVCache) -> Session:
+        """A session over ``cache`` holding this session's sequence (the original of a fork)."""
+        twin = copy.copy(self)
+        twin.cache, twin.log = cache, [*self.log[:-1], "the original of the fork"]
+        return twin

@@ -1,0 +1,70 @@
+"""The expected (uncached) generation a cached one is compared with, in one forward where that is exact.
+
+``model.generate(prompt, n, use_cache=False)`` recomputes the whole prefix for each of its ``n`` steps:
+O(n²) forwards' worth of attention, which rules out long contexts. In strict numerics a row's logits at slot
+t do not depend on anything after t: every reduction is a fixed tree over the keys a query sees, oldest first,
+and masked keys add only exact zeros (:mod:`kvverify.reference.numerics`). So one teacher-forced forward over
+the prompt and the tokens the cached run chose gives, at each step, the bits the step-by-step recomputation
+would give, as long as the chosen tokens are the ones that recomputation would choose. Where they are not, the
+comparison stops there anyway: at the first step a row's token leaves the expected greedy path, its logits
+(still exact: they depend only on earlier tokens, which agree) already differ, or differ within a tolerance
+at a near tie, after which that row is not compared (:func:`kvverify.suite.compare.first_difference`).
+``tests/test_expected.py`` checks this bit for bit against the step-by-step recomputation.
+
+Fast numerics keeps the step-by-step recomputation: its kernels choose their order by the tensor's shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvverify.reference.model import Generation, ReferenceModel
+
+
+def teacher_forcing_is_exact(model: ReferenceModel) -> bool:
+    """True when one forward over a whole sequence gives every step's uncached logits bit for bit."""
+    return model.config.numerics == "strict"
+
+
+@torch.no_grad()
+def teacher_forced(
+    model: ReferenceModel, prompt: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> Generation:
+    """The uncached logits of every step of a generation that chose ``tokens``, from one forward.
+
+    prompt: (B, T) long, left-padded where ``attention_mask`` (B, T) has zeros; tokens: (B, N) the tokens
+    fed after it (the last one is never fed). Returns a :class:`Generation` whose ``logits[:, i]`` are the
+    logits after ``prompt`` and ``tokens[:, :i]`` and whose ``tokens`` are their greedy choices.
+    """
+    t = prompt.shape[1]
+    if tokens.shape[1] < 1:
+        raise ValueError(f"teacher_forced needs at least one generated token per row; got tokens of shape "
+                         f"{tuple(tokens.shape)}")
+    mask = torch.ones_like(prompt) if attention_mask is None else attention_mask
+    fed = torch.cat((prompt, tokens[:, :-1]), dim=1)  # (B, T + N - 1)
+    fed_mask = torch.cat((mask, torch.ones_like(tokens[:, :-1])), dim=1)
+    unpadded = bool(fed_mask.all())
+    logits = model(fed, attention_mask=None if unpadded else fed_mask)[:, t - 1 :]  # (B, N, vocab)
+    chosen = logits.argmax(-1)  # (B, N)
+    return Generation(
+        tokens=chosen,
+        logits=logits,
+        sequences=torch.cat((prompt, chosen), dim=1),
+        attention_mask=torch.cat((mask, torch.ones_like(chosen)), dim=1),
+        cache=None,
+    )
+
+
+def expected_generation(
+    model: ReferenceModel,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None,
+    actual: Generation,
+) -> Generation:
+    """What ``model.generate(prompt, max_new_tokens, use_cache=False, attention_mask=...)`` gives, wherever a
+    comparison with ``actual`` (the cached generation of the same prompt) looks: one teacher-forced forward
+    over ``actual``'s tokens in strict numerics, the step-by-step recomputation otherwise."""
+    if teacher_forcing_is_exact(model) and tuple(actual.tokens.shape) == (prompt.shape[0], max_new_tokens):
+        return teacher_forced(model, prompt, actual.tokens, attention_mask)
+    return model.generate(prompt, max_new_tokens, use_cache=False, attention_mask=attention_mask)
