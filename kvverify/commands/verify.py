@@ -1,5 +1,5 @@
 """``kvverify verify [MODULE:FACTORY] [--profile ci|dev|thorough] [--max-examples N] [--seed N] [--device D]
-[--junitxml PATH]``.
+[--shapes default|production] [--junitxml PATH]``.
 
 Without a target it verifies the built-in caches. Exit 0 when every property holds, 1 when a property or the
 contract fails, 2 when the command is wrong or the target unusable. Every failure prints the one-line command
@@ -16,6 +16,7 @@ import time
 from kvverify.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from kvverify.commands.tables import print_results
 from kvverify.suite.settings import PROFILE_EXAMPLES
+from kvverify.suite.shapes import SHAPES
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +34,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="run only this property (repeatable)")
     parser.add_argument("--device", default="cpu", metavar="DEVICE",
                         help="where the models, prompts and caches live: cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--shapes", choices=SHAPES, default="default",
+                        help="default: toy models (fast, for CI); production: head_dim 64/128, GQA up to 8, "
+                        "bf16/fp16, blocks of 16, contexts to 4096 (default: default)")
     parser.add_argument("--junitxml", metavar="PATH", help="also write a JUnit XML report")
     parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                         help="seconds one example may take before the cache is reported as hanging "
@@ -78,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     except TargetError as error:
         print(f"kvverify verify: {error}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"kvverify verify: profile {args.profile}, seed {seed}, device {describe_device(device)}", flush=True)
+    shapes = f", shapes {args.shapes}" if args.shapes != "default" else ""
+    print(f"kvverify verify: profile {args.profile}, seed {seed}, device {describe_device(device)}{shapes}", flush=True)
     started = time.perf_counter()
     results = []
     for name, factory in targets:
@@ -86,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             result = run_suite(factory, target=name, profile=args.profile, seed=seed,  # type: ignore[arg-type]
                                properties=args.properties, time_limit=_time_limit(args),
                                reproduce=_reproduce_command(args, name, seed), max_examples=args.max_examples,
-                               device=device)
+                               device=device, shapes=args.shapes)
         except TargetError as error:
             print(f"kvverify verify: {error}", file=sys.stderr)
             return EXIT_USAGE
@@ -116,4 +121,6 @@ def _reproduce_command(args: argparse.Namespace, name: str, seed: int) -> str:
         parts.append(f"--time-limit {args.time_limit:g}")
     if args.device != "cpu":
         parts.append(f"--device {args.device}")
+    if args.shapes != "default":
+        parts.append(f"--shapes {args.shapes}")
     return " ".join(parts)

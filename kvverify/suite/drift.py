@@ -13,6 +13,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class Drift:
@@ -44,3 +46,13 @@ def record(difference: float) -> None:
     with _LOCK:
         for drift in _OPEN:
             drift.largest = value if drift.largest is None else max(drift.largest, value)
+
+
+def compared_difference(expected_logits: torch.Tensor, actual_logits: torch.Tensor,
+                        expected_tokens: torch.Tensor, actual_tokens: torch.Tensor) -> float:
+    """The max-abs logit difference over the steps both generations agree on (logits (B, steps, vocab), tokens
+    (B, steps)): after the greedy tokens split, the two continue from different text and are not compared."""
+    same = (expected_tokens == actual_tokens).all(0).long().cumprod(0)  # (steps,): 1 until the first split
+    steps = int(same.sum()) + (1 if int(same.sum()) < same.numel() else 0)  # the split step is compared too
+    diff = (expected_logits[:, :steps].double() - actual_logits[:, :steps].double()).abs()
+    return float(diff.nan_to_num(math.inf).max()) if diff.numel() else 0.0

@@ -192,8 +192,8 @@ def prompt_lengths(
     if longest <= space.short_prompt:
         return short
     aimed = [n for n in boundary_lengths(config, block_size=block_size, shapes=space) if n <= longest]
-    long = st.integers(space.short_prompt + 1, longest)
-    return st.one_of(short, short, st.sampled_from(aimed), long) if aimed else st.one_of(short, short, long)
+    long = st.sampled_from(range(space.short_prompt + 1, longest + 1))  # uniform: integers() favours the low end
+    return st.one_of(short, short, st.sampled_from(aimed), long, long) if aimed else st.one_of(short, short, long)
 
 
 def boundary_lengths(
@@ -219,13 +219,15 @@ def generation_lengths(
     shapes: str | ShapeSpace | None = None,
 ) -> int:
     """``max_new_tokens`` for a prompt: often one that ends (or passes) a boundary of :func:`boundary_lengths`
-    within the space's ``max_new`` tokens, and, for buffers of at most 32 tokens, one in five that fills the
+    within the space's ``max_new`` tokens (a quarter of that after a long prompt: the uncached oracle's cost
+    grows with both), and, for buffers of at most 32 tokens, one in five that fills the
     buffer exactly."""
     space = _space_of(config, shapes)
     room = config.max_seq_len - prompt_len + 1
-    plain = st.integers(1, min(room, 24, space.max_new))
+    most = space.max_new if prompt_len <= space.short_prompt else max(8, space.max_new // 4)  # cost ~ new * length
+    plain = st.integers(1, min(room, 24, most))
     targets = [n - prompt_len + 1 for n in boundary_lengths(config, block_size=block_size, shapes=space)]
-    aimed = [n for n in targets if 1 <= n <= min(room, space.max_new)]
+    aimed = [n for n in targets if 1 <= n <= min(room, most)]
     if not aimed:
         return draw(plain, label="max_new_tokens")
     choices = [plain, st.sampled_from(aimed), plain, st.sampled_from(aimed)]
