@@ -193,7 +193,18 @@ def prompt_lengths(
         return short
     aimed = [n for n in boundary_lengths(config, block_size=block_size, shapes=space) if n <= longest]
     long = st.sampled_from(range(space.short_prompt + 1, longest + 1))  # uniform: integers() favours the low end
-    return st.one_of(short, short, st.sampled_from(aimed), long, long) if aimed else st.one_of(short, short, long)
+    choices = [short, short, long, long, *([st.sampled_from(aimed)] if aimed else [])]
+    pages = block_lengths(block_size, longest)
+    return st.one_of(*choices, *([st.sampled_from(pages)] * 2 if pages else []))
+
+
+def block_lengths(block_size: int | None, longest: int) -> list[int]:
+    """Lengths either side of every multiple of a declared ``block_size`` up to ``longest`` (none when None):
+    a declared page size gets weight of its own, beyond the boundaries every case aims at."""
+    if block_size is None:
+        return []
+    return [n for k in range(1, longest // block_size + 2) for n in (k * block_size + d for d in (-1, 0, 1))
+            if 1 <= n <= longest]
 
 
 def boundary_lengths(
@@ -231,6 +242,8 @@ def generation_lengths(
     if not aimed:
         return draw(plain, label="max_new_tokens")
     choices = [plain, st.sampled_from(aimed), plain, st.sampled_from(aimed)]
+    pages = [n - prompt_len + 1 for n in block_lengths(block_size, config.max_seq_len)]
+    choices += [st.sampled_from(kept)] * 2 if (kept := [n for n in pages if 1 <= n <= min(room, most)]) else []
     if config.max_seq_len <= 32:
         choices.append(st.just(room))  # the cache ends holding exactly max_seq_len tokens
     return draw(st.one_of(choices), label="max_new_tokens")

@@ -119,7 +119,7 @@ class RemovesOnCrop(Concat):
     """``crop(n)`` removes n tokens from the end (transformers 5's meaning, lenient about the sign)."""
 
     def crop(self, max_length: int) -> None:
-        super().crop(-abs(max_length))
+        super().crop(max(0, self.get_seq_length() - abs(max_length)))
 
 
 class RotatesKeys(Concat):
