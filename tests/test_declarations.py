@@ -21,8 +21,8 @@ from kvverify.declaration import RULES, DeclarationError
 from kvverify.protocol import CacheDeclaration, declaration_of
 from kvverify.suite import make_target, run_suite
 from kvverify.suite.case import Case
-from kvverify.suite.property import numerics_cases
 from kvverify.suite.loading import TargetError
+from kvverify.suite.property import numerics_cases
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
