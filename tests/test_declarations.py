@@ -195,3 +195,13 @@ def test_verify_prints_the_declaration_and_writes_no_hypothesis_directory(
     out = capsys.readouterr().out
     assert "CacheDeclaration(block_size=24), shapes default" in out
     assert not (tmp_path / ".hypothesis").exists(), "Hypothesis wrote into the working directory"
+
+
+def test_measure_tolerance_measures_a_lossy_target(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from kvverify.commands.measure_tolerance import main as measure
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    assert measure(["--target", "targets.declared:lossy", "--cases", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "largest difference" in out and "declared lossy_atol 1.0" in out, out

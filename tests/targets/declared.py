@@ -196,3 +196,4 @@ pages_24 = _factory(Pages24)
 pages_24_declared = _factory(Pages24, CacheDeclaration(block_size=24))
 refuses_head_dims = _factory(RefusesHeadDims)
 refuses_everything = _factory(RefusesHeadDims, CacheDeclaration(head_dims=(8,)))
+lossy = PAIRS["lossy_atol"][1]
