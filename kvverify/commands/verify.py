@@ -121,6 +121,6 @@ def _reproduce_command(args: argparse.Namespace, name: str, seed: int) -> str:
         parts.append(f"--time-limit {args.time_limit:g}")
     if args.device != "cpu":
         parts.append(f"--device {args.device}")
-    if args.shapes != "default":
+    if getattr(args, "shapes", "default") != "default":
         parts.append(f"--shapes {args.shapes}")
     return " ".join(parts)

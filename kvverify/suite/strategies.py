@@ -188,7 +188,8 @@ def prompt_lengths(
     (a prefill is a multi-token append across it), some long (up to the space's ``long_prompt``)."""
     space = _space_of(config, shapes)
     short = st.integers(1, min(space.short_prompt, config.max_seq_len))
-    longest = min(space.long_prompt, config.max_seq_len)
+    room = max(2, min(config.max_seq_len // 4, 32))  # a long prompt leaves room to generate after it
+    longest = min(space.long_prompt, config.max_seq_len - room)
     if longest <= space.short_prompt:
         return short
     aimed = [n for n in boundary_lengths(config, block_size=block_size, shapes=space) if n <= longest]
