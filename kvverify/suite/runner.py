@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 from hypothesis import given, reject
 from hypothesis import seed as hypothesis_seed
+from hypothesis import target as hypothesis_target
 from hypothesis.errors import HypothesisException, Unsatisfiable
 
 from kvverify.protocol import CacheFactory
@@ -24,6 +25,9 @@ from kvverify.suite.target import Target, make_target
 from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT, ExampleTimeout, run_with_time_limit
 
 Verdict = Literal["passed", "failed", "skipped", "error"]
+
+#: Tokens held past which Hypothesis' targeted phase no longer steers (a page of 64 and a few more).
+LONG_ENOUGH = 72
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,7 @@ def _run_watched(
     @given(case=prop.strategy(target))
     def test(case: Any) -> None:
         progress.last_case = case
+        _aim_long(case)
         try:
             _checked(prop, target, case, time_limit)
         except Exception as error:
@@ -191,6 +196,14 @@ def _run_watched(
         return _failed(prop, progress, _failure_report(error, progress.last_case, where))
     return PropertyResult(prop.name, "passed", progress.passed, time.perf_counter() - progress.start,
                           unsupported=progress.blind.count, unsupported_why=progress.blind.summary())
+
+
+def _aim_long(case: Any) -> None:
+    """Steer Hypothesis' targeted phase toward sequences past a 64-token page (bugs at 50+ tokens and at a page
+    boundary need them), and no further: longer ones cost more (one uncached forward per generated token)."""
+    held = getattr(case, "total_len", None) or getattr(getattr(case, "case", None), "total_len", None)
+    if isinstance(held, int):
+        hypothesis_target(float(min(held, LONG_ENOUGH)), label="tokens held, up to 72")
 
 
 def _failed(prop: Property, progress: _Progress, detail: str) -> PropertyResult:

@@ -104,7 +104,7 @@ def model_configs(
     """
     where = _device(draw(_strategy(device, "device"), label="device"))
     space = shapes if isinstance(shapes, ShapeSpace) else shape_space(shapes, where)
-    seq_choices = sorted({min(s, longest) for s in space.max_seq_lens} if longest else set(space.max_seq_lens))
+    seq_choices = [min(s, longest or s) for s in space.max_seq_lens]  # repeats kept: they are weights
     seq_strategy = st.sampled_from(seq_choices) if max_seq_len is None else _strategy(max_seq_len, "max_seq_len")
     seq_len = draw(seq_strategy, label="max_seq_len")
     if max_batch_size < 1 or seq_len < 2:
@@ -188,13 +188,13 @@ def prompt_lengths(
     (a prefill is a multi-token append across it), some long (up to the space's ``long_prompt``)."""
     space = _space_of(config, shapes)
     short = st.integers(1, min(space.short_prompt, config.max_seq_len))
-    room = max(2, min(config.max_seq_len // 4, 32))  # a long prompt leaves room to generate after it
-    longest = min(space.long_prompt, config.max_seq_len - room)
+    longest = min(space.long_prompt, config.max_seq_len - 2)  # room for a token or two after the prompt
     if longest <= space.short_prompt:
         return short
     aimed = [n for n in boundary_lengths(config, block_size=block_size, shapes=space) if n <= longest]
-    long = st.sampled_from(range(space.short_prompt + 1, longest + 1))  # uniform: integers() favours the low end
-    choices = [short, short, long, long, *([st.sampled_from(aimed)] if aimed else [])]
+    middle = (space.short_prompt + 1 + longest) // 2  # two halves: integers() alone favours the low end
+    lower, upper = st.integers(space.short_prompt + 1, middle), st.integers(middle, longest)
+    choices = [short, *([st.sampled_from(aimed)] if aimed else [short]), lower, upper]
     pages = block_lengths(block_size, longest)
     return st.one_of(*choices, *([st.sampled_from(pages)] * 2 if pages else []))
 
