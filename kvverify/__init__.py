@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kvverify.caches import BUILTIN_CACHES, ContiguousCache, PagedCache, SlidingWindowCache, StaticCache
-    from kvverify.protocol import CacheDeclaration, CacheFactory, KVCache, capabilities
+    from kvverify.declaration import DeclarationError
+    from kvverify.protocol import CacheDeclaration, CacheFactory, KVCache, Unsupported, capabilities
     from kvverify.reference.config import ConfigError, ModelConfig
     from kvverify.reference.inputs import InputError
     from kvverify.reference.model import Generation, ReferenceModel
@@ -39,6 +40,8 @@ _HOMES: dict[str, str] = {
     "Generation": "kvverify.reference.model",
     "ReferenceModel": "kvverify.reference.model",
     "CacheDeclaration": "kvverify.protocol",
+    "DeclarationError": "kvverify.declaration",
+    "Unsupported": "kvverify.protocol",
     "CacheFactory": "kvverify.protocol",
     "KVCache": "kvverify.protocol",
     "capabilities": "kvverify.protocol",
@@ -56,6 +59,7 @@ __all__ = [
     "ConfigError",
     "ContiguousCache",
     "ContractViolation",
+    "DeclarationError",
     "DeviceError",
     "Generation",
     "InputError",
@@ -67,6 +71,7 @@ __all__ = [
     "StaticCache",
     "SuiteResult",
     "TargetError",
+    "Unsupported",
     "capabilities",
     "check_cache",
     "load_factory",

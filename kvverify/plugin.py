@@ -51,6 +51,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kv-time-limit", default=None, metavar="SECONDS",
                     help="seconds one example may take before the cache is reported as hanging (default: 60; "
                     "none: no limit)")
+    group.addoption("--kv-shapes", choices=("default", "production"), default="default",
+                    help="default: toy models (fast); production: head_dim 64/128, GQA up to 8, bf16/fp16, "
+                    "blocks of 16, contexts to 4096 (default: default)")
     group.addoption("--kv-device", metavar="DEVICE", default=None,
                     help=f"where the models, prompts and caches live: cpu, cuda or cuda:N (or set {ENV_DEVICE}; "
                     "default: cpu)")
@@ -106,7 +109,8 @@ class _TargetSession:
         try:
             device = resolve_device(device_option, option=option)
             factory = load_factory(spec)
-            target = describe_target(factory, spec, time_limit=time_limit, device=device)
+            target = describe_target(factory, spec, time_limit=time_limit, device=device,
+                                     shapes=config.getoption("kv_shapes"))
         except (DeviceError, TargetError) as error:
             raise pytest.UsageError(f"kvverify: {error}") from None
         seed = config.getoption("kv_seed")
@@ -125,12 +129,15 @@ class _TargetSession:
             parts.append(f"--kv-max-examples={self.max_examples}")
         if self.target.device.type != "cpu":
             parts.append(f"--kv-device={self.device_option}")
+        if self.target.shapes != "default":
+            parts.append(f"--kv-shapes={self.target.shapes}")
         return " ".join([*parts, f"-k {name}"])
 
     def pytest_report_header(self, config: pytest.Config) -> str:
         capabilities = ", ".join(sorted(self.target.capabilities)) or "none"
         return (f"kvverify: target {self.spec}, profile {self.profile}, seed {self.seed}, "
-                f"device {self.target.device}, optional methods: {capabilities}")
+                f"device {self.target.device}, shapes {self.target.shapes}, optional methods: {capabilities}, "
+                f"{self.target.declaration.describe()}")
 
     @pytest.hookimpl(tryfirst=True)  # before -k and -m deselect
     def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:

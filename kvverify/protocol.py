@@ -6,11 +6,12 @@ unchanged and a cache written against this protocol plugs into transformers' mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from kvverify.declaration import normalised, refuse_attribute
 from kvverify.quantizers import Quantizer
 from kvverify.reference.config import ModelConfig
 
@@ -88,10 +89,19 @@ def capabilities(cache: object) -> frozenset[str]:
     return frozenset(name for name in OPTIONAL_METHODS if callable(getattr(cache, name, None)))
 
 
+class Unsupported(Exception):
+    """Raised by a cache (its factory, or any method) for a shape it does not support, e.g.
+    ``raise kvverify.Unsupported("head_dim 96: kernels for 64 and 128 only")``. The suite skips that example
+    and reports how many it skipped and why; a property none of whose examples ran says so. Prefer declaring
+    the shapes supported (:class:`CacheDeclaration`): the suite then draws only those."""
+
+
 @dataclass(frozen=True)
 class CacheDeclaration:
     """What a cache says about itself, read from an optional ``kvverify_declaration`` attribute on the cache
-    object or on its factory. Anything left at None is detected by trying it.
+    object or on its factory. Anything left at None is detected by trying it. Every field is checked when the
+    declaration is built and again when the suite reads it (:mod:`kvverify.declaration` holds the rules); a
+    wrong value raises :class:`~kvverify.declaration.DeclarationError` naming the field.
 
     lossy_atol: the cache is lossy (quantized, compressed); logits are compared within this absolute tolerance
         instead of bit for bit, and greedy tokens may differ only where the reference's top two logits are closer.
@@ -102,6 +112,16 @@ class CacheDeclaration:
         transformers 4) or ``"remove"`` -n tokens (transformers 5); see :mod:`kvverify.suite.cropping`.
     devices: where the cache runs, e.g. ``("cuda",)`` for a cache of CUDA kernels (``"cuda"`` covers every GPU,
         ``"cuda:1"`` one); asking the suite for another device is a usage error. None: any device.
+    head_dims: the head dimensions it takes, e.g. ``(64, 128)``; models are drawn with those only.
+    dtypes: the dtypes it takes, e.g. ``(torch.bfloat16, torch.float16)`` (names such as ``"bfloat16"`` too).
+    batch_sizes: the exact batch sizes it takes, e.g. ``(1,)`` or ``(4,)``; every case has one of them, and a
+        factory with a ``batch_size`` parameter is called ``factory(config, batch_size=B)``.
+    block_size: its page size; lengths are drawn around multiples of it (a page boundary crossed by one
+        token and by a multi-token append).
+    positional: ``"rope"`` for a cache that applies RoPE itself: ``update`` receives keys *before* rotation,
+        ``cache_kwargs`` carries ``cos`` and ``sin`` ``(B, T, head_dim)`` beside ``cache_position``, and it
+        returns rotated keys (``k * cos + rotate_half(k) * sin``, transformers' Llama layout). Models are then
+        drawn with RoPE and without left padding; see :mod:`kvverify.suite.positional`.
     quantizer: a lossy cache's quantizer (:class:`kvverify.quantizers.Quantizer`); ``cached_equals_uncached`` then
         compares with the reference run through the same quantizer (:mod:`kvverify.suite.replay`), bit for bit
         where the replay is exact, instead of within ``lossy_atol``.
@@ -115,32 +135,48 @@ class CacheDeclaration:
     max_seq_len: int | None = None
     crop_argument: Literal["keep", "remove"] | None = None
     devices: tuple[str, ...] | None = None
+    head_dims: tuple[int, ...] | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None
+    batch_sizes: tuple[int, ...] | None = None
+    block_size: int | None = None
+    positional: Literal["rope"] | None = None
     quantizer: Quantizer | None = None
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.devices is None:
-            return
-        given: object = self.devices
-        devices = (given,) if isinstance(given, str) else tuple(self.devices)  # a lone name: ("cuda",)
-        for entry in devices:
-            try:
-                torch.device(entry)
-            except (RuntimeError, TypeError, ValueError):
-                raise ValueError(
-                    f"CacheDeclaration.devices holds {entry!r}, which is not a torch device; expected names such "
-                    "as 'cpu', 'cuda' or 'cuda:0'."
-                ) from None
-        if not devices:
-            raise ValueError("CacheDeclaration.devices is empty; expected None (any device) or names such as "
-                             "('cuda',).")
-        object.__setattr__(self, "devices", tuple(str(torch.device(entry)) for entry in devices))
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in normalised(values).items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def largest_batch(self) -> int | None:
+        """The largest batch the cache takes (None: no limit declared)."""
+        return max(self.batch_sizes) if self.batch_sizes else self.max_batch_size  # batch_sizes <= max_batch_size
+
+    def describe(self) -> str:
+        """The declared fields, as a constructor call would spell them: ``CacheDeclaration(head_dims=(64,))``."""
+        shown = ", ".join(f"{f.name}={_spelled(getattr(self, f.name))}" for f in fields(self)
+                          if getattr(self, f.name) != f.default)
+        return f"CacheDeclaration({shown})"
+
+
+def _spelled(value: object) -> str:
+    if isinstance(value, tuple):
+        inner = ", ".join(_spelled(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else repr(value)
 
 
 def declaration_of(*objects: object) -> CacheDeclaration:
-    """The first ``kvverify_declaration`` found on the objects (a cache, its factory), else an empty one."""
+    """The first ``kvverify_declaration`` found on the objects (a cache, its factory), checked again, else an
+    empty one. Raises :class:`~kvverify.declaration.DeclarationError` for an attribute that is not a
+    ``CacheDeclaration`` (a dict, say) or holds a wrong value."""
     for obj in objects:
         declared = getattr(obj, "kvverify_declaration", None)
-        if isinstance(declared, CacheDeclaration):
-            return declared
+        if declared is None:
+            continue
+        if not isinstance(declared, CacheDeclaration):
+            raise refuse_attribute(obj, declared)
+        normalised({f.name: getattr(declared, f.name) for f in fields(declared)})  # changed after it was built?
+        return declared
     return CacheDeclaration()

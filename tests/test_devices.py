@@ -103,7 +103,7 @@ def test_declared_devices_cover_what_they_name(declared: tuple[str, ...], device
 def test_a_declaration_takes_a_lone_name_and_refuses_non_devices() -> None:
     assert CacheDeclaration(devices="cuda").devices == ("cuda",)  # type: ignore[arg-type]
     assert CacheDeclaration(devices=("cpu", "cuda:1")).devices == ("cpu", "cuda:1")
-    with pytest.raises(ValueError, match=r"CacheDeclaration.devices holds 'gpu', which is not a torch device"):
+    with pytest.raises(ValueError, match=r"CacheDeclaration.devices holds 'gpu' \(a str\); expected .*device names"):
         CacheDeclaration(devices=("gpu",))
     with pytest.raises(ValueError, match=r"CacheDeclaration.devices is empty"):
         CacheDeclaration(devices=())

@@ -6,6 +6,10 @@ fast numerics, generates with and without a contiguous cache on the device, once
 backend that applies there, and prints the largest max-abs logit difference and the largest logit magnitude seen
 per dtype. A case a backend cannot run (float64 in flash attention, a mask where it takes none) is counted as not
 applicable. :data:`kvverify.suite.compare.FAST_TOLERANCES` is set from these figures.
+
+``--target MODULE:FACTORY`` measures a lossy cache instead: cases drawn within its declaration (strict numerics,
+so every difference is the cache's), generated uncached and with the target's caches; it prints the largest
+logit difference per dtype, over the steps where both chose the same tokens, and a ``lossy_atol`` to declare.
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ from kvverify.reference.model import Generation
 from kvverify.reference.threads import torch_threads
 from kvverify.suite.case import Case
 from kvverify.suite.devices import DeviceError, resolve_device
+from kvverify.suite.drift import compared_difference
+from kvverify.suite.loading import TargetError, load_factory
 from kvverify.suite.strategies import cases
+from kvverify.suite.target import Target, make_target
 
 #: The SDPA backends worth measuring on each device type (torch picks among them by shape, dtype and mask).
 BACKENDS: dict[str, tuple[str, ...]] = {
@@ -100,16 +107,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--backend", nargs="+", choices=sorted(_SDP_BACKENDS),
                         help="SDPA backends to measure (default: every one that applies on the device)")
+    parser.add_argument("--target", metavar="MODULE:FACTORY",
+                        help="measure a lossy cache's largest logit difference instead (strict numerics)")
+    parser.add_argument("--shapes", choices=("default", "production"), default="default",
+                        help="with --target: the shapes drawn (default: default)")
     args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device, option="--device")
-    except DeviceError as error:
+        if args.target:
+            target = make_target(load_factory(args.target), args.target, device=device, shapes=args.shapes)
+    except (DeviceError, TargetError) as error:
         parser.exit(2, f"{error}\n")
+    if args.target:
+        return _report_target(target, args.cases, args.seed)
     for backend in args.backend or BACKENDS.get(device.type, ("math",)):
         for dtype, drift in sorted(measure(args.cases, args.seed, device, backend).items()):
             skipped = f", {drift.not_applicable} not applicable" if drift.not_applicable else ""
             print(f"{device} {backend:>9} {dtype:>9}: max abs difference {drift.max_abs:.3g} over {drift.cases} "
                   f"cases{skipped} (largest |logit| {drift.max_logit:.3g})")
+    return 0
+
+
+def measure_target(target: Target, n_cases: int, seed: int) -> dict[str, Drift]:
+    """dtype name -> the largest logit difference between uncached generation and the target's caches over
+    ``n_cases`` cases drawn within its declaration, in strict numerics (so the reference side is exact)."""
+    worst: dict[str, Drift] = defaultdict(Drift)
+    constraints = {**target.config_constraints(), "numerics": "strict"}
+    constraints.setdefault("dtypes", tuple(DTYPES))
+
+    @hypothesis_seed(seed)
+    @settings(max_examples=n_cases, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(case=cases(dtype=tuple(DTYPES), **constraints))
+    def run(case: Case) -> None:
+        model, prompt, mask = case.model(), case.tokens(), case.attention_mask()
+        expected = model.generate(prompt, case.max_new_tokens, use_cache=False, attention_mask=mask)
+        actual = model.generate(prompt, case.max_new_tokens, cache=target.new_cache(case.config), attention_mask=mask)
+        entry = worst[str(case.config.dtype).removeprefix("torch.")]
+        difference = compared_difference(expected.logits, actual.logits, expected.tokens, actual.tokens)
+        entry.max_abs = max(entry.max_abs, difference)
+        entry.max_logit = max(entry.max_logit, float(expected.logits.double().abs().max()))
+        entry.cases += 1
+
+    with torch_threads(1):
+        run()
+    return dict(worst)
+
+
+def _report_target(target: Target, n_cases: int, seed: int) -> int:
+    worst = measure_target(target, n_cases, seed)
+    for dtype, drift in sorted(worst.items()):
+        print(f"{target.name} {dtype:>9}: max abs logit difference {drift.max_abs:.3g} over {drift.cases} cases "
+              f"(largest |logit| {drift.max_logit:.3g})")
+    largest = max((d.max_abs for d in worst.values()), default=0.0)
+    declared = target.declaration.lossy_atol
+    print(f"largest difference {largest:.3g}; declared lossy_atol {declared!r}; a margin of 2x: "
+          f"CacheDeclaration(lossy_atol={2 * largest:.2g})")
     return 0
 
 

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from kvverify.suite import SuiteResult
+    from kvverify.suite import PropertyResult, SuiteResult
 
 #: The word for each verdict in the suite's table, and its colour on a terminal.
 _MARK = {"passed": ("PASS", "green"), "failed": ("FAIL", "bold red"), "skipped": ("skip", "yellow"),
@@ -46,14 +46,16 @@ def _console(file: IO[str] | None, width: int | None = None) -> Console:
 
 
 def print_results(result: SuiteResult) -> None:
-    """One row per property (target, property, examples, verdict, seconds, and why a property was skipped),
-    then each failure's report and the command that reproduces it."""
-    notes = any(r.verdict == "skipped" for r in result.results)
-    rows = table("target", "property", "examples", "verdict", "seconds", *(["note"] if notes else []),
+    """The target's declaration and shapes, then one row per property (target, property, examples, verdict,
+    seconds, and a note: why it was skipped, examples the cache declined as Unsupported, a lossy cache's largest
+    difference), then each failure's report and the command that reproduces it."""
+    print(f"{result.target}: {result.declaration}, shapes {result.shapes}")
+    notes = [_note(r) for r in result.results]
+    rows = table("target", "property", "examples", "verdict", "seconds", *(["note"] if any(notes) else []),
                  right=("examples", "seconds"))
-    for r in result.results:
-        note = [r.detail if r.verdict == "skipped" else ""] if notes else []
-        rows.add_row(result.target, r.name, str(r.examples), Text(*_MARK[r.verdict]), f"{r.seconds:.1f}", *note)
+    for r, note in zip(result.results, notes, strict=True):
+        rows.add_row(result.target, r.name, str(r.examples), Text(*_MARK[r.verdict]), f"{r.seconds:.1f}",
+                     *([note] if any(notes) else []))
     print_table(rows)
     print()
     for r in result.failures:
@@ -62,3 +64,16 @@ def print_results(result: SuiteResult) -> None:
         if r.reproduce:
             print(f"reproduce: {r.reproduce}")
         print(flush=True)
+
+
+def _note(r: PropertyResult) -> str:
+    """Why a property was skipped; else how many examples the cache declined and a lossy cache's largest
+    logit difference (empty when there is nothing to say)."""
+    if r.verdict == "skipped":
+        return r.detail
+    parts = []
+    if r.unsupported:
+        parts.append(f"{r.unsupported} example(s) Unsupported, skipped: {r.unsupported_why}")
+    if r.largest_difference is not None:
+        parts.append(f"largest logit difference {r.largest_difference:.3g}")
+    return "; ".join(parts)

@@ -1,5 +1,6 @@
 """``kvverify verify [MODULE:FACTORY] [--profile ci|dev|thorough] [--max-examples N] [--seed N] [--device D]
-[--junitxml PATH] [--time-limit SECONDS|none] [--in-process]``.
+[--shapes default|production] [--junitxml PATH]
+[--repro-script PATH] [--time-limit SECONDS|none] [--in-process]``.
 
 Without a target it verifies the built-in caches. Exit 0 when every property holds, 1 when a property or the
 contract fails, 2 when the command is wrong or the target unusable. Every failure prints the one-line command
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 from kvverify.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from kvverify.commands.tables import print_results
 from kvverify.suite.settings import PROFILE_EXAMPLES
+from kvverify.suite.shapes import SHAPES
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +49,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="run only this property (repeatable)")
     parser.add_argument("--device", default="cpu", metavar="DEVICE",
                         help="where the models, prompts and caches live: cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--shapes", choices=SHAPES, default="default",
+                        help="default: toy models (fast, for CI); production: head_dim 64/128, GQA up to 8, "
+                        "bf16/fp16, blocks of 16, contexts to 4096 (default: default)")
     parser.add_argument("--junitxml", metavar="PATH", help="also write a JUnit XML report")
     parser.add_argument("--repro-script", metavar="PATH", default=None,
                         help="write the first failure as a self-contained Python script that exits 1 while the bug "
@@ -89,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvverify verify: {error}", file=sys.stderr)
         return EXIT_USAGE
     seed = args.seed if args.seed is not None else random.randrange(2**32)
-    print(f"kvverify verify: profile {args.profile}, seed {seed}, device {describe_device(device)}", flush=True)
+    shapes = f", shapes {args.shapes}" if args.shapes != "default" else ""
+    print(f"kvverify verify: profile {args.profile}, seed {seed}, device {describe_device(device)}{shapes}", flush=True)
     started = time.perf_counter()
     results = []
     for name in _target_names(args.target):
@@ -133,7 +139,8 @@ def suite_for(args: argparse.Namespace, name: str, seed: int, device: torch.devi
 
     return run_suite(_factory(name), target=name, profile=args.profile, seed=seed, properties=properties,
                      time_limit=_time_limit(args), reproduce=_reproduce_command(args, name, seed),
-                     max_examples=args.max_examples, device=device, repro_script=args.repro_script)
+                     max_examples=args.max_examples, device=device, repro_script=args.repro_script,
+                     shapes=args.shapes)
 
 
 def _usage_problem(args: argparse.Namespace, properties: Collection[str]) -> str | None:
@@ -188,4 +195,6 @@ def _reproduce_command(args: argparse.Namespace, name: str, seed: int) -> str:
         parts.append(f"--time-limit {'none' if limit is None else format(limit, 'g')}")
     if args.device != "cpu":
         parts.append(f"--device {args.device}")
+    if getattr(args, "shapes", "default") != "default":
+        parts.append(f"--shapes {args.shapes}")
     return " ".join(parts)

@@ -13,6 +13,7 @@ from hypothesis.control import currently_in_test_context
 
 from kvverify.reference.config import ModelConfig
 from kvverify.reference.model import Generation
+from kvverify.suite import drift
 from kvverify.suite.case import Case
 from kvverify.suite.compare import GenerationMismatch, first_difference
 from kvverify.suite.strategies import cases
@@ -57,6 +58,7 @@ def expect_same_for(
     if tolerance is not None and currently_in_test_context():
         error = float((expected.logits.double() - actual.logits.double()).abs().nan_to_num(1e30).max())
         hypothesis_target(error, label=f"max abs logit error: {label or what}")
+        drift.record(drift.compared_difference(expected.logits, actual.logits, expected.tokens, actual.tokens))
     if mismatch is not None:
         raise GenerationMismatch(mismatch, f"{what}: ")
 

@@ -10,15 +10,18 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
-from hypothesis import given
+from hypothesis import given, reject
 from hypothesis import seed as hypothesis_seed
-from hypothesis.errors import HypothesisException
+from hypothesis import target as hypothesis_target
+from hypothesis.errors import HypothesisException, Unsatisfiable
 
 from kvverify.protocol import CacheFactory
 from kvverify.reference.threads import torch_threads
+from kvverify.suite.blind_spots import BlindSpots, unsupported_in, verdict_without_examples
+from kvverify.suite.drift import watching
 from kvverify.suite.loading import TargetError
 from kvverify.suite.properties import ALL_PROPERTIES, PROPERTIES, Property
-from kvverify.suite.settings import PROFILE_EXAMPLES, profile_settings
+from kvverify.suite.settings import PROFILE_EXAMPLES, profile_settings, use_storage_directory
 from kvverify.suite.target import Target, make_target
 from kvverify.suite.watchdog import (
     DEFAULT_TIME_LIMIT,
@@ -30,6 +33,9 @@ from kvverify.suite.watchdog import (
 )
 
 Verdict = Literal["passed", "failed", "skipped", "error"]
+
+#: Tokens held past which Hypothesis' targeted phase no longer steers (a page of 64 and a few more).
+LONG_ENOUGH = 72
 
 
 @dataclass(frozen=True)
@@ -45,17 +51,22 @@ class PropertyResult:
     first_failure_seconds: float | None = None
     reproduce: str = ""
     case: Any = field(default=None, compare=False, repr=False)  # the minimal failing case, when one was found
+    unsupported: int = 0  # examples skipped because the cache raised kvverify.Unsupported
+    unsupported_why: str = ""  # the most frequent reason, with its count
+    largest_difference: float | None = None  # a tolerant comparison's largest max-abs logit difference
 
 
 @dataclass(frozen=True)
 class SuiteResult:
-    """device: where the models and caches ran (``cpu``, ``cuda``, ``cuda:1``)."""
+    """device: where the models and caches ran (``cpu``, ``cuda``, ``cuda:1``); shapes: the shape space."""
 
     target: str
     seed: int
     profile: str
     results: list[PropertyResult] = field(default_factory=list)
     device: str = "cpu"
+    shapes: str = "default"
+    declaration: str = "CacheDeclaration()"  # what the cache declared, as a constructor call
 
     @property
     def ok(self) -> bool:
@@ -108,7 +119,12 @@ def property_test(
 
     @given(case=prop.strategy(target))
     def test(case: Any) -> None:
-        _checked(prop, target, case, time_limit)
+        try:
+            _checked(prop, target, case, time_limit)
+        except Exception as error:
+            if unsupported_in(error) is None:
+                raise
+            reject()  # a shape the cache does not support
 
     if profile is not None:
         test = profile_settings(profile, prop.name, max_examples=max_examples)(test)
@@ -134,6 +150,17 @@ def _run_property(
     reason = prop.skip_reason(target)
     if reason is not None:
         return PropertyResult(prop.name, "skipped", 0, 0.0, reason)
+    with watching() as drift:
+        result = _run_watched(prop, target, profile=profile, seed=seed, time_limit=time_limit, locate=locate,
+                              max_examples=max_examples)
+    lossy = target.declaration.lossy_atol is not None
+    return replace(result, largest_difference=drift.largest) if lossy and result.verdict == "passed" else result
+
+
+def _run_watched(
+    prop: Property, target: Target, *, profile: str, seed: int | None, time_limit: float | None, locate: bool,
+    max_examples: int | None,
+) -> PropertyResult:
     settings = profile_settings(profile, prop.name, max_examples=max_examples)
     progress = _Progress(start=time.perf_counter())
 
@@ -141,8 +168,17 @@ def _run_property(
     @given(case=prop.strategy(target))
     def test(case: Any) -> None:
         progress.last_case = case
+        _aim_long(case)
         try:
             _checked(prop, target, case, time_limit)
+        except Exception as error:
+            why = unsupported_in(error)
+            if why is not None:
+                progress.blind.add(why)
+                reject()  # skipped, and counted: the cache does not support this example's shape
+            if progress.first_failure is None:
+                progress.first_failure = time.perf_counter() - progress.start
+            raise
         except BaseException:
             if progress.first_failure is None:
                 progress.first_failure = time.perf_counter() - progress.start
@@ -157,13 +193,26 @@ def _run_property(
     except ExampleTimeout as timeout:  # not shrunk: every shrinking step could hang as long again
         detail = _failure_report(timeout, progress.last_case, label="case (not shrunk)")
         return _failed(prop, progress, detail)
+    except Unsatisfiable:  # no example ran: every one was Unsupported, or none fits the declaration
+        return PropertyResult(prop.name, "skipped", 0, time.perf_counter() - progress.start,
+                              verdict_without_examples(progress.blind, target.declaration),
+                              unsupported=progress.blind.count, unsupported_why=progress.blind.summary())
     except HypothesisException as error:  # the strategy or settings, not the cache: an error of the suite
         return PropertyResult(prop.name, "error", progress.passed, time.perf_counter() - progress.start,
                               f"{type(error).__name__}: {error}")
     except Exception as error:  # the minimal failing case's error, after shrinking
         where = _locate(prop, target, progress.last_case, time_limit) if locate else ""
         return _failed(prop, progress, _failure_report(error, progress.last_case, where))
-    return PropertyResult(prop.name, "passed", progress.passed, time.perf_counter() - progress.start)
+    return PropertyResult(prop.name, "passed", progress.passed, time.perf_counter() - progress.start,
+                          unsupported=progress.blind.count, unsupported_why=progress.blind.summary())
+
+
+def _aim_long(case: Any) -> None:
+    """Steer Hypothesis' targeted phase toward sequences past a 64-token page (bugs at 50+ tokens and at a page
+    boundary need them), and no further: longer ones cost more (one uncached forward per generated token)."""
+    held = getattr(case, "total_len", None) or getattr(getattr(case, "case", None), "total_len", None)
+    if isinstance(held, int):
+        hypothesis_target(float(min(held, LONG_ENOUGH)), label="tokens held, up to 72")
 
 
 def _failed(prop: Property, progress: _Progress, detail: str) -> PropertyResult:
@@ -186,6 +235,7 @@ class _Progress:
     passed: int = 0
     first_failure: float | None = None
     last_case: Any = None
+    blind: BlindSpots = field(default_factory=BlindSpots)
 
 
 def run_suite(
@@ -201,11 +251,14 @@ def run_suite(
     device: str | torch.device | None = None,
     max_examples: int | None = None,
     repro_script: str | None = None,
+    shapes: str = "default",
 ) -> SuiteResult:
     """Run every property (or the named ones: a name or a list of names) against the cache the factory builds,
     with every model, prompt and cache on ``device`` (the CPU when None).
 
     ``max_examples``: in place of the profile's count of examples (each property runs its share of it).
+    ``shapes``: ``"default"`` (toy models) or ``"production"`` (:mod:`kvverify.suite.shapes`).
+    Hypothesis' own files go to :func:`~kvverify.suite.settings.storage_directory`, not the working directory.
 
     ``time_limit``: seconds one example may take (None: no limit); probing the target may take
     :data:`PROBE_CALLS` times as long.
@@ -222,7 +275,8 @@ def run_suite(
     """
     chosen = check_options(profile=profile, properties=properties, time_limit=time_limit, max_examples=max_examples)
     seed = random.randrange(2**32) if seed is None else seed
-    described = describe_target(factory, target, time_limit=time_limit, device=device)
+    use_storage_directory()
+    described = describe_target(factory, target, time_limit=time_limit, device=device, shapes=shapes)
     tell("suite", target, seed, profile, str(described.device))
     results = []
     for name in chosen:
@@ -241,7 +295,8 @@ def run_suite(
         results.append(result)
         if stop_at_first_failure and result.verdict in ("failed", "error"):
             break
-    return SuiteResult(target, seed, profile, results, device=str(described.device))
+    return SuiteResult(target, seed, profile, results, device=str(described.device), shapes=shapes,
+                       declaration=described.declaration.describe())
 
 
 #: Probing a target (two caches built, then crop, reorder_cache and reset tried) may take this many time limits.
@@ -249,14 +304,15 @@ PROBE_CALLS = 8
 
 
 def describe_target(factory: CacheFactory, name: str, *, time_limit: float | None,
-                    device: str | torch.device | None) -> Target:
+                    device: str | torch.device | None, shapes: str = "default") -> Target:
     """:func:`~kvverify.suite.target.make_target` within ``PROBE_CALLS`` time limits, with a probe that
     hangs, ends the process (``sys.exit``) or interrupts itself answered by a
     :class:`~kvverify.suite.loading.TargetError`."""
     budget = None if time_limit is None else PROBE_CALLS * time_limit
     what = f"probing target {name!r} (two caches built, then crop, reorder_cache and reset tried on a third)"
     try:
-        return run_with_time_limit(lambda: make_target(factory, name, time_limit=time_limit, device=device),
+        return run_with_time_limit(lambda: make_target(factory, name, time_limit=time_limit, device=device,
+                                                           shapes=shapes),
                                    budget, what)
     except (TargetExit, ExampleTimeout) as error:
         raise TargetError(f"target {name!r}: {error}") from None
@@ -289,6 +345,7 @@ def check_cache(
     properties: Sequence[str] | str | None = None,
     time_limit: float | None = DEFAULT_TIME_LIMIT,
     device: str | torch.device | None = None,
+    shapes: str = "default",
 ) -> SuiteResult:
     """Run the property suite against the caches ``factory(config)`` builds; return the result when every
     property holds, else raise :class:`CacheCheckFailed` with every failure's report (where the cache went
@@ -303,6 +360,7 @@ def check_cache(
     but one that calls ``os._exit()``, crashes the interpreter, swallows the time limit's interrupt in a bare
     ``except:`` or leaves a non-daemon thread behind takes the caller with it. ``kvverify verify`` runs the
     target in a child process that contains all of those.
+    ``shapes``: ``"default"`` or ``"production"`` (head_dim 64/128, GQA up to 8, bf16/fp16, contexts to 4096).
 
     >>> import kvverify
     >>> kvverify.check_cache(kvverify.ContiguousCache.from_config, profile="dev")  # doctest: +SKIP
@@ -315,8 +373,9 @@ def check_cache(
     seed = random.randrange(2**32) if seed is None else seed
     options = f"profile={profile!r}, seed={seed}" + (f", max_examples={max_examples}" if max_examples else "")
     options += f", device={str(where)!r}" if where.type != "cpu" else ""
+    options += f", shapes={shapes!r}" if shapes != "default" else ""
     result = run_suite(factory, target=label, profile=profile, seed=seed, properties=properties,
-                       time_limit=time_limit, device=where, max_examples=max_examples)
+                       time_limit=time_limit, device=where, max_examples=max_examples, shapes=shapes)
     result.results[:] = [
         replace(r, reproduce=f"kvverify.check_cache({label}, {options}, properties=[{r.name!r}])")
         if r.verdict in ("failed", "error") else r

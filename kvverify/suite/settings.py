@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from types import MappingProxyType
 
 from hypothesis import HealthCheck, Phase, settings
+from hypothesis.configuration import set_hypothesis_home_dir
+
+#: The environment variable that puts Hypothesis' own files (its cache of constants, temporary files)
+#: somewhere else than :func:`storage_directory`'s default.
+ENV_HYPOTHESIS_DIR = "KVVERIFY_HYPOTHESIS_DIR"
 
 #: Examples per property and target in each profile (read-only: ``max_examples`` arguments change a run's count).
 PROFILE_EXAMPLES: Mapping[str, int] = MappingProxyType({"dev": 50, "ci": 200, "thorough": 2000})
@@ -73,3 +80,24 @@ def _registered() -> bool:
     except Exception:
         return False
     return True
+
+
+def storage_directory() -> Path:
+    """Where kvverify's runs keep Hypothesis' files: ``$KVVERIFY_HYPOTHESIS_DIR``, else
+    ``$XDG_CACHE_HOME/kvverify/hypothesis`` (``~/.cache/kvverify/hypothesis``). Never the working directory:
+    Hypothesis' default, ``./.hypothesis``, would litter wherever ``kvverify verify`` runs."""
+    chosen = os.environ.get(ENV_HYPOTHESIS_DIR)
+    if chosen:
+        return Path(chosen).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "kvverify" / "hypothesis"
+
+
+def use_storage_directory() -> Path | None:
+    """Point Hypothesis at :func:`storage_directory` (None, and nothing changed, when the user chose with
+    Hypothesis' own ``HYPOTHESIS_STORAGE_DIRECTORY``). No example database is kept either way."""
+    if os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+        return None
+    path = storage_directory()
+    set_hypothesis_home_dir(path)
+    return path

@@ -2,7 +2,9 @@
 
 Every public strategy takes keyword-only arguments, each a value, a collection to sample from, or a
 strategy. Draws are small by default (hundreds of examples a minute) and shrink toward the smallest model:
-one layer, one KV head, a short prompt, no window, few tokens.
+one layer, one KV head, a short prompt, no window, few tokens. ``shapes="production"`` draws the shapes of
+served models instead (:mod:`kvverify.suite.shapes`); a cache's declaration narrows either
+(:meth:`kvverify.suite.target.Target.config_constraints`).
 
 >>> from kvverify.suite.strategies import cases
 >>> cases(dtype="float64", sliding_window=4).example()  # doctest: +SKIP
@@ -14,16 +16,18 @@ from collections.abc import Collection
 from typing import Any, TypeVar
 
 import torch
+from hypothesis import reject
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from kvverify.reference.config import DTYPES, NORMS, POSITIONALS, ModelConfig
 from kvverify.suite.case import Case
+from kvverify.suite.shapes import DEFAULT, ShapeSpace, shape_space
 
 T = TypeVar("T")
 
 #: Block size of the built-in paged cache: lengths around its multiples are worth extra weight.
-PAGED_BLOCK_SIZE = 4
+PAGED_BLOCK_SIZE = DEFAULT.block_size
 
 
 def _strategy(value: T | Collection[T] | st.SearchStrategy[T], name: str) -> st.SearchStrategy[T]:
@@ -54,6 +58,20 @@ def _dtype(value: Any) -> torch.dtype:
     return DTYPES[value]
 
 
+def _narrowed(value: Any, allowed: Collection[Any] | None, convert: Any = None) -> Any:
+    """``value`` (a value, collection or strategy) cut to ``allowed``: a collection is intersected (the allowed
+    values themselves when nothing is left); a value or strategy is drawn as is and rejected when outside."""
+    if allowed is None:
+        return value
+    same = convert or (lambda v: v)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        kept = [v for v in value if same(v) in allowed]
+        return kept or list(allowed)
+    if isinstance(value, st.SearchStrategy):
+        return value.filter(lambda v: same(v) in allowed)
+    return value if same(value) in allowed else list(allowed)
+
+
 @st.composite
 def model_configs(
     draw: st.DrawFn,
@@ -68,45 +86,59 @@ def model_configs(
     max_batch_size: int = 4,
     max_seq_len: Any = None,
     device: Any = "cpu",
+    shapes: str | ShapeSpace = "default",
+    head_dims: Collection[int] | None = None,
+    dtypes: Collection[Any] | None = None,
+    longest: int | None = None,
 ) -> ModelConfig:
     """Valid :class:`ModelConfig` s: MHA, GQA and MQA, every positional scheme and norm, windows or none, on
     ``device`` (a torch.device or its name: the models, prompts and masks of the cases live there).
 
     ``sliding_window`` left at None draws no window half the time and a window of 1 to 12 otherwise; pass
     an int, a collection or a strategy to fix it, or ``st.none()`` for no window. ``max_seq_len`` left at
-    None draws 16, 24 or 64 (short buffers are cheap to fill exactly); ``n_layers`` left at None draws 3 or
-    more three times in four (bugs that need a third layer).
-    Invariant: ``n_heads`` is a multiple of ``n_kv_heads``; ``head_dim`` is even (RoPE needs pairs).
+    None draws from the shape space (default: 16, 24, 64 or 128), at most ``longest`` when given;
+    ``n_layers`` left at None draws 3 or more three times in four (bugs that need a third layer).
+    ``shapes``: ``"default"`` or ``"production"`` (:mod:`kvverify.suite.shapes`). ``head_dims`` and
+    ``dtypes``: the only ones drawn (a cache's declaration), whatever ``dtype`` asks for.
+    Invariant: ``n_heads`` is a multiple of ``n_kv_heads``; ``head_dim`` is even under RoPE (pairs).
     """
     where = _device(draw(_strategy(device, "device"), label="device"))
-    seq_strategy = st.sampled_from([16, 24, 64]) if max_seq_len is None else _strategy(max_seq_len, "max_seq_len")
+    space = shapes if isinstance(shapes, ShapeSpace) else shape_space(shapes, where)
+    seq_choices = [min(s, longest or s) for s in space.max_seq_lens]  # repeats kept: they are weights
+    seq_strategy = st.sampled_from(seq_choices) if max_seq_len is None else _strategy(max_seq_len, "max_seq_len")
     seq_len = draw(seq_strategy, label="max_seq_len")
     if max_batch_size < 1 or seq_len < 2:
         raise InvalidArgument(f"max_batch_size >= 1 and max_seq_len >= 2 required; got {max_batch_size}, {seq_len}")
-    n_kv_heads = draw(st.integers(1, 3), label="n_kv_heads")
-    group = draw(st.sampled_from([1, 2, 4]), label="query heads per KV head")
-    head_dim = draw(st.sampled_from([2, 4, 8]), label="head_dim")
-    d_model = draw(st.sampled_from([8, 16, 24]), label="d_model")
-    default_layers = st.sampled_from([1, 2, 3, 4]) | st.integers(3, 4)
+    n_kv_heads = draw(st.sampled_from(space.kv_heads), label="n_kv_heads")
+    group = draw(st.sampled_from(space.groups), label="query heads per KV head")
+    head_dim = draw(st.sampled_from(tuple(head_dims or space.head_dims)), label="head_dim")
+    d_model = draw(st.sampled_from(space.d_models), label="d_model")
+    default_layers = st.sampled_from(space.n_layers)
     layers = draw(_strategy(n_layers, "n_layers") if n_layers is not None else default_layers, label="n_layers")
     window_strategy = (
         st.none() | st.integers(1, 12) if sliding_window is None else _strategy(sliding_window, "sliding_window")
     )
+    allowed = {_dtype(d) for d in (dtypes or space.dtypes or ())} or None
+    chosen = _dtype(draw(_strategy(_narrowed(dtype, allowed, _dtype), "dtype"), label="dtype"))
+    scheme = draw(_strategy(positional, "positional"), label="positional")
+    if scheme == "rope" and head_dim % 2:
+        reject()  # RoPE rotates pairs of lanes
+    drawn_numerics = draw(_strategy(numerics, "numerics"), label="numerics")
     return ModelConfig(
-        vocab_size=draw(st.sampled_from([32, 61]), label="vocab_size"),
+        vocab_size=draw(st.sampled_from(space.vocab_sizes), label="vocab_size"),
         d_model=d_model,
         n_layers=layers,
         n_heads=n_kv_heads * group,
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
-        d_ff=draw(st.sampled_from([16, 40]), label="d_ff"),
+        d_ff=draw(st.sampled_from(space.d_ffs), label="d_ff"),
         norm=draw(_strategy(norm, "norm"), label="norm"),
-        positional=draw(_strategy(positional, "positional"), label="positional"),
+        positional=scheme,
         sliding_window=draw(window_strategy, label="sliding_window"),
         max_seq_len=seq_len,
         max_batch_size=max_batch_size,
-        dtype=_dtype(draw(_strategy(dtype, "dtype"), label="dtype")),
-        numerics=draw(_strategy(numerics, "numerics"), label="numerics"),
+        dtype=chosen,
+        numerics=drawn_numerics if space.strict else "fast",
         device=where,
     )
 
@@ -120,27 +152,71 @@ def prompts(
     batch_size: Any = None,
     length: Any = None,
     left_padding: bool = True,
+    batch_sizes: Collection[int] | None = None,
 ) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
-    """A prompt for ``config``: (rows of token ids, left padding per row). Each row keeps at least one token."""
-    batch = draw(
-        _strategy(batch_size, "batch_size") if batch_size is not None else st.integers(1, config.max_batch_size),
-        label="batch",
-    )
+    """A prompt for ``config``: (rows of token ids, left padding per row). Each row keeps at least one token.
+    ``batch_sizes``: the only batch sizes allowed (a cache's declaration); others are rejected."""
+    default_batch = st.integers(1, config.max_batch_size)
+    if batch_sizes is not None:
+        default_batch = st.sampled_from(sorted(b for b in batch_sizes if b <= config.max_batch_size) or [0])
+    batch = draw(_strategy(batch_size, "batch_size") if batch_size is not None else default_batch, label="batch")
+    if batch_sizes is not None and batch not in batch_sizes:
+        reject()  # a size the cache does not take
     if not 1 <= batch <= config.max_batch_size:
         raise InvalidArgument(f"batch_size must lie in [1, {config.max_batch_size}]; got {batch}")
-    default_length = st.integers(1, min(12, config.max_seq_len))
-    size = draw(_strategy(length, "length") if length is not None else default_length, label="prompt length")
+    size = draw(_strategy(length, "length") if length is not None else prompt_lengths(config), label="prompt length")
     tokens = st.integers(0, config.vocab_size - 1)
     rows = tuple(tuple(draw(st.lists(tokens, min_size=size, max_size=size))) for _ in range(batch))
     pads = tuple(draw(st.integers(0, size - 1)) if left_padding else 0 for _ in range(batch))
     return rows, pads
 
 
-def boundary_lengths(config: ModelConfig) -> list[int]:
-    """Total lengths at which caches break most: either side of the window, its multiples, the paged block
-    size, powers of two and a full buffer (``max_seq_len``, when it is at most 32: longer ones are slow to fill
-    without a cache)."""
-    marks = {PAGED_BLOCK_SIZE, 2 * PAGED_BLOCK_SIZE, 8, 16, 32}
+def _space_of(config: ModelConfig, shapes: str | ShapeSpace | None = None) -> ShapeSpace:
+    """The shape space named (or given); when None, the one ``config`` was most likely drawn from (production
+    shapes have head_dim 64 or more)."""
+    if isinstance(shapes, ShapeSpace):
+        return shapes
+    if shapes is None:
+        shapes = "production" if config.head_dim >= 64 else "default"
+    return shape_space(shapes, config.device)
+
+
+def prompt_lengths(
+    config: ModelConfig, *, block_size: int | None = None, shapes: str | ShapeSpace | None = None
+) -> st.SearchStrategy[int]:
+    """Prompt lengths for ``config``: short ones most often, some aimed at a boundary of :func:`boundary_lengths`
+    (a prefill is a multi-token append across it), some long (up to the space's ``long_prompt``)."""
+    space = _space_of(config, shapes)
+    short = st.integers(1, min(space.short_prompt, config.max_seq_len))
+    longest = min(space.long_prompt, config.max_seq_len - 2)  # room for a token or two after the prompt
+    if longest <= space.short_prompt:
+        return short
+    aimed = [n for n in boundary_lengths(config, block_size=block_size, shapes=space) if n <= longest]
+    middle = (space.short_prompt + 1 + longest) // 2  # two halves: integers() alone favours the low end
+    lower, upper = st.integers(space.short_prompt + 1, middle), st.integers(middle, longest)
+    choices = [short, *([st.sampled_from(aimed)] if aimed else [short]), lower, upper]
+    pages = block_lengths(block_size, longest)
+    return st.one_of(*choices, *([st.sampled_from(pages)] * 2 if pages else []))
+
+
+def block_lengths(block_size: int | None, longest: int) -> list[int]:
+    """Lengths either side of every multiple of a declared ``block_size`` up to ``longest`` (none when None):
+    a declared page size gets weight of its own, beyond the boundaries every case aims at."""
+    if block_size is None:
+        return []
+    return [n for k in range(1, longest // block_size + 2) for n in (k * block_size + d for d in (-1, 0, 1))
+            if 1 <= n <= longest]
+
+
+def boundary_lengths(
+    config: ModelConfig, *, block_size: int | None = None, shapes: str | ShapeSpace | None = None
+) -> list[int]:
+    """Total lengths at which caches break most: either side of the window, its multiples, the block size
+    (``block_size``, else the space's: 4 by default, 16 in production) and its multiples up to four blocks,
+    powers of two from 8 (64, 128, ... are page sizes too) and a full buffer (``max_seq_len``, when it is at most
+    32: longer ones are slow to fill without a cache)."""
+    block = block_size or _space_of(config, shapes).block_size
+    marks = {block * k for k in (1, 2, 3, 4)} | {2**k for k in range(3, 13)}
     if config.max_seq_len <= 32:
         marks.add(config.max_seq_len)
     if config.sliding_window is not None:
@@ -150,16 +226,25 @@ def boundary_lengths(config: ModelConfig) -> list[int]:
 
 
 @st.composite
-def generation_lengths(draw: st.DrawFn, /, config: ModelConfig, prompt_len: int) -> int:
-    """``max_new_tokens`` for a prompt: often one that ends (or passes) a boundary of :func:`boundary_lengths`,
-    and, for buffers of at most 32 tokens, one in five that fills the buffer exactly."""
+def generation_lengths(
+    draw: st.DrawFn, /, config: ModelConfig, prompt_len: int, *, block_size: int | None = None,
+    shapes: str | ShapeSpace | None = None,
+) -> int:
+    """``max_new_tokens`` for a prompt: often one that ends (or passes) a boundary of :func:`boundary_lengths`
+    within the space's ``max_new`` tokens (a quarter of that after a long prompt: the uncached oracle's cost
+    grows with both), and, for buffers of at most 32 tokens, one in five that fills the
+    buffer exactly."""
+    space = _space_of(config, shapes)
     room = config.max_seq_len - prompt_len + 1
-    plain = st.integers(1, min(room, 24))
-    targets = [n - prompt_len + 1 for n in boundary_lengths(config)]
-    aimed = [n for n in targets if 1 <= n <= room]
+    most = space.max_new if prompt_len <= space.short_prompt else max(8, space.max_new // 4)  # cost ~ new * length
+    plain = st.integers(1, min(room, 24, most))
+    targets = [n - prompt_len + 1 for n in boundary_lengths(config, block_size=block_size, shapes=space)]
+    aimed = [n for n in targets if 1 <= n <= min(room, most)]
     if not aimed:
         return draw(plain, label="max_new_tokens")
     choices = [plain, st.sampled_from(aimed), plain, st.sampled_from(aimed)]
+    pages = [n - prompt_len + 1 for n in block_lengths(block_size, config.max_seq_len)]
+    choices += [st.sampled_from(kept)] * 2 if (kept := [n for n in pages if 1 <= n <= min(room, most)]) else []
     if config.max_seq_len <= 32:
         choices.append(st.just(room))  # the cache ends holding exactly max_seq_len tokens
     return draw(st.one_of(choices), label="max_new_tokens")
@@ -174,19 +259,29 @@ def cases(
     batch_size: Any = None,
     left_padding: bool = True,
     prompt_length: Any = None,
+    block_size: int | None = None,
+    batch_sizes: Collection[int] | None = None,
     **config_kwargs: Any,
 ) -> Case:
     """A :class:`Case`: a config (from :func:`model_configs` with ``config_kwargs`` unless given), a weights
-    seed, a prompt (of ``prompt_length`` tokens when given, at most ``max_seq_len``) and a generation length."""
+    seed, a prompt (of ``prompt_length`` tokens when given, at most ``max_seq_len``) and a generation length.
+
+    ``block_size``: lengths weighted to its multiples (a paged cache's page size). ``batch_sizes``: the only
+    batch sizes drawn, and the config's ``max_batch_size`` is the case's batch (a cache declaring exact batch
+    sizes builds for it)."""
     if config is None:
         config = model_configs(**config_kwargs)
     elif config_kwargs:
         raise InvalidArgument(f"pass either config or model_configs arguments, not both: {sorted(config_kwargs)}")
     cfg = draw(_strategy(config, "config"), label="config")
-    length = None
+    space = _space_of(cfg, config_kwargs.get("shapes"))
+    length = prompt_lengths(cfg, block_size=block_size, shapes=space)
     if prompt_length is not None:
-        length = min(draw(_strategy(prompt_length, "prompt_length"), label="prompt length"), cfg.max_seq_len)
-    rows, pads = draw(prompts(cfg, batch_size=batch_size, length=length, left_padding=left_padding), label="prompt")
-    new = draw(generation_lengths(cfg, len(rows[0])))
+        length = st.just(min(draw(_strategy(prompt_length, "prompt_length"), label="prompt length"), cfg.max_seq_len))
+    rows, pads = draw(prompts(cfg, batch_size=batch_size, length=length, left_padding=left_padding,
+                              batch_sizes=batch_sizes), label="prompt")
+    if batch_sizes is not None:
+        cfg = cfg.replace(max_batch_size=len(rows))
+    new = draw(generation_lengths(cfg, len(rows[0]), block_size=block_size, shapes=space))
     seed = draw(st.integers(0, 3), label="weights seed")
     return Case(config=cfg, prompt=rows, pad=pads, max_new_tokens=new, seed=seed)

@@ -6,18 +6,22 @@ Every cache a property builds comes from :meth:`Target.new_cache`, wrapped in a
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from kvverify.declaration import DeclarationError
 from kvverify.protocol import CacheDeclaration, CacheFactory, KVCache, capabilities, declaration_of
 from kvverify.reference.config import ModelConfig
 from kvverify.suite.compare import Tolerance, tolerance_for
 from kvverify.suite.contract import CheckedCache, UpdateObserver
 from kvverify.suite.devices import declares, resolve_device
 from kvverify.suite.loading import TargetError, check_cache_object, factory_failed
+from kvverify.suite.positional import RotatingCache
+from kvverify.suite.shapes import shape_space
 from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT, ExampleTimeout, run_with_time_limit
 
 #: The configuration a target is probed with to detect its optional methods.
@@ -28,7 +32,8 @@ PROBE_CONFIG = ModelConfig(vocab_size=16, d_model=8, n_layers=2, n_heads=2, n_kv
 @dataclass(frozen=True)
 class Target:
     """name: how reports call it (``module:factory`` or a built-in name); observe: makes an observer for each
-    new cache (used to locate a failure); device: where every model, prompt and cache of the run lives."""
+    new cache (used to locate a failure); device: where every model, prompt and cache of the run lives;
+    shapes: the shape space drawn from (:mod:`kvverify.suite.shapes`)."""
 
     name: str
     factory: CacheFactory
@@ -36,36 +41,64 @@ class Target:
     capabilities: frozenset[str] = frozenset()
     observe: Callable[[], UpdateObserver] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    shapes: str = "default"
 
     def new_cache(self, config: ModelConfig) -> KVCache:
-        """A fresh cache from the factory, checked against the contract for a model of ``config``."""
-        cache = self.factory(config)
+        """A fresh cache from the factory (``factory(config, batch_size=config.max_batch_size)`` when it takes a
+        batch size), checked against the contract for a model of ``config``; a cache that applies RoPE itself
+        is fed keys before rotation (:class:`~kvverify.suite.positional.RotatingCache`)."""
+        cache: Any = call_factory(self.factory, config)
         check_cache_object(self.name, cache)
+        if self.declaration.positional == "rope":
+            cache = RotatingCache(cache, config)
         return CheckedCache(cache, config, self.observe() if self.observe is not None else None)
 
     def tolerance(self, config: ModelConfig) -> Tolerance | None:
         """None for a bitwise comparison: strict numerics with an exact cache."""
+        inexact = config.numerics == "fast" or self.declaration.positional == "rope"  # un-rotating is inexact
         if self.declaration.lossy_atol is not None:
-            fast = tolerance_for(config.dtype) if config.numerics == "fast" else Tolerance(atol=0.0)
+            fast = tolerance_for(config.dtype) if inexact else Tolerance(atol=0.0)
             return Tolerance(atol=self.declaration.lossy_atol + fast.atol, why="declared by the cache (lossy)")
-        return tolerance_for(config.dtype) if config.numerics == "fast" else None
+        return tolerance_for(config.dtype) if inexact else None
 
     def config_constraints(self) -> dict[str, Any]:
         """Keyword arguments for :func:`kvverify.suite.strategies.cases` that respect the declaration and build
         every model on the target's device."""
-        constraints: dict[str, Any] = {"device": self.device}
+        constraints: dict[str, Any] = {"device": self.device, "shapes": self.shapes}
         d = self.declaration
         if d.sliding_window is not None:
             constraints["sliding_window"] = d.sliding_window
-        if d.max_batch_size is not None:
-            constraints["max_batch_size"] = d.max_batch_size
+        if d.largest_batch is not None:
+            constraints["max_batch_size"] = d.largest_batch
         if d.max_seq_len is not None:
-            constraints["max_seq_len"] = min(d.max_seq_len, 64)
+            constraints["longest"] = d.max_seq_len
+        for name in ("head_dims", "dtypes", "batch_sizes", "block_size"):
+            if getattr(d, name) is not None:
+                constraints[name] = getattr(d, name)
+        if d.positional == "rope":
+            constraints["positional"], constraints["left_padding"] = "rope", False
         return constraints
 
 
+def takes_batch_size(factory: CacheFactory) -> bool:
+    """Whether the factory has a ``batch_size`` parameter (or takes ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable without a signature
+        return False
+    return any(p.name == "batch_size" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def call_factory(factory: CacheFactory, config: ModelConfig) -> object:
+    """``factory(config, batch_size=config.max_batch_size)`` when it takes a batch size, else ``factory(config)``."""
+    if takes_batch_size(factory):
+        return factory(config, batch_size=config.max_batch_size)  # type: ignore[call-arg]
+    return factory(config)
+
+
 def make_target(factory: CacheFactory, name: str | None = None, *,
-                time_limit: float | None = DEFAULT_TIME_LIMIT, device: str | torch.device | None = None) -> Target:
+                time_limit: float | None = DEFAULT_TIME_LIMIT, device: str | torch.device | None = None,
+                shapes: str = "default") -> Target:
     """Describe a factory: its declaration (on the factory or on a probe cache) and the optional methods that
     work (present, and not raising ``NotImplementedError`` when tried on a probe cache built on ``device``,
     the CPU when None).
@@ -76,8 +109,10 @@ def make_target(factory: CacheFactory, name: str | None = None, *,
     """
     label = name or getattr(factory, "__qualname__", None) or repr(factory)
     where = resolve_device(device, option="device=")
-    _check_declared_device(label, declaration_of(factory), where)  # before a probe: the cache may need it
-    probe_config = PROBE_CONFIG.replace(device=str(where))
+    shape_space(shapes, where)  # an unknown name fails here, before any cache is built
+    declared = _declaration(label, factory)
+    _check_declared_device(label, declared, where)  # before a probe: the cache may need it
+    probe_config = probe_config_for(declared, where)
     probe, second = _build(factory, label, time_limit, probe_config), _build(factory, label, time_limit, probe_config)
     if probe is second:
         raise TargetError(
@@ -85,11 +120,34 @@ def make_target(factory: CacheFactory, name: str | None = None, *,
             "fresh, empty cache on every call (each example starts from an empty cache). Build a new one inside "
             "the factory."
         )
-    declaration = declaration_of(probe, factory)
+    declaration = _declaration(label, probe, factory)
     _check_declared_device(label, declaration, where)
     offered = capabilities(probe)
     working = frozenset(m for m in offered if _works(factory, m, probe_config)) if offered else offered
-    return Target(label, factory, declaration, working, device=where)
+    return Target(label, factory, declaration, working, device=where, shapes=shapes)
+
+
+def _declaration(label: str, *objects: object) -> CacheDeclaration:
+    try:
+        return declaration_of(*objects)
+    except DeclarationError as error:
+        raise TargetError(f"target {label!r}: {error}") from None
+
+
+def probe_config_for(declared: CacheDeclaration, device: torch.device) -> ModelConfig:
+    """The probe's configuration, within what the cache declares (its first head_dim, dtype and batch size)."""
+    changes: dict[str, Any] = {"device": str(device)}
+    if declared.head_dims:
+        changes["head_dim"] = declared.head_dims[0]
+    if declared.dtypes:
+        changes["dtype"] = declared.dtypes[0]
+    if declared.largest_batch is not None:
+        changes["max_batch_size"] = (declared.batch_sizes or (declared.largest_batch,))[0]
+    if declared.max_seq_len is not None:
+        changes["max_seq_len"] = min(declared.max_seq_len, PROBE_CONFIG.max_seq_len)
+    if declared.sliding_window is not None:
+        changes["sliding_window"] = declared.sliding_window
+    return PROBE_CONFIG.replace(**changes)
 
 
 def _check_declared_device(label: str, declaration: CacheDeclaration, device: torch.device) -> None:
@@ -107,7 +165,8 @@ def _check_declared_device(label: str, declaration: CacheDeclaration, device: to
 
 def _build(factory: CacheFactory, label: str, time_limit: float | None, config: ModelConfig) -> object:
     try:
-        cache: object = run_with_time_limit(lambda: factory(config), time_limit, f"target {label!r}: the factory")
+        cache: object = run_with_time_limit(lambda: call_factory(factory, config), time_limit,
+                                            f"target {label!r}: the factory")
     except ExampleTimeout as timeout:
         raise TargetError(str(timeout)) from None
     except Exception as error:
@@ -119,17 +178,17 @@ def _build(factory: CacheFactory, label: str, time_limit: float | None, config: 
 def _works(factory: CacheFactory, method: str, c: ModelConfig) -> bool:
     """False when the method raises NotImplementedError on a probe cache holding two tokens per layer."""
     try:
-        cache = factory(c)
+        cache: Any = call_factory(factory, c)
         for layer in range(c.n_layers):
-            kv = torch.zeros(1, c.n_kv_heads, 2, c.head_dim, dtype=c.dtype, device=c.device)
+            kv = torch.zeros(c.max_batch_size, c.n_kv_heads, 2, c.head_dim, dtype=c.dtype, device=c.device)
             cache.update(kv, kv.clone(), layer, {"cache_position": torch.arange(2, device=c.device)})
     except Exception:
         return True  # the properties will say what is wrong with update()
     call: dict[str, Callable[[], object]] = {
-        "crop": lambda: cache.crop(1),  # type: ignore[attr-defined]
-        "reorder_cache": lambda: cache.reorder_cache(  # type: ignore[attr-defined]
-            torch.zeros(1, dtype=torch.long, device=c.device)),
-        "reset": lambda: cache.reset(),  # type: ignore[attr-defined]
+        "crop": lambda: cache.crop(1),
+        "reorder_cache": lambda: cache.reorder_cache(
+            torch.zeros(c.max_batch_size, dtype=torch.long, device=c.device)),
+        "reset": lambda: cache.reset(),
     }
     try:
         call[method]()
