@@ -57,14 +57,14 @@ def run_isolated(work: Work, *, target: str, properties: Sequence[str], time_lim
     before the properties began; the work's own ValueError and DeviceError come through as such."""
     remaining = list(properties)
     results: list[PropertyResult] = []
-    header: tuple[str, int, str, str] | None = None
+    header: tuple[str, int, str, str, str, str] | None = None  # target, seed, profile, device, shapes, declared
     while remaining:
         watch = _Watch(time_limit)
         final = watch.run(work, remaining)
         results += watch.results
         header = watch.header or header
         if final is not None:
-            header = (final.target, final.seed, final.profile, final.device)
+            header = (final.target, final.seed, final.profile, final.device, final.shapes, final.declaration)
             break
         if watch.property is None or header is None:
             raise TargetError(f"target {target!r}: {watch.death}")
@@ -75,8 +75,8 @@ def run_isolated(work: Work, *, target: str, properties: Sequence[str], time_lim
         remaining = [name for name in remaining if name not in done]
     if header is None:  # no properties asked for
         raise ValueError("run_isolated needs at least one property")
-    name, seed, profile, device = header
-    return SuiteResult(name, seed, profile, results, device=device)
+    name, seed, profile, device, shapes, declared = header
+    return SuiteResult(name, seed, profile, results, device=device, shapes=shapes, declaration=declared)
 
 
 def _child(connection: Connection, work: Work, properties: list[str]) -> None:
@@ -104,7 +104,7 @@ class _Watch:
 
     time_limit: float | None
     results: list[PropertyResult] = field(default_factory=list)
-    header: tuple[str, int, str, str] | None = None  # target, seed, profile, device
+    header: tuple[str, int, str, str, str, str] | None = None  # target, seed, profile, device, shapes, declared
     property: str | None = None  # the property running now
     property_started: float = 0.0
     examples: int = 0  # calls of the current property that finished
@@ -163,7 +163,7 @@ class _Watch:
             self.calls.pop()
             self.examples += not self.calls and self.property is not None
         elif kind == "suite":
-            self.header = (message[1], message[2], message[3], message[4])
+            self.header = (message[1], message[2], message[3], message[4], message[5], message[6])
         elif kind == "property":
             self.property, self.property_started, self.examples, self.last_case = message[1], time.monotonic(), 0, None
         elif kind == "result":

@@ -277,7 +277,7 @@ def run_suite(
     seed = random.randrange(2**32) if seed is None else seed
     use_storage_directory()
     described = describe_target(factory, target, time_limit=time_limit, device=device, shapes=shapes)
-    tell("suite", target, seed, profile, str(described.device))
+    tell("suite", target, seed, profile, str(described.device), shapes, described.declaration.describe())
     results = []
     for name in chosen:
         tell("property", name)
