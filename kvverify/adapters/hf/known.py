@@ -10,7 +10,15 @@
   layer to prefetch and finds none. ``kvverify verify-hf --device cuda`` meets it on Mistral (offloading needs
   CUDA); the fixed example calls ``prefetch`` directly, so it reproduces on the CPU.
 
-No upstream issue for either was found (searched transformers' issues for both messages).
+- ``transformers-static-sliding-overcrop``: the same unclamped ``crop(-k)`` in the sliding layers of a
+  ``StaticCache``: ``crop(-4)`` on 2 tokens leaves the length at -2, and the next ``update`` raises
+  ``IndexError: index_copy_(): index -2 is out of bounds``.
+- ``transformers-quantized-crop-*``: ``QuantizedCache.crop`` (every backend: fp8, quanto, HQQ) raises
+  ``IndexError: too many indices for tensor of dimension 1`` once tokens have been quantized, and does nothing
+  while they all sit in the full-precision residual (``get_seq_length()`` unchanged). The fixed example uses the
+  fp8 backend, which needs no extra package.
+
+No upstream issue for any of them was found (searched transformers' issues for each message).
 """
 
 from __future__ import annotations
@@ -53,6 +61,56 @@ def offloaded_all_sliding() -> str | None:
     return None
 
 
+def static_sliding_overcrop() -> str | None:
+    """A sliding-window ``StaticCache`` holding 2 tokens, ``crop(-4)``, then one more token: it must be written."""
+    transformers = import_transformers()
+    config = transformers.MistralConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                                        num_key_value_heads=1, head_dim=8, sliding_window=6,
+                                        max_position_embeddings=16)
+    cache = transformers.StaticCache(config=config, max_cache_len=16)
+    states = torch.ones(1, 1, 2, 8)  # (B, Hkv, 2 tokens, D)
+    cache.update(states, states.clone(), 0, {"cache_position": torch.arange(2)})
+    cache.crop(-4)
+    one = torch.ones(1, 1, 1, 8)
+    try:
+        cache.update(one, one.clone(), 0, {"cache_position": torch.arange(1)})
+    except IndexError as error:
+        return f"crop(-4) on 2 tokens, then one token: IndexError: {error}"
+    length = int(cache.get_seq_length())
+    return None if length == 1 else f"crop(-4) on 2 tokens, then one token: get_seq_length() is {length}, expected 1"
+
+
+def quantized_crop() -> str | None:
+    """``QuantizedCache("fp8")`` holding 8 tokens, ``crop(-2)``: 6 must remain."""
+    transformers = import_transformers()
+    config = transformers.LlamaConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                                      num_key_value_heads=1, head_dim=8, max_position_embeddings=16)
+    cache = transformers.QuantizedCache("fp8", config)
+    states = torch.ones(1, 1, 8, 8)  # (B, Hkv, 8 tokens, D)
+    cache.update(states, states.clone(), 0, {"cache_position": torch.arange(8)})
+    try:
+        cache.crop(-2)
+    except IndexError as error:
+        return f"crop(-2) on 8 tokens raised IndexError: {error}"
+    length = int(cache.get_seq_length())
+    return None if length == 6 else f"crop(-2) on 8 tokens: get_seq_length() is {length}, expected 6"
+
+
+def _quantized_crop(cache: str, backend: str) -> KnownFailure:
+    return KnownFailure(
+        name=f"transformers-quantized-crop-{backend}",
+        library="transformers",
+        versions=("5.21", None),
+        cache=cache,
+        checks=("crop", "stateful"),
+        pattern=r"IndexError: too many indices for tensor of dimension 1|after crop\(-\d+\): get_seq_length\(\d*\) "
+                r"returned",
+        summary=f"QuantizedCache({backend!r}).crop raises IndexError once tokens are quantized, and does nothing "
+                "before",
+        reproduce=quantized_crop,
+    )
+
+
 KNOWN: tuple[KnownFailure, ...] = (
     KnownFailure(
         name="transformers-static-overcrop",
@@ -75,4 +133,19 @@ KNOWN: tuple[KnownFailure, ...] = (
         summary="StaticCache(offloading=True) with every layer sliding raises ValueError in prefetch",
         reproduce=offloaded_all_sliding,
     ),
+    KnownFailure(
+        name="transformers-static-sliding-overcrop",
+        library="transformers",
+        versions=("5.0", None),
+        cache="transformers-hybrid",
+        checks=("crop", "stateful"),
+        pattern=r"index -\d+ is out of bounds|get_seq_length\(\d*\) (returned|is) (tensor\()?-\d+",
+        summary="a sliding StaticCache's crop(-k) past the start leaves its length negative; the next update "
+                "raises IndexError",
+        reproduce=static_sliding_overcrop,
+        related=DYNAMIC_OVERCROP_ISSUE,
+    ),
+    _quantized_crop("transformers-fp8", "fp8"),
+    _quantized_crop("transformers-quanto", "quanto"),
+    _quantized_crop("transformers-hqq", "hqq"),
 )
