@@ -11,6 +11,7 @@ import torch
 
 from kvverify.caches import StaticCache
 from kvverify.caches._common import new_positions
+from kvverify.protocol import CacheDeclaration
 from kvverify.reference.config import ModelConfig
 
 #: Where the long-context mutants break: the first token that does not fit in 11 bits.
@@ -21,6 +22,10 @@ class PositionsInTwelveBits(StaticCache):
     """vllm-project/tpu-inference #2756 (positions held in int16, wrong past 32,767 tokens), scaled down to a
     12-bit signed field: position 2048 wraps to -2048, and the write lands at that offset from the end of the
     buffer, over an older token, while the slot the token belongs in stays empty. Right for 2048 tokens."""
+
+    # its write path reads positions back into Python ints, which a compiled step specialises on; the bug it
+    # plants is past 2048 tokens, so it does not ask for the compiled property (long_context kills it)
+    kvverify_declaration = CacheDeclaration()
 
     def update(
         self,
@@ -43,6 +48,10 @@ class StopsGrowingAt2048(StaticCache):
     """finnvoor/CoreMLPipelines #3: a model converted with a 2048-token context; clamping the write position
     to the last slot (the fix first proposed there) keeps overwriting slot 2047, so every token past 2048 is
     read back as the newest one and the tokens it replaced are lost. Right for 2048 tokens."""
+
+    # its write path reads positions back into Python ints, which a compiled step specialises on; the bug it
+    # plants is past 2048 tokens, so it does not ask for the compiled property (long_context kills it)
+    kvverify_declaration = CacheDeclaration()
 
     @classmethod
     def from_config(cls, config: ModelConfig, dtype: torch.dtype | None = None) -> StaticCache:
