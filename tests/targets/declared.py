@@ -12,43 +12,27 @@ from typing import Any
 import torch
 
 from kvverify import CacheDeclaration, ModelConfig, Unsupported
+from kvverify.caches import ContiguousCache
 from kvverify.reference.numerics import rope_tables
 from kvverify.suite.positional import apply_rope
 
 
-class Concat:
-    """A correct concatenating cache; ``wrong(...)`` says when a subclass corrupts what it returns."""
+class Concat(ContiguousCache):
+    """The built-in concatenating cache; ``wrong(...)`` says when a subclass corrupts the values it stores."""
 
     def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__()
         self.config = config
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        start = self.get_seq_length(layer_idx)
-        if self.wrong(key_states, start):
+        if self.wrong(key_states, self.get_seq_length(layer_idx)):
             value_states = value_states + 1  # the bug
-        if layer_idx == len(self.keys):
-            self.keys.append(key_states.clone())
-            self.values.append(value_states.clone())
-        else:
-            self.keys[layer_idx] = torch.cat((self.keys[layer_idx], key_states), dim=-2)
-            self.values[layer_idx] = torch.cat((self.values[layer_idx], value_states), dim=-2)
-        return self.keys[layer_idx], self.values[layer_idx]
+        return super().update(key_states, value_states, layer_idx, cache_kwargs)
 
     def wrong(self, key_states: torch.Tensor, start: int) -> bool:
         """key_states: (B, Hkv, T, D), written from slot ``start``."""
         return False
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.keys[layer_idx].shape[-2] if layer_idx < len(self.keys) else 0
-
-    def crop(self, max_length: int) -> None:
-        length = self.get_seq_length()
-        keep = max(0, min(length + max_length if max_length < 0 else max_length, length))
-        self.keys = [k[:, :, :keep] for k in self.keys]
-        self.values = [v[:, :, :keep] for v in self.values]
 
 
 class HeadDim8(Concat):
