@@ -23,6 +23,8 @@ No upstream issue for any of them was found (searched transformers' issues for e
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from kvverify.adapters import import_transformers
@@ -32,11 +34,16 @@ from kvverify.known_failures import KnownFailure
 DYNAMIC_OVERCROP_ISSUE = "https://github.com/huggingface/transformers/issues/47433"
 
 
+def _one_layer_llama(transformers: Any) -> Any:
+    """The fixed examples' model config: one layer, one head of head_dim 8, 16 positions."""
+    return transformers.LlamaConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                                    num_key_value_heads=1, head_dim=8, max_position_embeddings=16)
+
+
 def static_overcrop() -> str | None:
     """``StaticCache`` holding 8 tokens, ``crop(-9)``: its length must clamp at 0."""
     transformers = import_transformers()
-    config = transformers.LlamaConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
-                                      num_key_value_heads=1, head_dim=8, max_position_embeddings=16)
+    config = _one_layer_llama(transformers)
     cache = transformers.StaticCache(config=config, max_cache_len=16)
     states = torch.ones(1, 1, 8, 8)  # (B, Hkv, 8 tokens, D)
     cache.update(states, states.clone(), 0, {"cache_position": torch.arange(8)})
@@ -83,8 +90,7 @@ def static_sliding_overcrop() -> str | None:
 def quantized_crop() -> str | None:
     """``QuantizedCache("fp8")`` holding 8 tokens, ``crop(-2)``: 6 must remain."""
     transformers = import_transformers()
-    config = transformers.LlamaConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
-                                      num_key_value_heads=1, head_dim=8, max_position_embeddings=16)
+    config = _one_layer_llama(transformers)
     cache = transformers.QuantizedCache("fp8", config)
     states = torch.ones(1, 1, 8, 8)  # (B, Hkv, 8 tokens, D)
     cache.update(states, states.clone(), 0, {"cache_position": torch.arange(8)})
