@@ -53,3 +53,20 @@ def test_transformers_entries_reproduce_here() -> None:
     assert reproductions["transformers-offloaded-all-sliding"].verdict == "XFAIL"
     assert registry().match("transformers-static", "crop",
                             "after crop(-9): get_seq_length(0) returned tensor(-1); expected 0") is not None
+
+
+def test_the_sliding_and_quantized_crop_entries_reproduce_and_match_the_suites_reports() -> None:
+    pytest.importorskip("transformers", reason="transformers is not installed: pip install 'kvverify[transformers]'")
+    from kvverify.adapters.known import registry
+
+    known = registry()
+    reproductions = {r.entry.name: r for r in known.reproductions()}
+    for name in ("transformers-static-sliding-overcrop", "transformers-quantized-crop-fp8",
+                 "transformers-quantized-crop-quanto", "transformers-quantized-crop-hqq"):
+        assert reproductions[name].verdict == "XFAIL", (name, reproductions[name].detail)
+    sliding = ("step 2, layer 0 (a 1-token update): update() raised IndexError: index_copy_(): index -2 is out of "
+               "bounds for dimension 2 with size 6")
+    assert known.match("transformers-hybrid", "crop", sliding) is not None
+    assert known.match("transformers-fp8", "stateful", "IndexError: too many indices for tensor of dimension 1")
+    assert known.match("transformers-quanto", "crop", "after crop(-2): get_seq_length(0) returned 2; expected 0")
+    assert known.match("transformers-hqq", "reorder", "IndexError: too many indices for tensor of dimension 1") is None
