@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -9,7 +10,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from hypothesis import strategies as st
 from hypothesis import target as hypothesis_target
-from hypothesis.control import currently_in_test_context
+from hypothesis.control import current_build_context, currently_in_test_context
 
 from kvverify.reference.config import ModelConfig
 from kvverify.reference.model import Generation
@@ -43,24 +44,57 @@ class Property:
         return None if self.skip is None else self.skip(target)
 
 
-def expect_same(target: Target, case: Case, expected: Generation, actual: Generation, what: str) -> None:
-    """Compare bit for bit, or within the target's tolerance; steer Hypothesis toward larger errors."""
-    expect_same_for(target, case.config, expected, actual, what)
+def expect_same(
+    target: Target, case: Case, expected: Generation, actual: Generation, what: str, label: str = ""
+) -> None:
+    """Compare bit for bit, or within the target's tolerance; steer Hypothesis toward larger errors under
+    ``label`` (see :func:`expect_same_for`)."""
+    expect_same_for(target, case.config, expected, actual, what, label)
 
 
 def expect_same_for(
     target: Target, config: ModelConfig, expected: Generation, actual: Generation, what: str, label: str = ""
 ) -> None:
     """:func:`expect_same` for a configuration rather than a whole case. ``label`` names the comparison for
-    ``hypothesis.target`` (each comparison of one example needs its own; ``what`` when empty)."""
+    ``hypothesis.target``: the same comparison in every example, so that Hypothesis steers each toward larger
+    errors (``what`` when empty; :func:`steer` keeps two comparisons of one example apart)."""
     tolerance = target.tolerance(config)
     mismatch = first_difference(expected, actual, tolerance)
     if tolerance is not None and currently_in_test_context():
         error = float((expected.logits.double() - actual.logits.double()).abs().nan_to_num(1e30).max())
-        hypothesis_target(error, label=f"max abs logit error: {label or what}")
+        steer(error, f"max abs logit error: {label or what}")
         drift.record(drift.compared_difference(expected.logits, actual.logits, expected.tokens, actual.tokens))
     if mismatch is not None:
         raise GenerationMismatch(mismatch, f"{what}: ")
+
+
+class _Labels(threading.local):
+    """The labels :func:`steer` gave in the current example (per thread: examples may run on a watchdog's)."""
+
+    def __init__(self) -> None:
+        self.context: object = None
+        self.used: set[str] = set()
+
+
+_LABELS = _Labels()
+
+
+def steer(observation: float, label: str) -> str:
+    """``hypothesis.target(observation, label=...)``, with a label no other call of this example has used.
+
+    Hypothesis refuses a label twice in one example, and an example may make one comparison several times (two
+    sessions of a fork appending at the same length, a loop over rows): the second gets ``label #2``, the third
+    ``label #3``, the same in every example, so each stays a distinct, steerable target. Returns the label used."""
+    context = current_build_context()
+    if _LABELS.context is not context:
+        _LABELS.context, _LABELS.used = context, set()
+    distinct, count = label, 1
+    while distinct in _LABELS.used:
+        count += 1
+        distinct = f"{label} #{count}"
+    _LABELS.used.add(distinct)
+    hypothesis_target(observation, label=distinct)
+    return distinct
 
 
 def as_generation(logits: torch.Tensor) -> Generation:

@@ -81,4 +81,5 @@ def check_replayed(target: Target, case: Case, quantizer: Quantizer) -> None:
     atol = quantizer.replay_atol or None
     replayed = replace(target, declaration=replace(target.declaration, lossy_atol=atol))
     expect_same(replayed, case, expected, actual,
-                f"cached generation differs from the reference through the declared quantizer {quantizer}")
+                f"cached generation differs from the reference through the declared quantizer {quantizer}",
+                label="generation through the replayed quantizer")

@@ -77,7 +77,8 @@ def check_batch_independence(target: Target, plan: PaddedBatch) -> None:
     prompt, mask, new = case.tokens(), case.attention_mask(), case.max_new_tokens
     batched = model.generate(prompt, new, cache=target.new_cache(case.config), attention_mask=mask)
     expected = expected_generation(model, prompt, new, mask, batched)
-    expect_same(target, case, expected, batched, "cached generation of the left-padded batch differs from uncached")
+    expect_same(target, case, expected, batched, "cached generation of the left-padded batch differs from uncached",
+                label="padded batch")
     if not torch.equal(expected.tokens, batched.tokens):  # split at a near tie: each row alone needs its own path
         expected = model.generate(prompt, new, use_cache=False, attention_mask=mask)
     for row in range(case.batch):
@@ -85,7 +86,7 @@ def check_batch_independence(target: Target, plan: PaddedBatch) -> None:
             prompt[row : row + 1], new, cache=target.new_cache(case.config), attention_mask=mask[row : row + 1]
         )
         what = f"row {row} generated alone (same left padding {case.pad[row]}) differs from row {row} of the batch"
-        expect_same(target, case, _row(expected, row), alone, what)
+        expect_same(target, case, _row(expected, row), alone, what, label=f"row {row} alone")
 
 
 BATCH_INDEPENDENCE = Property(

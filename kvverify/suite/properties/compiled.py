@@ -170,12 +170,14 @@ def check_compiled(target: Target, case: Case) -> None:
     watch = RecompileWatch(model, cache)
     with _quiet_dynamo():
         actual = greedy(model, cache, prompt, new, watch)
-    expect_same(target, case, expected, actual, f"generation with the decode step {watch.how} differs from eager")
+    expect_same(target, case, expected, actual, f"generation with the decode step {watch.how} differs from eager",
+                label="compiled")
     if torch.device(case.config.device).type == "cuda":
         cache = target.factory(case.config)
         replayed = greedy(model, cache, prompt, new, graphed_decode(model, cache))
         expect_same(target, case, expected, replayed, "replaying the decode step captured in a CUDA graph "
-                    "differs from eager (a buffer reallocated after the capture leaves the graph on the old one)")
+                    "differs from eager (a buffer reallocated after the capture leaves the graph on the old one)",
+                    label="CUDA graph replay")
 
 
 @contextmanager

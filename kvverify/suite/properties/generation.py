@@ -23,7 +23,7 @@ def check_cached_equals_uncached(target: Target, case: Case) -> None:
     cache = target.new_cache(case.config)
     actual = model.generate(prompt, case.max_new_tokens, cache=cache, attention_mask=mask)
     expected = expected_generation(model, prompt, case.max_new_tokens, mask, actual)
-    expect_same(target, case, expected, actual, "cached generation differs from uncached")
+    expect_same(target, case, expected, actual, "cached generation differs from uncached", label="generation")
 
 
 CACHED_EQUALS_UNCACHED = Property(
@@ -79,7 +79,8 @@ def check_continuation(target: Target, plan: Continuation) -> None:
     cache = target.new_cache(case.config)
     first = model.generate(prompt, case.max_new_tokens, cache=cache, attention_mask=mask)
     expected_first = expected_generation(model, prompt, case.max_new_tokens, mask, first)
-    expect_same(target, case, expected_first, first, "first generation differs from uncached")
+    expect_same(target, case, expected_first, first, "first generation differs from uncached",
+                label="first generation")
     extra = torch.tensor(plan.extra, dtype=torch.long, device=prompt.device).reshape(case.batch, -1)
     sequences = torch.cat((first.sequences, extra), dim=1)
     mask2 = torch.cat((first.attention_mask, torch.ones_like(extra)), dim=1)
@@ -87,7 +88,8 @@ def check_continuation(target: Target, plan: Continuation) -> None:
     second = model.generate(sequences, plan.more, cache=first.cache, attention_mask=mask2)
     expected_second = expected_generation(model, sequences, plan.more, mask2, second)
     expect_same(target, case, join(expected_first, expected_second), join(first, second),
-                "generation continued from the returned cache differs from generating it at once")
+                "generation continued from the returned cache differs from generating it at once",
+                label="continued generation")
 
 
 CONTINUATION = Property(

@@ -85,10 +85,12 @@ def check_chunked(target: Target, plan: Chunked) -> None:
         expect_length(cache, start, f"after feeding chunks {list(plan.chunks)}")
         whole = model(prompt[:, :start], attention_mask=mask[:, :start])
         expect_same_for(target, case.config, as_generation(whole), as_generation(torch.cat(logits, dim=1)),
-                        f"prompt logits fed in chunks {list(plan.chunks)} differ from a one-shot uncached prefill")
+                        f"prompt logits fed in chunks {list(plan.chunks)} differ from a one-shot uncached prefill",
+                        label="prompt logits in chunks")
     actual = model.generate(prompt, case.max_new_tokens, cache=cache, attention_mask=mask)
     expected = expected_generation(model, prompt, case.max_new_tokens, mask, actual)
-    expect_same(target, case, expected, actual, f"generation after a prefill in chunks {list(plan.chunks)} differs")
+    expect_same(target, case, expected, actual, f"generation after a prefill in chunks {list(plan.chunks)} differs",
+                label="generation after the chunks")
 
 
 CHUNKED_PREFILL = Property(

@@ -49,7 +49,8 @@ def check_reset(target: Target, plan: ResetPlan) -> None:
     prompt, mask = second.tokens(), second.attention_mask()
     actual = model.generate(prompt, second.max_new_tokens, cache=cache, attention_mask=mask)
     expected = expected_generation(model, prompt, second.max_new_tokens, mask, actual)
-    expect_same(target, second, expected, actual, "the second sequence through a reset cache differs from uncached")
+    expect_same(target, second, expected, actual, "the second sequence through a reset cache differs from uncached",
+                label="after the reset")
 
 
 RESET = Property(

@@ -98,7 +98,8 @@ def check_crop(target: Target, plan: CropPlan) -> None:
     mask = torch.cat((full_mask[:, :kept], torch.ones_like(then)), dim=1)
     actual = model.generate(prompt, more, cache=cache, attention_mask=mask)
     expected = expected_generation(model, prompt, more, mask, actual)
-    expect_same(target, case, expected, actual, f"{what} (to {kept}), continuing differs from never appending")
+    expect_same(target, case, expected, actual, f"{what} (to {kept}), continuing differs from never appending",
+                label="continued after the crop")
 
 
 CROP = Property(
@@ -162,7 +163,8 @@ def check_reorder(target: Target, plan: ReorderPlan) -> None:
     actual = model.generate(prompt, plan.more, cache=cache, attention_mask=mask)
     expected = expected_generation(model, prompt, plan.more, mask, actual)
     expect_same(target, case, expected, actual,
-                f"after reorder_cache({list(plan.beam_idx)}), continuing differs from caches built for those rows")
+                f"after reorder_cache({list(plan.beam_idx)}), continuing differs from caches built for those rows",
+                label="continued after the reorder")
 
 
 REORDER = Property(

@@ -75,6 +75,7 @@ class Session:
         self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)
         self.log: list[str] = []
         self.last_change = "none"  # the last operation that changed what the cache should hold
+        self.side = ""  # which session of a fork this is, in its comparisons' labels ("": the one that goes on)
 
     @property
     def length(self) -> int:
@@ -109,7 +110,7 @@ class Session:
             self._expect_contents(layer, returned, (expected_cache.keys[layer], expected_cache.values[layer]), what)
         expect_same_for(self.target, self.config, as_generation(expected), as_generation(logits),
                         f"logits of the last append differ from a prefill of the whole sequence ({what})",
-                        label=f"append {len(self.log)}")
+                        label=f"{self.side}append {len(self.log)}")
         self.tokens, self.mask = sequence, full_mask
         self.last_change = self.log[-1]
         self._expect_lengths(self.log[-1])
@@ -198,4 +199,5 @@ class Session:
         """A session over ``cache`` holding this session's sequence (the original of a fork)."""
         twin = copy.copy(self)
         twin.cache, twin.log = cache, [*self.log[:-1], "the original of the fork"]
+        twin.side = f"original of the fork at operation {len(self.log)}: "  # its log is as long as the copy's
         return twin
