@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 
 from rich.text import Text
 
@@ -30,11 +31,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-examples", type=int, default=None, help="cap on examples per property")
     parser.add_argument("--libraries", default="", help="comma-separated libraries to run (default: all)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--junitxml", metavar="PATH", default=None,
+                        help="also write a JUnit XML report (a known failure is a skipped testcase saying so)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvverify.suite import run_suite
+    from kvverify.suite import SuiteResult, run_suite
     from kvverify.suite.devices import DeviceError, resolve_device
+    from kvverify.suite.junit import write_junit
     from kvverify.suite.loading import TargetError, load_factory
 
     try:
@@ -44,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     wanted = {name.strip() for name in args.libraries.split(",") if name.strip()}
     known, started, unexpected = registry(), time.perf_counter(), 0
+    suites: list[SuiteResult] = []
     rows = table("library", "cache", "property", "verdict", "examples", "seconds", "note",
                  right=("examples", "seconds"))
     for entry in LIBRARY_CACHES:
@@ -62,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
             rows.add_row(library, entry.cache, "-", Text("ERROR", style="bold red"), "-", "-", str(error))
             unexpected += 1
             continue
+        reported = []
         for r in result.results:
             verdict, note = {"passed": "PASS", "skipped": "skip"}.get(r.verdict, "FAIL"), ""
             if r.verdict == "skipped":
@@ -70,11 +76,16 @@ def run(args: argparse.Namespace) -> int:
                 match = known.match(entry.key, r.name, r.detail)
                 verdict, note = ("XFAIL", f"known: {match.name}") if match else ("FAIL", r.detail.splitlines()[0])
                 unexpected += match is None
+                r = replace(r, verdict="skipped", detail=f"XFAIL {note}\n{r.detail}") if match else r
+            reported.append(r)
             rows.add_row(library, entry.cache, r.name, verdict, str(r.examples), f"{r.seconds:.1f}", note)
+        suites.append(replace(result, target=f"{library} {entry.cache}", results=reported))
     print(f"kvverify verify-libs: profile {args.profile}, seed {args.seed}, device {device}")
     print_table(rows)
     reproductions = known.reproductions()
     print_table(known_failures_table(reproductions))
     unexpected += sum(r.unexpected for r in reproductions)
     print(f"{unexpected} unexpected in {time.perf_counter() - started:.1f} s")
+    if args.junitxml:
+        write_junit(suites, args.junitxml)
     return EXIT_FAILED if unexpected else EXIT_OK

@@ -36,5 +36,6 @@ def _testcase(target: str, result: PropertyResult) -> TestCase:
         case.result = [outcome]
     elif result.verdict == "skipped":
         case.result = [Skipped(result.detail)]
-    case.system_out = f"examples: {result.examples}"
+    case.system_out = f"examples: {result.examples}" + (
+        f"\nexamples the cache refused as Unsupported: {result.unsupported}" if result.unsupported else "")
     return case
