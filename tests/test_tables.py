@@ -32,3 +32,19 @@ def test_suite_results_name_each_verdict_and_the_skip_reason() -> None:
     rows = {line.split()[1]: line.split() for line in out.getvalue().splitlines() if line.startswith("mine:make")}
     assert rows["cached_equals_uncached"][2:5] == ["10", "PASS", "0.5"], out.getvalue()
     assert rows["reorder"][3] == "skip" and "the cache has no reorder_cache()" in " ".join(rows["reorder"])
+
+
+def test_the_thorough_profile_runs_long_context_and_says_so() -> None:
+    from kvverify.suite.properties import PROPERTIES
+    from kvverify.suite.runner import check_options
+
+    assert check_options(profile="thorough", properties=None, time_limit=None, max_examples=None) == [
+        *PROPERTIES, "long_context"]
+    for profile in ("dev", "ci"):
+        assert "long_context" not in check_options(profile=profile, properties=None, time_limit=None,
+                                                   max_examples=None)
+    result = SuiteResult("t", 0, "thorough", [PropertyResult("long_context", "passed", 1, 70.0)])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_results(result)
+    assert "profile thorough runs the opt-in long_context too" in out.getvalue(), out.getvalue()

@@ -50,6 +50,12 @@ def print_results(result: SuiteResult) -> None:
     seconds, and a note: why it was skipped, examples the cache declined as Unsupported, a lossy cache's largest
     difference), then each failure's report and the command that reproduces it."""
     print(f"{result.target}: {result.declaration}, shapes {result.shapes}")
+    from kvverify.suite.settings import PROFILE_OPT_IN
+
+    opted = [r.name for r in result.results if r.name in PROFILE_OPT_IN.get(result.profile, ())]
+    if opted:
+        print(f"profile {result.profile} runs the opt-in {', '.join(opted)} too (one strict generation past 2048 "
+              "tokens)")
     notes = [_note(r) for r in result.results]
     rows = table("target", "property", "examples", "verdict", "seconds", *(["note"] if any(notes) else []),
                  right=("examples", "seconds"))

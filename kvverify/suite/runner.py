@@ -21,7 +21,7 @@ from kvverify.suite.blind_spots import BlindSpots, unsupported_in, verdict_witho
 from kvverify.suite.drift import watching
 from kvverify.suite.loading import TargetError
 from kvverify.suite.properties import ALL_PROPERTIES, PROPERTIES, Property
-from kvverify.suite.settings import PROFILE_EXAMPLES, profile_settings, use_storage_directory
+from kvverify.suite.settings import PROFILE_EXAMPLES, PROFILE_OPT_IN, profile_settings, use_storage_directory
 from kvverify.suite.target import Target, make_target
 from kvverify.suite.watchdog import (
     DEFAULT_TIME_LIMIT,
@@ -327,7 +327,8 @@ def check_options(*, profile: str, properties: Sequence[str] | str | None, time_
     if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
                                      or max_examples < 1):
         raise ValueError(f"max_examples must be a whole number >= 1 (None: the profile's count); got {max_examples!r}.")
-    chosen = [properties] if isinstance(properties, str) else list(PROPERTIES if properties is None else properties)
+    every = [*PROPERTIES, *PROFILE_OPT_IN.get(profile, ())]  # the profile's own: thorough adds long_context
+    chosen = [properties] if isinstance(properties, str) else list(every if properties is None else properties)
     unknown = [name for name in chosen if name not in ALL_PROPERTIES]
     if unknown or not chosen:
         raise ValueError(f"properties must name some of {', '.join(ALL_PROPERTIES)} (a name or a list of names; None "

@@ -33,6 +33,10 @@ PROPERTY_SHARE: Mapping[str, float] = MappingProxyType({
 })
 
 
+#: Opt-in properties a profile runs without being named (``--property``): the nightly profile goes past 2048 tokens.
+PROFILE_OPT_IN: Mapping[str, tuple[str, ...]] = MappingProxyType({"thorough": ("long_context",)})
+
+
 def examples_for(profile: str, prop: str | None = None, *, max_examples: int | None = None) -> int:
     """Examples of one property in a profile (the profile's count when ``prop`` is None): its share of the
     profile's count, at least 10 (or the profile's count, when that is smaller). ``max_examples`` replaces the
