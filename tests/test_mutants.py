@@ -18,6 +18,7 @@ import torch
 from kvverify import BUILTIN_CACHES, ModelConfig, ReferenceModel
 from kvverify.caches import PagedCache
 from kvverify.mutants import MUTANTS, NEEDS, Mutant
+from kvverify.mutants.boundaries import CONTROLS
 from kvverify.protocol import KVCache
 from kvverify.suite.expected import teacher_forced
 
@@ -132,12 +133,12 @@ def long_decode(length: int) -> Scenario:
     return scenario
 
 
-def fork() -> Scenario:
+def fork(prompt_len: int = 4) -> Scenario:
     """Generate, deepcopy the cache, feed the copy and then the original different tokens, continue the copy."""
 
     def scenario(factory: Factory) -> tuple[torch.Tensor, torch.Tensor]:
         reference = model(TINY)
-        first = reference.generate(tokens(1, 4), 3, cache=factory(TINY))
+        first = reference.generate(tokens(1, prompt_len), 3, cache=factory(TINY))
         original = first.cache
         assert original is not None
         forked = copy.deepcopy(original)
@@ -192,6 +193,9 @@ SCENARIOS: dict[str, Scenario] = {
     "position_in_12_bits": long_decode(2064),
     "static_stops_growing_at_2048": long_decode(2064),
     "fork_shares_buffers": fork(),
+    "chunk_growth_drops_straddling_head": chunked(TINY.replace(max_seq_len=140), 120, 132, 3),
+    "paged_crop_to_page_rewinds": crop(TINY, 1, 30, 5, 32, 32),
+    "paged_fork_shares_partial_page": fork(),
 }
 
 #: Mutants whose logits are unchanged by design: the scenario checks the returned shape instead.
@@ -200,7 +204,17 @@ SHAPE_ONLY = {name for name, mutant in MUTANTS.items() if "shape" in mutant.need
 COMPILE_ONLY = {name for name, mutant in MUTANTS.items() if "compile" in mutant.needs}
 
 
+#: Mutants whose parent is a boundary control (kvverify.mutants.boundaries.CONTROLS), not a built-in cache.
+BOUNDARY_PARENTS: dict[str, Factory] = {
+    "chunk_growth_drops_straddling_head": CONTROLS["chunked-growth"],
+    "paged_crop_to_page_rewinds": CONTROLS["paged-pointer"],
+    "paged_fork_shares_partial_page": CONTROLS["paged-fork"],
+}
+
+
 def parent_factory(mutant: Mutant) -> Factory:
+    if mutant.name in BOUNDARY_PARENTS:
+        return BOUNDARY_PARENTS[mutant.name]
     if mutant.name.startswith("paged_"):
         return PagedCache.from_config
     return BUILTIN_CACHES[mutant.parent]
@@ -283,6 +297,9 @@ BELOW_THE_BOUNDARY: dict[str, Scenario] = {
     "crop_negative_unclamped": crop(TINY, 1, 4, 4, -2, 5),
     "position_in_12_bits": long_decode(2048),
     "static_stops_growing_at_2048": long_decode(2048),
+    "chunk_growth_drops_straddling_head": chunked(TINY.replace(max_seq_len=140), 100, 120, 3),
+    "paged_crop_to_page_rewinds": crop(TINY, 1, 30, 5, 33, 33),
+    "paged_fork_shares_partial_page": fork(14),  # a fork at 16 tokens: no partly filled page
 }
 
 

@@ -82,8 +82,9 @@ def _minimal_case(detail: str, width: int = 160) -> str:
 
 def _controls() -> dict[str, CacheFactory]:
     from kvverify.caches import BUILTIN_CACHES
+    from kvverify.mutants.boundaries import CONTROLS as BOUNDARY_CONTROLS
 
-    controls: dict[str, CacheFactory] = dict(BUILTIN_CACHES)
+    controls: dict[str, CacheFactory] = {**BUILTIN_CACHES, **BOUNDARY_CONTROLS}
     try:
         import_transformers()
     except ImportError:  # transformers is optional: its caches are controls only when installed

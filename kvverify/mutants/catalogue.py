@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvverify.mutants import layout, long, paged, positions, rollback, static, window
+from kvverify.mutants import boundaries, layout, long, paged, positions, rollback, static, window
 from kvverify.protocol import CacheFactory
 
 #: What a mutant's bug needs before it shows; a mutant's ``needs`` is a subset of these keys.
@@ -29,6 +29,9 @@ NEEDS: dict[str, str] = {
     "compile": "the decode step under torch.compile (dynamic=False) or captured in a CUDA graph; logits are unchanged",
     "past_2048": "a sequence longer than 2048 tokens (the long_context property)",
     "fork": "a deepcopy of the cache, then writes to the copy and the original, each read back after the other's",
+    "past_128": "a multi-token append that starts before a multiple of 128 tokens and ends after it",
+    "page_multiple": "crop() to a whole number of 16-token pages, then more tokens",
+    "partial_page": "a fork while the last 16-token page is partly filled",
 }
 
 #: The sections of docs/KV_BUGS.md that the catalogue covers.
@@ -191,6 +194,15 @@ MUTANTS: dict[str, Mutant] = dict(
         _mutant("static_stops_growing_at_2048", long.StopsGrowingAt2048.from_config,
                 "a 2048-slot buffer whose write position is clamped: every token past 2048 overwrites the last slot",
                 "finnvoor/CoreMLPipelines #3", _STATIC, {"past_2048", "decode"}, "static"),
+        _mutant("chunk_growth_drops_straddling_head", boundaries.ChunkGrowthDropsStraddlingHead.from_config,
+                "an append across the end of a 128-token chunk loses its head: the growth copies only what was held",
+                "EricLBuehler/mistral.rs #917", _STATIC, {"past_128"}, "contiguous"),
+        _mutant("paged_crop_to_page_rewinds", boundaries.CropToPageRewindsPointer.from_config,
+                "crop to whole 16-token pages rewinds the write pointer a page: the next append overwrites it",
+                "RBLN-SW/vllm-rbln #326", _ROLLBACK, {"page_multiple"}, "paged"),
+        _mutant("paged_fork_shares_partial_page", boundaries.ForkSharesPartialPage.from_config,
+                "a fork shares its partly filled last page instead of copying it: copy and original write one page",
+                "Avarok-Cybersecurity/atlas #1193", _STATE, {"fork", "partial_page"}, "paged"),
         _mutant("fork_shares_buffers", long.ForkSharesBuffers.from_config,
                 "deepcopy copies the lists but not the tensors: a fork and its original write the same buffers",
                 "gpytorch #785", _STATE, {"fork"}, "static"),

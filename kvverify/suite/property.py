@@ -17,7 +17,7 @@ from kvverify.reference.model import Generation
 from kvverify.suite import drift
 from kvverify.suite.case import Case
 from kvverify.suite.compare import GenerationMismatch, first_difference
-from kvverify.suite.strategies import cases
+from kvverify.suite.strategies import cases, token_rows
 from kvverify.suite.target import Target
 
 Ex = TypeVar("Ex")
@@ -142,9 +142,8 @@ class Draw(Protocol):
 
 
 def random_tokens(draw: Draw, config: ModelConfig, rows: int, count: int, label: str) -> tuple[tuple[int, ...], ...]:
-    """``rows`` lists of ``count`` token ids."""
-    ids = st.integers(0, config.vocab_size - 1)
-    return tuple(tuple(draw(st.lists(ids, min_size=count, max_size=count), label=label)) for _ in range(rows))
+    """``rows`` lists of ``count`` token ids (:func:`~kvverify.suite.strategies.token_rows`)."""
+    return token_rows(draw, config.vocab_size, rows, count, label)
 
 
 def with_room(case: Case, room: int) -> Case | None:

@@ -53,7 +53,8 @@ class ShapeSpace:
 
 DEFAULT = ShapeSpace(
     name="default", head_dims=(2, 4, 8), kv_heads=(1, 2, 3), groups=(1, 2, 4), d_models=(8, 16, 24),
-    d_ffs=(16, 40), vocab_sizes=(32, 61), n_layers=(1, 2, 3, 4, 3, 4), max_seq_lens=(16, 24, 64, 128, 128, 128),
+    d_ffs=(16, 40), vocab_sizes=(32, 61), n_layers=(1, 2, 3, 4, 3, 4),
+    max_seq_lens=(16, 24, 64, 128, 128, 128, 160, 288, 544),  # the last three past engines' 128/256/512 chunks
     block_size=4, short_prompt=12, long_prompt=96, max_new=32,
 )
 

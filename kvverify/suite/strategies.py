@@ -12,6 +12,7 @@ served models instead (:mod:`kvverify.suite.shapes`); a cache's declaration narr
 
 from __future__ import annotations
 
+import random
 from collections.abc import Collection
 from typing import Any, TypeVar
 
@@ -165,10 +166,24 @@ def prompts(
     if not 1 <= batch <= config.max_batch_size:
         raise InvalidArgument(f"batch_size must lie in [1, {config.max_batch_size}]; got {batch}")
     size = draw(_strategy(length, "length") if length is not None else prompt_lengths(config), label="prompt length")
-    tokens = st.integers(0, config.vocab_size - 1)
-    rows = tuple(tuple(draw(st.lists(tokens, min_size=size, max_size=size))) for _ in range(batch))
+    rows = token_rows(draw, config.vocab_size, batch, size, "prompt tokens")
     pads = tuple(draw(st.integers(0, size - 1)) if left_padding else 0 for _ in range(batch))
     return rows, pads
+
+
+#: Rows longer than this are drawn as a seed, not token by token (Hypothesis bounds the choices of one example).
+SEEDED_ROWS = 32
+
+
+def token_rows(draw: Any, vocab_size: int, rows: int, count: int, label: str) -> tuple[tuple[int, ...], ...]:
+    """``rows`` rows of ``count`` token ids below ``vocab_size``: drawn one by one (so that they shrink) up to
+    :data:`SEEDED_ROWS` tokens, from one drawn seed beyond (a 500-token append would use up an example's
+    choices)."""
+    if count <= SEEDED_ROWS:
+        ids = st.integers(0, vocab_size - 1)
+        return tuple(tuple(draw(st.lists(ids, min_size=count, max_size=count), label=label)) for _ in range(rows))
+    generator = random.Random(draw(st.integers(0, 2**32 - 1), label=f"{label}: seed"))
+    return tuple(tuple(generator.randrange(vocab_size) for _ in range(count)) for _ in range(rows))
 
 
 def _space_of(config: ModelConfig, shapes: str | ShapeSpace | None = None) -> ShapeSpace:
@@ -191,7 +206,8 @@ def prompt_lengths(
     longest = min(space.long_prompt, config.max_seq_len - 2)  # room for a token or two after the prompt
     if longest <= space.short_prompt:
         return short
-    aimed = [n for n in boundary_lengths(config, block_size=block_size, shapes=space) if n <= longest]
+    # boundaries past the long prompts too (128, 256, 512: engines' allocation chunks), where the buffer has room
+    aimed = [n for n in boundary_lengths(config, block_size=block_size, shapes=space) if n <= config.max_seq_len - 2]
     middle = (space.short_prompt + 1 + longest) // 2  # two halves: integers() alone favours the low end
     lower, upper = st.integers(space.short_prompt + 1, middle), st.integers(middle, longest)
     choices = [short, *([st.sampled_from(aimed)] if aimed else [short]), lower, upper]

@@ -8,6 +8,7 @@ import torch
 from hypothesis import reject
 from hypothesis import strategies as st
 
+from kvverify.suite.boundaries import near_marks
 from kvverify.suite.case import Case
 from kvverify.suite.expected import expected_generation
 from kvverify.suite.property import Property, expect_same, join, numerics_cases, random_tokens
@@ -67,7 +68,13 @@ def continuations(draw: st.DrawFn, target: Target) -> Continuation:
     if room < 1:
         reject()  # a prompt as long as the cache: nothing can follow it
     more = draw(st.integers(1, min(room, 12)), label="more tokens")
-    extra = draw(st.integers(0, min(room - more, 4)), label="appended tokens")
+    # the second call feeds the last generated token and the appended ones as one update from total_len: often
+    # one that ends next to a boundary (a multi-token append across a page or an allocation chunk)
+    held = case.total_len
+    across = [n - held - 1 for n in near_marks(case.config, held + 2, held + 1 + room - more,
+                                               target.declaration.block_size)]
+    extra = draw(st.integers(0, min(room - more, 4)) | (st.sampled_from(across) if across else st.nothing()),
+                 label="appended tokens")
     tokens = random_tokens(draw, case.config, case.batch, extra, "appended tokens")
     return Continuation(case, tokens, more)
 

@@ -6,8 +6,10 @@ import itertools
 from dataclasses import dataclass
 
 import torch
+from hypothesis import reject
 from hypothesis import strategies as st
 
+from kvverify.suite.boundaries import DEFAULT_BLOCKS, ENGINE_CHUNKS, aimed, near_marks
 from kvverify.suite.case import Case
 from kvverify.suite.expected import expected_generation
 from kvverify.suite.property import (
@@ -35,7 +37,7 @@ class Chunked:
 
 def _split(draw: st.DrawFn, total: int, favoured: list[int]) -> tuple[int, ...]:
     """Chunk sizes summing to ``total``: token by token, or cut at random points (``favoured`` ones often)."""
-    if total > 1 and draw(st.integers(0, 4), label="token by token when 0") == 0:
+    if 1 < total <= 64 and draw(st.integers(0, 4), label="token by token when 0") == 0:  # longer: slow
         return (1,) * total
     inner = list(range(1, total))
     if not inner:
@@ -51,9 +53,15 @@ def _split(draw: st.DrawFn, total: int, favoured: list[int]) -> tuple[int, ...]:
 @st.composite
 def chunked_plans(draw: st.DrawFn, target: Target) -> Chunked:
     # invariant: the chunks leave at least the last prompt token for generate()
-    case = draw(numerics_cases(target, prompt_length=st.integers(2, 16)), label="case")
-    fed = draw(st.integers(1, case.prompt_len - 1), label="prompt tokens fed in chunks")
-    return Chunked(case, _split(draw, fed, []))
+    # prompts mostly short, some just past a page or an allocation chunk (capped by the buffer); chunk edges
+    # and the end of the chunked part often next to a boundary, so that the next update straddles it
+    length = st.integers(2, 16) | st.sampled_from([n + d for n in (*DEFAULT_BLOCKS, *ENGINE_CHUNKS) for d in (1, 2)])
+    case = draw(numerics_cases(target, prompt_length=length), label="case")
+    if case.prompt_len < 2:
+        reject()  # the buffer holds a single token: nothing to chunk
+    block = target.declaration.block_size
+    fed = draw(aimed(case.config, 1, case.prompt_len - 1, block), label="prompt tokens fed in chunks")
+    return Chunked(case, _split(draw, fed, near_marks(case.config, 1, fed - 1, block)))
 
 
 @st.composite

@@ -9,6 +9,7 @@ from hypothesis import reject
 from hypothesis import strategies as st
 
 from kvverify.caches._common import resolve_crop
+from kvverify.suite.boundaries import at_marks
 from kvverify.suite.case import Case
 from kvverify.suite.cropping import CROP_REFUSALS, crop_argument, crop_convention
 from kvverify.suite.expected import expected_generation
@@ -54,11 +55,17 @@ def crop_plans(draw: st.DrawFn, target: Target) -> CropPlan:
     drafts = draw(st.integers(0, min(4, cfg.max_seq_len - case.total_len - 1)), label="draft tokens")
     draft = random_tokens(draw, cfg, case.batch, drafts, "draft tokens")
     held = case.total_len + 1 + drafts
+    keeping = at_marks(cfg, 0, held, target.declaration.block_size)  # whole pages, chunks, windows, one off
+    dropping = at_marks(cfg, 0, held - 1, target.declaration.block_size).map(lambda k: k - held)  # as a drop
     argument = draw(
         st.just(0)
         | st.integers(case.total_len, held)  # reject some drafts
         | st.integers(0, held)
-        | st.integers(-(2 * held + 1), -1),  # negative, also past the start
+        | st.integers(-(2 * held + 1), -1)  # negative, also past the start
+        | keeping
+        | keeping
+        | keeping
+        | dropping,
         label="crop argument",
     )
     kept = resolve_crop(argument, held)

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
+from kvverify.caches._common import resolve_crop
 from kvverify.reference.config import ModelConfig
+from kvverify.suite.boundaries import aimed, at_marks, near_marks
 from kvverify.suite.case import Case, build_model
 from kvverify.suite.properties.session import Session
 from kvverify.suite.property import Draw, Property, random_tokens, strict_cases, tensor
@@ -55,7 +57,10 @@ class Program:
         return f"{self.case.describe()}\noperations: {'; '.join(str(op) for op in self.operations) or 'none'}"
 
 
-def _operation(draw: Draw, config: ModelConfig, batch: int, capabilities: frozenset[str]) -> Operation:
+def _operation(draw: Draw, config: ModelConfig, batch: int, capabilities: frozenset[str], length: int = 0,
+               block_size: int | None = None) -> Operation:
+    """One operation on a session holding ``length`` tokens; a crop keeps a length next to a boundary
+    (:mod:`kvverify.suite.boundaries`) half the time."""
     kinds = [k for k, need in KINDS.items() if need is None or need in capabilities]
     appends = ["append"] * 3 * (len(kinds) - 1)  # destructive operations are rarer than appends
     kind = draw(st.sampled_from(appends + kinds), label="operation")
@@ -63,7 +68,7 @@ def _operation(draw: Draw, config: ModelConfig, batch: int, capabilities: frozen
         count = draw(st.integers(1, 4), label="tokens")
         return Operation(kind, tokens=random_tokens(draw, config, batch, count, "tokens"))
     if kind == "crop":
-        return Operation(kind, argument=draw(st.integers(-20, 20), label="crop argument"))
+        return _crop(draw, config, length, block_size)
     if kind == "reorder":
         rows = list(range(batch))
         beam = draw(st.permutations(rows) | st.lists(st.sampled_from(rows), min_size=batch, max_size=batch))
@@ -71,12 +76,48 @@ def _operation(draw: Draw, config: ModelConfig, batch: int, capabilities: frozen
     return Operation(kind)
 
 
+def _crop(draw: Draw, config: ModelConfig, length: int, block_size: int | None) -> Operation:
+    """crop(argument): any small argument, or one that keeps a length next to a boundary (as a length to keep,
+    or as how many tokens to drop)."""
+    keep = aimed(config, 0, length, block_size)
+    drop = keep.filter(lambda k: k < length).map(lambda k: k - length) if length else st.nothing()
+    return Operation("crop", argument=draw(st.integers(-20, 20) | keep | drop, label="crop argument"))
+
+
+def _length_after(operation: Operation, length: int, config: ModelConfig) -> int:
+    """What a session holds after ``operation`` (:func:`apply`), for a cache that does not refuse the crop."""
+    room = config.max_seq_len - length
+    if operation.kind == "append" and room >= 1:
+        return length + min(len(operation.tokens[0]), room)
+    if operation.kind == "fork":
+        count = min(len(operation.tokens[0]), room - 1)
+        return length + count + 1 if count >= 1 and length else length
+    if operation.kind == "crop":
+        return resolve_crop(operation.argument, length)
+    return 0 if operation.kind == "reset" else length
+
+
 @st.composite
 def programs(draw: st.DrawFn, target: Target) -> Program:
+    # invariant: lengths are simulated as apply() will change them, so that forks, reorders, resets and crops
+    # are often preceded by a multi-token append that brings the session next to a boundary
     case = draw(strict_cases(target), label="case")
+    config, block = case.config, target.declaration.block_size
     count = draw(st.integers(1, 8), label="operations")
-    operations = tuple(_operation(draw, case.config, case.batch, target.capabilities) for _ in range(count))
-    return Program(case, operations, random_tokens(draw, case.config, case.batch, 1, "last token"))
+    length, operations = case.prompt_len, []
+    for _ in range(count):
+        operation = _operation(draw, config, case.batch, target.capabilities, length, block)
+        near = near_marks(config, length + 1, config.max_seq_len - 2, block)
+        if operation.kind != "append" and near and draw(st.booleans(), label="first append up to a boundary"):
+            reach = at_marks(config, length + 1, config.max_seq_len - 2, block)
+            size = draw(reach, label="length before the operation") - length
+            operations.append(Operation("append", tokens=random_tokens(draw, config, case.batch, size, "tokens")))
+            length += size
+            if operation.kind == "crop":  # aim the crop from the new length
+                operation = _crop(draw, config, length, block)
+        operations.append(operation)
+        length = _length_after(operation, length, config)
+    return Program(case, tuple(operations), random_tokens(draw, config, case.batch, 1, "last token"))
 
 
 def apply(session: Session, operation: Operation) -> bool:
