@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, _pop_mode_temporarily
 
 from kvverify.invariant import aten
 from kvverify.invariant.attention import attention
@@ -60,7 +60,14 @@ class InvariantKernels(TorchDispatchMode):  # type: ignore[no-untyped-call]  # t
 
 
 class InvariantAttention(TorchFunctionMode):
-    """Sends ``F.scaled_dot_product_attention`` to the mode's decomposition; every other call passes."""
+    """Sends ``F.scaled_dot_product_attention`` to the mode's decomposition; every other call passes.
+
+    The decomposition calls the kernels itself, so while it runs, ``kernels`` (when it is the innermost dispatch
+    mode) steps aside: its elementwise ops then reach the modes outside it (an audit) without a detour."""
+
+    def __init__(self, kernels: InvariantKernels | None = None) -> None:
+        super().__init__()
+        self.kernels = kernels
 
     def __torch_function__(
         self,
@@ -70,9 +77,12 @@ class InvariantAttention(TorchFunctionMode):
         kwargs: Mapping[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            return attention(*args, **kwargs)[0]
-        return func(*args, **kwargs)
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        if self.kernels is not None and _get_current_dispatch_mode() is self.kernels:
+            with _pop_mode_temporarily():
+                return attention(*args, **kwargs)[0]
+        return attention(*args, **kwargs)[0]
 
 
 @contextmanager
@@ -87,5 +97,5 @@ def batch_invariant() -> Iterator[InvariantKernels]:
     dispatch mode, whose ``replaced`` counts the calls its kernels ran. Enter an ``OrderAudit`` outside it.
     """
     kernels = InvariantKernels()
-    with InvariantAttention(), kernels:
+    with InvariantAttention(kernels), kernels:
         yield kernels
