@@ -288,6 +288,27 @@ def test_the_audit_sees_the_replaced_ops_only_from_outside() -> None:
     assert [v.op for v in outside.violations] == ["aten.mm.default"], outside.report()
 
 
+def test_inference_mode_composites_are_decomposed_into_the_mode() -> None:
+    """Under inference_mode, composite ops (softmax.int, matmul, layer_norm, rms_norm, einsum) reach the mode
+    whole; it decomposes them into its kernels, with the bits no_grad gives, and the audit still finds nothing."""
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(3, 5, 8, generator=g), torch.randn(8, generator=g)
+    ops: dict[str, Callable[[], torch.Tensor]] = {
+        "softmax": lambda: F.softmax(x, -1), "log_softmax": lambda: F.log_softmax(x, -1),
+        "matmul": lambda: x @ x.transpose(1, 2), "layer_norm": lambda: F.layer_norm(x, (8,)),
+        "rms_norm": lambda: F.rms_norm(x, (8,), w), "einsum": lambda: torch.einsum("bij,bkj->bik", x, x),
+        "linear": lambda: F.linear(x, x[0]),
+    }
+    with torch.no_grad(), batch_invariant():
+        expected = {name: op() for name, op in ops.items()}
+    model, tokens = _model("llama", "sdpa"), torch.randint(0, 96, (2, 6), generator=g)
+    with torch.inference_mode(), OrderAudit() as audit, batch_invariant():
+        for name, op in ops.items():
+            assert_bitwise(op(), expected[name], f"{name} under inference_mode")
+        model(tokens)
+    assert not audit.violations, audit.report()
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_llama_logits_of_a_sequence_are_the_same_alone_padded_and_batched(attn: str) -> None:
     from transformers import DynamicCache

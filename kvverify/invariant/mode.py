@@ -2,7 +2,9 @@
 
 - :class:`InvariantKernels`, a ``TorchDispatchMode``, sees every aten op after autograd and the composite
   decompositions and replaces the reductions of :data:`~kvverify.invariant.aten.KERNELS` (matmuls, softmax,
-  sums and means, the norms) and the transcendental elementwise ops (lane-aligned on the CPU).
+  sums and means, the norms) and the transcendental elementwise ops (lane-aligned on the CPU). Under
+  ``torch.inference_mode`` composite ops arrive undecomposed (``softmax.int``, ``matmul``, ``layer_norm``):
+  the mode decomposes them with itself re-entered, so their parts reach it too.
 - :class:`InvariantAttention`, a ``TorchFunctionMode``, sends ``F.scaled_dot_product_attention`` to
   :func:`~kvverify.invariant.attention.attention` before torch picks a fused kernel, on every device.
 
@@ -50,6 +52,11 @@ class InvariantKernels(TorchDispatchMode):  # type: ignore[no-untyped-call]  # t
             return aten.KERNELS[func](aten.bind(func, args, kwargs))
         if is_transcendental(func):
             return lane_stable_op(func, args, kwargs)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):  # type: ignore[no-untyped-call]
+            with self:  # under inference_mode composite ops (softmax.int, matmul, layer_norm) arrive whole
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         if func._schema.name.partition("::")[2] in aten.FUSED_ATTENTION:
             raise NotImplementedError(
                 f"{func} reached the batch-invariant mode, which does not replace fused attention kernels; "
