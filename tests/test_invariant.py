@@ -309,6 +309,13 @@ def test_inference_mode_composites_are_decomposed_into_the_mode() -> None:
     assert not audit.violations, audit.report()
 
 
+def _block_causal(lengths: list[int]) -> torch.Tensor:
+    """An additive (1, 1, T, T) mask for requests packed in one row: causal within each, masked across."""
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    allowed = (segment[:, None] == segment[None, :]) & torch.ones(len(segment), len(segment), dtype=torch.bool).tril()
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_llama_logits_of_a_sequence_are_the_same_alone_padded_and_batched(attn: str) -> None:
     from transformers import DynamicCache
@@ -329,12 +336,15 @@ def test_llama_logits_of_a_sequence_are_the_same_alone_padded_and_batched(attn: 
                             position_ids=(torch.arange(13) - 4).clamp(min=0).expand(2, 13)).logits[:1, 4:]
         right_padded = model(torch.cat((seq, pad), 1), attention_mask=torch.cat((torch.ones(1, 9), torch.zeros(1, 4)),
                                                                                 1).long()).logits[:, :9]
+        packed = model(torch.cat((others[:1, :5], seq), 1), attention_mask=_block_causal([5, 9]),
+                       position_ids=torch.cat((torch.arange(5), torch.arange(9)))[None]).logits[:, 5:]
         cache = DynamicCache(config=model.config)
         model(seq[:, :-1], use_cache=True, **{cache_keyword(model): cache})
         decoded = model(seq[:, -1:], use_cache=True, **{cache_keyword(model): cache}).logits
     assert_bitwise(batched, alone, "inside a batch of other sequences")
     assert_bitwise(left_padded, alone, "left-padded beside another sequence (masked keys before)")
     assert_bitwise(right_padded, alone, "right-padded (masked keys after)")
+    assert_bitwise(packed, alone, "packed in one row after another request (its keys masked, before)")
     assert_bitwise(decoded, alone[:, -1:], "the last token decoded through a cache")
 
 
