@@ -298,6 +298,7 @@ def test_inference_mode_composites_are_decomposed_into_the_mode() -> None:
         "matmul": lambda: x @ x.transpose(1, 2), "layer_norm": lambda: F.layer_norm(x, (8,)),
         "rms_norm": lambda: F.rms_norm(x, (8,), w), "einsum": lambda: torch.einsum("bij,bkj->bik", x, x),
         "linear": lambda: F.linear(x, x[0]),
+        "aten sdpa": lambda: torch.ops.aten.scaled_dot_product_attention(x[None], x[None], x[None], is_causal=True),
     }
     with torch.no_grad(), batch_invariant():
         expected = {name: op() for name, op in ops.items()}

@@ -116,6 +116,12 @@ def _flash_for_cpu(b: Bound) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
+def _sdpa(b: Bound) -> torch.Tensor:
+    """``aten.scaled_dot_product_attention`` itself, which arrives whole under inference_mode."""
+    return attention.attention(b["query"], b["key"], b["value"], b["attn_mask"], b["dropout_p"], b["is_causal"],
+                               b["scale"], b["enable_gqa"])[0]
+
+
 Kernel = Callable[[Bound], Any]
 
 #: Every replaced overload and its kernel. The float-only ones check their input below (:func:`applies`).
@@ -127,6 +133,7 @@ KERNELS: dict[torch._ops.OpOverload, Kernel] = {
     aten.sum.default: _sum, aten.sum.dim_IntList: _sum, aten.mean.default: _mean, aten.mean.dim: _mean,
     aten.native_layer_norm.default: _layer_norm, aten._fused_rms_norm.default: _fused_rms_norm,
     aten._scaled_dot_product_flash_attention_for_cpu.default: _flash_for_cpu,
+    aten.scaled_dot_product_attention.default: _sdpa,
 }
 
 #: Fused attention kernels the mode does not replace: it routes ``F.scaled_dot_product_attention`` around them.

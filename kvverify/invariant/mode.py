@@ -99,7 +99,7 @@ def batch_invariant() -> Iterator[InvariantKernels]:
 
     Replaced: ``mm``, ``bmm``, ``addmm``, ``baddbmm``, ``mv``, ``addmv``, ``dot``, ``linear``; ``_softmax``,
     ``_safe_softmax``, ``_log_softmax``, ``logsumexp``; ``sum`` and ``mean``; ``native_layer_norm`` and
-    ``_fused_rms_norm``; ``F.scaled_dot_product_attention`` (and the CPU flash kernel); transcendental
+    ``_fused_rms_norm``; ``F.scaled_dot_product_attention`` (and its aten op and CPU flash kernel); transcendental
     elementwise ops on the CPU. Every sum runs left to right (:mod:`kvverify.invariant.ordered`). Yields the
     dispatch mode, whose ``replaced`` counts the calls its kernels ran. Enter an ``OrderAudit`` outside it.
     """
