@@ -117,6 +117,28 @@ def test_bmm_of_probabilities_and_values_is_invariant(dtype: torch.dtype, batch:
     assert_bitwise(via_baddbmm, alone, "through baddbmm")
 
 
+def test_chunking_changes_no_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunks that bound memory (accumulators, summed rows, queries) only decide what is computed at once."""
+    from kvverify.invariant import attention as attention_module
+
+    g = torch.Generator().manual_seed(8)
+    a, b = torch.randn(3, 17, 29, generator=g), torch.randn(3, 29, 13, generator=g)
+    q, k = torch.randn(2, 4, 11, 8, generator=g), torch.randn(2, 2, 11, 8, generator=g)
+
+    def run() -> list[torch.Tensor]:
+        with batch_invariant():
+            return [a @ b, a.sum(-1), F.softmax(a, -1),
+                    F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)]
+
+    whole = run()
+    monkeypatch.setattr(ordered, "CHUNK", 5)
+    monkeypatch.setattr(ordered, "SUM_CHUNK", 3)
+    monkeypatch.setattr(ordered, "SUM_MIN_OUTPUTS", 2)
+    monkeypatch.setattr(attention_module, "QUERY_CHUNK", 7)
+    for name, chunked, expected in zip(["matmul", "sum", "softmax", "sdpa"], run(), whole, strict=True):
+        assert_bitwise(chunked, expected, f"{name} in small chunks")
+
+
 def test_a_halving_tree_fails_the_masked_keys_check() -> None:
     """The check bites: the strict oracle's halving tree pairs terms by position, so a zero between them moves
     the pairs; left to right it changes nothing."""
