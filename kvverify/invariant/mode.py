@@ -18,6 +18,7 @@ Both run Python kernels made of elementwise ops, so another dispatch mode entere
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -30,6 +31,14 @@ from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatc
 from kvverify.invariant import aten
 from kvverify.invariant.attention import attention
 from kvverify.invariant.pointwise import is_transcendental, lane_stable_op
+
+
+@functools.cache
+def _composite(func: torch._ops.OpOverload) -> bool:
+    """Whether ``func`` is a composite of other aten ops (it reaches a dispatch mode whole only under
+    inference_mode)."""
+    name = func.name()  # type: ignore[no-untyped-call]
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeImplicitAutograd"))
 
 
 class InvariantKernels(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch leaves the mode untyped
@@ -52,7 +61,7 @@ class InvariantKernels(TorchDispatchMode):  # type: ignore[no-untyped-call]  # t
             return aten.KERNELS[func](aten.bind(func, args, kwargs))
         if is_transcendental(func):
             return lane_stable_op(func, args, kwargs)
-        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):  # type: ignore[no-untyped-call]
+        if _composite(func):
             with self:  # under inference_mode composite ops (softmax.int, matmul, layer_norm) arrive whole
                 out = func.decompose(*args, **kwargs)
             if out is not NotImplemented:

@@ -9,6 +9,7 @@ lane_stable calls them directly). Correctly rounded ops (add, mul, div, sqrt, ca
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,7 @@ def _out_of_place(func: torch._ops.OpOverload) -> Callable[..., torch.Tensor]:
     return getattr(packet, func._overloadname)  # type: ignore[no-any-return]
 
 
+@functools.cache
 def is_transcendental(func: torch._ops.OpOverload) -> bool:
     """Whether the mode evaluates ``func`` lane-aligned: a listed op of one tensor argument, not an ``out=`` one."""
     namespace, _, name = func._schema.name.partition("::")
