@@ -55,7 +55,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _strict_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x: (R, d_in), weight: (d_out, d_in) -> (R, d_out): products, then a tree over d_in."""
-    dtype, compute = x.dtype, _compute_dtype(x.dtype)
+    dtype, compute = x.dtype, compute_dtype(x.dtype)
     x, weight = _as(x, compute), _as(weight, compute)
     pad = _pow2(x.shape[-1]) - x.shape[-1]  # padded here, where it is small, rather than after the product
     if pad:  # 0 * 0: exact +0 terms, as tree_sum's own padding
@@ -83,7 +83,7 @@ def _rows_in_chunks(
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Strict sums run in float32 at least (as torch's own reductions accumulate half types)."""
     return torch.promote_types(dtype, torch.float32)
 
@@ -117,7 +117,7 @@ def tree_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm, computed in float32 at least (as transformers' LlamaRMSNorm does). x: (..., d)."""
-    compute = _compute_dtype(x.dtype)
+    compute = compute_dtype(x.dtype)
     h = x.to(compute)
     h = h * lane_stable(torch.rsqrt, _mean(h * h) + eps)
     return weight * h.to(x.dtype)
@@ -130,7 +130,7 @@ def _mean(x: torch.Tensor) -> torch.Tensor:
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm from row-local sums, so strict and fast agree. x: (..., d)."""
-    compute = _compute_dtype(x.dtype)
+    compute = compute_dtype(x.dtype)
     h = x.to(compute)
     centred = h - _mean(h)
     h = centred * lane_stable(torch.rsqrt, _mean(centred * centred) + eps)
@@ -191,7 +191,7 @@ def _strict_attention(
     n_kv_heads, s = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads
     returned = torch.promote_types(q.dtype, torch.promote_types(k.dtype, v.dtype))  # a cache's dtype shows through
-    compute = _compute_dtype(returned)
+    compute = compute_dtype(returned)
     # q·k summed over head_dim laid out first, so each level of the tree adds two contiguous halves
     qd = q.to(compute).view(batch, n_kv_heads, group, t_q, head_dim).permute(4, 0, 1, 2, 3)[..., None]
     kd = k.to(compute).permute(3, 0, 1, 2)[:, :, :, None, None]  # (D, B, Hkv, 1, 1, S)

@@ -6,7 +6,6 @@
 - :mod:`~kvverify.adapters.hf.models`: tiny random-weight transformers models;
 - :mod:`~kvverify.adapters.hf.llama`: the reference weights in ``LlamaForCausalLM``;
 - :mod:`~kvverify.adapters.hf.generation`: greedy generation with a transformers model;
-- :mod:`~kvverify.adapters.hf.kernels`: batch-invariant CPU kernels;
 - :mod:`~kvverify.adapters.hf.verify`: transformers' models cached against uncached (``kvverify verify-hf``).
 
 ``python -m kvverify.adapters.hf`` measures the fp8 cache's logit error on the reference model.

@@ -15,8 +15,8 @@ magnitude up to about 8. ``EXACT_ATOL = 1e-4`` leaves a margin of 8x and is far 
 token does (above 0.1). A lossy cache has the tolerance of its registry entry.
 
 ``bitwise`` removes the noise instead: with eager attention and
-:func:`~kvverify.adapters.hf.kernels.batch_invariant_cpu`, every exact cache must match recomputation bit for
-bit, on all five models.
+:func:`kvverify.invariant.batch_invariant` (fixed-order kernels for every reduction), every exact cache must
+match recomputation bit for bit, on all five models.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 
 from kvverify.adapters.hf.caches import CACHES, NotApplicable
 from kvverify.adapters.hf.generation import teacher_forced, uncached_greedy
-from kvverify.adapters.hf.kernels import batch_invariant_cpu
 from kvverify.adapters.hf.models import build_model
+from kvverify.invariant import batch_invariant
 from kvverify.reference.model import Generation
 from kvverify.suite.compare import Agreement, Tolerance, compare_generations
 
@@ -115,13 +115,13 @@ def verify_model(
     name: str, cache_names: list[str], seed: int = 0, bitwise: bool = False, device: str | torch.device = "cpu"
 ) -> list[Row]:
     """Compare every named cache with recomputation on one model (weights and prompt drawn from ``seed``, then
-    moved to ``device``); ``bitwise``: eager attention under :func:`batch_invariant_cpu` (the CPU only), exact
+    moved to ``device``); ``bitwise``: eager attention under :func:`batch_invariant` (the CPU only), exact
     caches compared with tolerance 0."""
     device = torch.device(device)
     if bitwise:
         if device.type != "cpu":
             raise ValueError(f"bitwise comparison swaps the CPU's kernels, so it runs on the CPU only; got {device}")
-        with batch_invariant_cpu():
+        with batch_invariant():
             return _verify_model(name, cache_names, seed, bitwise, device)
     return _verify_model(name, cache_names, seed, bitwise, device)
 
