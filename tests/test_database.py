@@ -5,6 +5,7 @@ database that cannot be used is a usage error (exit 2) saying what was expected.
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from kvverify.suite.database import DatabaseError, example_key, open_database
 fakeredis = pytest.importorskip("fakeredis")
 redis = pytest.importorskip("redis")
 from hypothesis.extra.redis import RedisExampleDatabase  # noqa: E402  (needs redis)
+
+pytest_plugins = ["pytester"]
 
 TESTS = Path(__file__).parent
 TARGET = "targets.buggy:rare_length"  # wrong only on an append of exactly 13 tokens at once
@@ -163,3 +166,24 @@ def test_a_database_that_cannot_be_used_exits_2(spec: str, expected: str, tmp_pa
 def test_check_cache_rejects_a_database_of_another_type() -> None:
     with pytest.raises(DatabaseError, match="got int 3"):
         check_cache(_rare_length(), database=3)  # type: ignore[arg-type]
+
+
+def test_the_pytest_plugin_replays_the_saved_failure_first(found: Found, pytester: pytest.Pytester) -> None:
+    shutil.copytree(TESTS / "targets", pytester.path / "targets")
+    result = pytester.runpytest(f"--kv-cache={TARGET}", "-p", "no:cacheprovider", "--kv-profile=dev",
+                                "--kv-max-examples=10", f"--kv-seed={MISSES}", f"--kv-database={found.directory}",
+                                "-k", "cached_equals_uncached")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        f"*property cached_equals_uncached failed for {TARGET} after 0 passing examples*",
+        f"reproduce: pytest --kv-cache={TARGET} --kv-profile=dev --kv-seed={MISSES} --kv-max-examples=10 "
+        f"--kv-database={found.directory} -k cached_equals_uncached",
+    ])
+
+
+def test_a_bad_kv_database_is_a_usage_error(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    shutil.copytree(TESTS / "targets", pytester.path / "targets")
+    result = pytester.runpytest("--kv-cache=targets.plain_cache:make_cache", "-p", "no:cacheprovider",
+                                "--kv-database=s3://bucket")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: kvverify: --kv-database 's3://bucket': unknown scheme 's3'*"])
