@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     shapes = f", shapes {args.shapes}" if args.shapes != "default" else ""
     pairs = shard_pairs(args)
-    shard = f", shard {args.shard.strip()}: {len(pairs)} of {len(planned_pairs(args))} (target, property) pairs" \
+    shard = f", shard {_shard_label(args)}: {len(pairs)} of {len(planned_pairs(args))} (target, property) pairs" \
         if args.shard else ""
     database = f", database {describe_database(args.database)}" if args.database else ""
     print(f"kvverify verify: profile {args.profile}, seed {seed}, device {describe_device(device)}{shapes}{shard}"
