@@ -1,12 +1,14 @@
 """``--database``: a failure one run finds is the first example of the next run, whatever its seed, in a directory
-or a Redis server (fakeredis here), keyed by target; without a database the next seed does not find it; a
-database that cannot be used is a usage error (exit 2) saying what was expected."""
+or a Redis server (fakeredis serving on a loopback port here, reached by the real redis client), keyed by
+target; without a database the next seed does not find it; a database that cannot be used is a usage error
+(exit 2) saying what was expected."""
 
 from __future__ import annotations
 
 import re
 import shutil
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 from hypothesis.database import DirectoryBasedExampleDatabase, MultiplexedDatabase
 
 from kvverify.cli import main
-from kvverify.suite import SuiteResult, check_cache, run_suite
+from kvverify.suite import CacheCheckFailed, SuiteResult, check_cache, run_suite
 from kvverify.suite.database import DatabaseError, example_key, open_database
 
 fakeredis = pytest.importorskip("fakeredis")
@@ -29,7 +31,7 @@ TARGET = "targets.buggy:rare_length"  # wrong only on an append of exactly 13 to
 FINDS, MISSES = 0, 1  # seeds: with this budget, seed 0 finds the bug, seed 1 does not
 BUDGET = dict(profile="dev", max_examples=10, properties=["cached_equals_uncached"], time_limit=None)
 QUICK = ["--profile", "dev", "--max-examples", "10", "--property", "cached_equals_uncached"]
-REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL = "redis://127.0.0.1:6379/0"  # only for the error cases: nothing connects to it
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Found:
 
     result: SuiteResult
     directory: Path
-    server: object  # a fakeredis.FakeServer
+    redis_url: str  # a fakeredis server on a loopback port
 
 
 def _rare_length() -> object:
@@ -51,30 +53,29 @@ def _rare_length() -> object:
 
 
 @pytest.fixture(scope="module")
-def found(tmp_path_factory: pytest.TempPathFactory) -> Found:
+def found(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Found]:
     """Seed FINDS finds the bug and saves it in a directory and a Redis server at once (run_suite takes any
     Hypothesis database: here both, multiplexed)."""
     directory = tmp_path_factory.mktemp("examples")
-    server = fakeredis.FakeServer()
+    server = fakeredis.TcpFakeServer(("127.0.0.1", 0))
+    server.daemon_threads = True  # a connection left open must not keep the interpreter alive
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     both = MultiplexedDatabase(DirectoryBasedExampleDatabase(directory),
-                               RedisExampleDatabase(fakeredis.FakeRedis(server=server)))
-    result = run_suite(_rare_length(), target=TARGET, seed=FINDS, database=both, **BUDGET)  # type: ignore[arg-type]
-    assert result.results[0].verdict == "failed", result.results[0]
-    assert result.results[0].examples > 0, "seed FINDS should find the bug by search, not on its first example"
-    return Found(result, directory, server)
+                               RedisExampleDatabase(fakeredis.FakeRedis(server=server.fake_server)))
+    try:
+        result = run_suite(_rare_length(), target=TARGET, seed=FINDS, database=both,  # type: ignore[arg-type]
+                           **BUDGET)  # type: ignore[arg-type]
+        assert result.results[0].verdict == "failed", result.results[0]
+        assert result.results[0].examples > 0, "seed FINDS should find the bug by search, not on its first example"
+        yield Found(result, directory, f"redis://127.0.0.1:{server.server_address[1]}/0")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture
 def _targets_importable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(TESTS))
-
-
-@pytest.fixture
-def fake_redis(found: Found, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """redis://... URLs reach the fake server the found run saved into."""
-    monkeypatch.setattr(redis.Redis, "from_url",
-                        classmethod(lambda cls, url, **kwargs: fakeredis.FakeRedis(server=found.server)))
-    yield
 
 
 def _row(out: str) -> tuple[int, str]:
@@ -105,17 +106,26 @@ def test_verify_replays_the_saved_failure_first_with_another_seed(found: Found,
     assert reproduce is not None and f"--database {found.directory}" in reproduce.group(1), out
 
 
-@pytest.mark.usefixtures("fake_redis")
-def test_a_redis_database_replays_the_saved_failure_first(found: Found) -> None:
-    database = open_database(REDIS_URL)
+def test_a_redis_database_round_trips_and_replays_the_saved_failure_first(found: Found) -> None:
+    database = open_database(found.redis_url)
     assert isinstance(database, RedisExampleDatabase)
     database.save(b"round-trip", b"\x00\x01")
     assert list(database.fetch(b"round-trip")) == [b"\x00\x01"]
-    with pytest.raises(Exception, match="1 propert") as failed:
-        check_cache(_rare_length(), name=TARGET, seed=MISSES, database=REDIS_URL, **BUDGET)  # type: ignore[arg-type]
-    result = failed.value.result  # type: ignore[attr-defined]
-    assert result.results[0].examples == 0, result.results[0]
-    assert _minimal_case(result.results[0].detail) == _minimal_case(found.result.results[0].detail)
+    database.delete(b"round-trip", b"\x00\x01")
+    assert list(database.fetch(b"round-trip")) == []
+    with pytest.raises(CacheCheckFailed) as failed:
+        check_cache(_rare_length(), name=TARGET, seed=MISSES, database=found.redis_url,  # type: ignore[arg-type]
+                    **BUDGET)  # type: ignore[arg-type]
+    result = failed.value.result.results[0]
+    assert result.examples == 0, result
+    assert _minimal_case(result.detail) == _minimal_case(found.result.results[0].detail)
+
+
+@pytest.mark.usefixtures("_targets_importable")
+def test_verify_reaches_the_redis_server_from_its_child_process(found: Found,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", TARGET, *QUICK, "--seed", str(MISSES), "--database", found.redis_url]) == 1
+    assert _row(capsys.readouterr().out) == (0, "FAIL")
 
 
 def test_saved_failures_are_kept_apart_by_target(found: Found) -> None:
