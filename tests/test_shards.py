@@ -15,8 +15,8 @@ from kvverify.caches import BUILTIN_CACHES
 from kvverify.cli import main
 from kvverify.commands.verify import configure, planned_pairs, shard_pairs
 from kvverify.suite import PROPERTIES
-from kvverify.suite.settings import PROFILE_OPT_IN
-from kvverify.suite.shards import Shard, ShardError, assign, parse_shard
+from kvverify.suite.settings import PROFILE_OPT_IN, examples_for
+from kvverify.suite.shards import EXAMPLE_COST, Shard, ShardError, assign, expected_cost, parse_shard
 
 #: Every property but the one that compiles (seconds per example): the end-to-end runs stay fast.
 CHEAP = [name for name in PROPERTIES if name != "compiled"]
@@ -50,6 +50,24 @@ def test_the_split_is_deterministic_and_balanced_by_examples() -> None:
     for pair, shard in zip(pairs, first, strict=True):
         loads[shard] += weight[pair[1]]
     assert sorted(loads.values()) == [12.0, 12.0, 12.0, 12.0]  # one heavy and two light per shard
+
+
+def test_pairs_weigh_what_their_examples_cost() -> None:
+    assert expected_cost("ci", "cached_equals_uncached") == examples_for("ci", "cached_equals_uncached") == 200
+    assert expected_cost("ci", "compiled") == examples_for("ci", "compiled") * EXAMPLE_COST["compiled"]
+    assert expected_cost("thorough", "long_context") == EXAMPLE_COST["long_context"]  # one example, not 2000
+    assert expected_cost("ci", "reset", max_examples=40) == examples_for("ci", "reset", max_examples=40)
+
+
+@pytest.mark.parametrize("count", [2, 3, 5])
+@pytest.mark.parametrize("profile", ["ci", "thorough"])
+def test_shards_weigh_about_the_same(count: int, profile: str) -> None:
+    """Heaviest first, to the lightest shard: no shard is heavier than another by more than the heaviest pair."""
+    loads = [sum(expected_cost(profile, name) for _, name in
+                 shard_pairs(_args("--profile", profile, "--shard", f"{index}/{count}")))
+             for index in range(1, count + 1)]
+    heaviest = max(expected_cost(profile, name) for _, name in planned_pairs(_args("--profile", profile)))
+    assert max(loads) - min(loads) <= heaviest, loads
 
 
 @pytest.mark.parametrize("count", [2, 3])

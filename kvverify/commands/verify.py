@@ -102,15 +102,14 @@ def planned_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def shard_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
     """The pairs this command runs: :func:`planned_pairs`, or this ``--shard``'s part of them (each weighed by
-    its count of examples in the profile, so that the shards take about as long)."""
-    from kvverify.suite.settings import examples_for
-    from kvverify.suite.shards import parse_shard
+    what its examples are expected to cost, so that the shards take about as long)."""
+    from kvverify.suite.shards import expected_cost, parse_shard
 
     pairs = planned_pairs(args)
     if args.shard is None:
         return pairs
     return parse_shard(args.shard).pick(
-        pairs, weight=lambda pair: examples_for(args.profile, pair[1], max_examples=args.max_examples))
+        pairs, weight=lambda pair: expected_cost(args.profile, pair[1], max_examples=args.max_examples))
 
 
 def run(args: argparse.Namespace) -> int:
