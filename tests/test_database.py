@@ -18,7 +18,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase, MultiplexedDataba
 
 from kvverify.cli import main
 from kvverify.suite import CacheCheckFailed, SuiteResult, check_cache, run_suite
-from kvverify.suite.database import DatabaseError, example_key, open_database
+from kvverify.suite.database import DatabaseError, describe_database, example_key, open_database
 
 fakeredis = pytest.importorskip("fakeredis")
 redis = pytest.importorskip("redis")
@@ -197,3 +197,8 @@ def test_a_bad_kv_database_is_a_usage_error(pytester: pytest.Pytester, tmp_path:
                                 "--kv-database=s3://bucket")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: kvverify: --kv-database 's3://bucket': unknown scheme 's3'*"])
+
+
+def test_a_redis_password_never_reaches_the_log() -> None:
+    assert describe_database("redis://:s3cret@cache.example:6379/2") == "redis://***@cache.example:6379/2"
+    assert describe_database("kv-examples") == "kv-examples"
