@@ -17,11 +17,11 @@ replayed against another's.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from hypothesis.database import ExampleDatabase
+from hypothesis.database import ExampleDatabase
 
 REDIS_SCHEMES = ("redis://", "rediss://")
 
@@ -45,6 +45,24 @@ def open_database(spec: str) -> ExampleDatabase:
         raise DatabaseError(f"database {spec!r}: unknown scheme {scheme!r}; expected a directory or "
                             "redis://HOST:PORT[/DB] (rediss:// for TLS)")
     return _directory_database(Path(spec).expanduser())
+
+
+def as_database(database: str | os.PathLike[str] | ExampleDatabase | None) -> ExampleDatabase | None:
+    """The database a ``database=`` argument names: a Hypothesis database as it is, a directory or Redis URL
+    opened (:func:`open_database`), None for none; anything else is a :class:`DatabaseError`."""
+    if database is None or isinstance(database, ExampleDatabase):
+        return database
+    if not isinstance(database, (str, os.PathLike)):
+        raise DatabaseError(f"database must be a directory, redis://HOST:PORT[/DB] or a Hypothesis ExampleDatabase "
+                            f"(None: no database); got {type(database).__name__} {database!r}")
+    return open_database(os.fspath(database))
+
+
+def key_examples(test: Any, target: str, prop: str, shapes: str, device: str) -> None:
+    """Save a ``@given`` test's examples under :func:`example_key`: Hypothesis keys them by the test function's
+    source, which is the same for every property and target kvverify runs (Hypothesis' own pytest plugin sets
+    the same attribute to tell ``parametrize`` cases apart)."""
+    test.hypothesis.inner_test._hypothesis_internal_add_digest = example_key(target, prop, shapes, device)
 
 
 def example_key(target: str, prop: str, shapes: str, device: str) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import time
 import traceback
@@ -20,7 +19,7 @@ from hypothesis.errors import HypothesisException, Unsatisfiable
 from kvverify.protocol import CacheFactory
 from kvverify.reference.threads import torch_threads
 from kvverify.suite.blind_spots import BlindSpots, unsupported_in, verdict_without_examples
-from kvverify.suite.database import example_key, open_database
+from kvverify.suite.database import as_database, key_examples
 from kvverify.suite.drift import watching
 from kvverify.suite.loading import TargetError
 from kvverify.suite.properties import ALL_PROPERTIES, PROPERTIES, Property
@@ -141,8 +140,7 @@ def run_property(
 ) -> PropertyResult:
     """Run one property; a failure's report says where the cache first went wrong unless ``locate`` is False.
     Each example may take ``time_limit`` seconds (None: no limit). ``max_examples`` replaces the profile's
-    count of examples (the property runs its share of it). ``database``: failing examples are saved there, under
-    a key of the target, property, shapes and device, and replayed first by the next run (None: none kept)."""
+    count of examples (the property runs its share of it); failures are saved in ``database`` and replayed first."""
     with torch_threads(1):
         return _run_property(prop, target, profile=profile, seed=seed, time_limit=time_limit, locate=locate,
                              max_examples=max_examples, database=database)
@@ -190,9 +188,7 @@ def _run_watched(
         if progress.first_failure is None:
             progress.passed += 1
 
-    # Hypothesis keys saved examples by the test function's source, the same for every property and target here
-    test.hypothesis.inner_test._hypothesis_internal_add_digest = example_key(  # type: ignore[attr-defined]
-        target.name, prop.name, target.shapes, str(target.device))
+    key_examples(test, target.name, prop.name, target.shapes, str(target.device))
     if seed is not None:
         test = hypothesis_seed(seed)(test)
     test = settings(test)  # after @seed, which turns the database off: a failure saved is replayed whatever the seed
@@ -269,9 +265,8 @@ def run_suite(
     ``shapes``: ``"default"`` (toy models) or ``"production"`` (:mod:`kvverify.suite.shapes`).
     Hypothesis' own files go to :func:`~kvverify.suite.settings.storage_directory`, not the working directory.
 
-    ``database``: a directory, ``redis://HOST:PORT[/DB]`` or a Hypothesis ``ExampleDatabase``; each property's
-    failing examples are saved there and replayed first by the next run, whatever its seed
-    (:mod:`kvverify.suite.database`). None (the default): no database, every run reproducible from its seed.
+    ``database``: a directory, ``redis://HOST:PORT[/DB]`` or a Hypothesis ``ExampleDatabase`` where failing
+    examples are saved and replayed first by the next run, whatever its seed (:mod:`kvverify.suite.database`).
 
     ``time_limit``: seconds one example may take (None: no limit); probing the target may take
     :data:`PROBE_CALLS` times as long.
@@ -284,12 +279,11 @@ def run_suite(
     (:mod:`kvverify.suite.repro`) that exits 1 while the bug is there.
     Raises :class:`~kvverify.suite.loading.TargetError` when the factory is unusable or declares other devices,
     :class:`~kvverify.suite.devices.DeviceError` when this machine lacks the device, ValueError naming what
-    is expected for a wrong profile, property, time limit or example count, and
-    :class:`~kvverify.suite.database.DatabaseError` (a ValueError) for a database that cannot be used.
+    is expected for a wrong profile, property, time limit, example count or database (a DatabaseError).
     """
     chosen = check_options(profile=profile, properties=properties, time_limit=time_limit, max_examples=max_examples)
     seed = random.randrange(2**32) if seed is None else seed
-    examples = _database(database)
+    examples = as_database(database)
     use_storage_directory()
     described = describe_target(factory, target, time_limit=time_limit, device=device, shapes=shapes)
     tell("suite", target, seed, profile, str(described.device), shapes, described.declaration.describe())
@@ -312,18 +306,6 @@ def run_suite(
             break
     return SuiteResult(target, seed, profile, results, device=str(described.device), shapes=shapes,
                        declaration=described.declaration.describe())
-
-
-def _database(database: str | ExampleDatabase | None) -> ExampleDatabase | None:
-    """The database a ``database=`` argument names (None: none), or DatabaseError saying what was expected."""
-    from kvverify.suite.database import DatabaseError
-
-    if database is None or isinstance(database, ExampleDatabase):
-        return database
-    if not isinstance(database, (str, os.PathLike)):
-        raise DatabaseError(f"database must be a directory, redis://HOST:PORT[/DB] or a Hypothesis ExampleDatabase "
-                            f"(None: no database); got {type(database).__name__} {database!r}")
-    return open_database(os.fspath(database))
 
 
 #: Probing a target (two caches built, then crop, reorder_cache and reset tried) may take this many time limits.
@@ -390,9 +372,7 @@ def check_cache(
     ``except:`` or leaves a non-daemon thread behind takes the caller with it. ``kvverify verify`` runs the
     target in a child process that contains all of those.
     ``shapes``: ``"default"`` or ``"production"`` (head_dim 64/128, GQA up to 8, bf16/fp16, contexts to 4096).
-    ``database``: a directory, ``redis://HOST:PORT[/DB]`` or a Hypothesis ``ExampleDatabase`` (a
-    ``MultiplexedDatabase``, say): failures are saved there and replayed first by the next call, whatever its
-    seed; one that cannot be used raises :class:`~kvverify.suite.database.DatabaseError` (a ValueError).
+    ``database``: as :func:`run_suite`'s (one that cannot be used: :class:`~kvverify.suite.database.DatabaseError`).
 
     >>> import kvverify
     >>> kvverify.check_cache(kvverify.ContiguousCache.from_config, profile="dev")  # doctest: +SKIP
@@ -401,15 +381,14 @@ def check_cache(
 
     check_options(profile=profile, properties=properties, time_limit=time_limit, max_examples=max_examples)
     where = resolve_device(device, option="device=")
-    examples = _database(database)
+    examples = as_database(database)
     label = name or str(getattr(factory, "__qualname__", "cache"))
     seed = random.randrange(2**32) if seed is None else seed
     options = f"profile={profile!r}, seed={seed}" + (f", max_examples={max_examples}" if max_examples else "")
     options += f", device={str(where)!r}" if where.type != "cpu" else ""
     options += f", shapes={shapes!r}" if shapes != "default" else ""
     result = run_suite(factory, target=label, profile=profile, seed=seed, properties=properties,
-                       time_limit=time_limit, device=where, max_examples=max_examples, shapes=shapes,
-                       database=examples)
+                       time_limit=time_limit, device=where, max_examples=max_examples, shapes=shapes, database=examples)
     result.results[:] = [
         replace(r, reproduce=f"kvverify.check_cache({label}, {options}, properties=[{r.name!r}])")
         if r.verdict in ("failed", "error") else r
