@@ -202,3 +202,22 @@ def test_a_bad_kv_database_is_a_usage_error(pytester: pytest.Pytester, tmp_path:
 def test_a_redis_password_never_reaches_the_log() -> None:
     assert describe_database("redis://:s3cret@cache.example:6379/2") == "redis://***@cache.example:6379/2"
     assert describe_database("kv-examples") == "kv-examples"
+
+
+def test_a_database_error_in_the_child_process_comes_back_as_such() -> None:
+    """verify checks the database before it starts a child; one the child cannot use still reads as a usage error."""
+    import argparse
+    import functools
+
+    import torch
+
+    from kvverify.commands.verify import configure, suite_for
+    from kvverify.suite.isolation import run_isolated
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    args = parser.parse_args(["contiguous", "--property", "reset"])
+    args.database = ""  # the parent would refuse it before starting the child; here the child's run_suite does
+    work = functools.partial(suite_for, args, "contiguous", 0, torch.device("cpu"))
+    with pytest.raises(DatabaseError, match="database must be a directory or redis://HOST:PORT"):
+        run_isolated(work, target="contiguous", properties=["reset"], time_limit=None)
