@@ -13,6 +13,7 @@ Fixtures, for tests of your own: ``kv_cache_factory`` (the target's factory), ``
 :class:`~kvverify.suite.Target`), ``kv_reference_model`` (``(config, seed=0) -> ReferenceModel``) and
 ``kv_cases`` (:func:`kvverify.suite.strategies.cases` bound to the target's declared constraints and device).
 ``--kv-device`` (or ``KVVERIFY_DEVICE``) puts the models, prompts and caches on ``cpu``, ``cuda`` or ``cuda:N``.
+``--kv-database DIR|redis://HOST:PORT[/DB]`` keeps failing examples there; the next run replays them first.
 Markers: ``kvverify`` (on the generated items) and ``kv_needs(*methods)`` (skip unless the target has them).
 """
 
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    from hypothesis.database import ExampleDatabase
+
     from kvverify.protocol import CacheFactory
     from kvverify.reference.model import ReferenceModel
     from kvverify.suite import Property, PropertyResult, Target
@@ -57,6 +60,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kv-device", metavar="DEVICE", default=None,
                     help=f"where the models, prompts and caches live: cpu, cuda or cuda:N (or set {ENV_DEVICE}; "
                     "default: cpu)")
+    group.addoption("--kv-database", metavar="DIR|URL", default=None,
+                    help="keep failing examples in this directory, or in redis://HOST:PORT[/DB] (kvverify[redis]); "
+                    "the next run replays them first, whatever its seed (default: no database)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -85,12 +91,16 @@ class _TargetSession:
     """The target of this pytest run and the settings its properties run with; also a plugin (its hooks)."""
 
     def __init__(self, spec: str, factory: CacheFactory, target: Target, profile: str, seed: int,
-                 max_examples: int | None, time_limit: float | None, device_option: str | None = None) -> None:
+                 max_examples: int | None, time_limit: float | None, device_option: str | None = None,
+                 database: tuple[str, ExampleDatabase] | None = None) -> None:
         self.spec, self.factory, self.target, self.device_option = spec, factory, target, device_option
         self.profile, self.seed, self.max_examples, self.time_limit = profile, seed, max_examples, time_limit
+        self.database_option: str | None = database[0] if database else None  # as given, for the reproduce line
+        self.database: ExampleDatabase | None = database[1] if database else None
 
     @classmethod
     def load(cls, config: pytest.Config, spec: str) -> _TargetSession:
+        from kvverify.suite.database import DatabaseError, open_database
         from kvverify.suite.devices import DeviceError, resolve_device
         from kvverify.suite.loading import TargetError, load_factory
         from kvverify.suite.runner import describe_target
@@ -104,6 +114,11 @@ class _TargetSession:
             time_limit = DEFAULT_TIME_LIMIT if limit is None else parse_time_limit(limit, "--kv-time-limit")
         except ValueError as error:
             raise pytest.UsageError(f"kvverify: {error}") from None
+        database_option = config.getoption("kv_database")
+        try:
+            database = None if database_option is None else (database_option, open_database(database_option))
+        except DatabaseError as error:
+            raise pytest.UsageError(f"kvverify: --kv-{error}") from None
         device_option = config.getoption("kv_device") or os.environ.get(ENV_DEVICE) or None
         option = "--kv-device" if config.getoption("kv_device") else ENV_DEVICE + "="
         try:
@@ -117,7 +132,8 @@ class _TargetSession:
         if seed is None:  # an xdist worker runs the seed its controller drew (see pytest_configure_node)
             seed = getattr(config, "workerinput", {}).get(_SEED_KEY)
         return cls(spec, factory, target, config.getoption("kv_profile"),
-                   random.randrange(2**32) if seed is None else seed, max_examples, time_limit, device_option)
+                   random.randrange(2**32) if seed is None else seed, max_examples, time_limit, device_option,
+                   database)
 
     @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook, on the controller: every worker gets its seed
     def pytest_configure_node(self, node: Any) -> None:
@@ -131,6 +147,10 @@ class _TargetSession:
             parts.append(f"--kv-device={self.device_option}")
         if self.target.shapes != "default":
             parts.append(f"--kv-shapes={self.target.shapes}")
+        if self.database_option is not None:  # the failure may be a replay from the database, not the seed's
+            from kvverify.suite.database import describe_database
+
+            parts.append(f"--kv-database={describe_database(self.database_option)}")
         return " ".join([*parts, f"-k {name}"])
 
     def pytest_report_header(self, config: pytest.Config) -> str:
@@ -189,7 +209,7 @@ class PropertyItem(pytest.Item):
         if reason is not None:
             pytest.skip(f"{state.spec}: {reason}")
         result = run_property(self.prop, state.target, profile=state.profile, seed=state.seed,
-                              time_limit=state.time_limit, max_examples=state.max_examples)
+                              time_limit=state.time_limit, max_examples=state.max_examples, database=state.database)
         if result.verdict in ("failed", "error"):
             raise PropertyFailed(result, state.reproduce(self.prop.name))
 

@@ -45,11 +45,12 @@ def _console(file: IO[str] | None, width: int | None = None) -> Console:
     return Console(file=file, width=width, markup=False, emoji=False, highlight=False)
 
 
-def print_results(result: SuiteResult) -> None:
-    """The target's declaration and shapes, then one row per property (target, property, examples, verdict,
-    seconds, and a note: why it was skipped, examples the cache declined as Unsupported, a lossy cache's largest
-    difference), then each failure's report and the command that reproduces it."""
-    print(f"{result.target}: {result.declaration}, shapes {result.shapes}")
+def print_results(result: SuiteResult, *, shard: str | None = None) -> None:
+    """The target's declaration and shapes (and the shard, ``I/N``, when the run is one), then one row per
+    property (target, property, examples, verdict, seconds, and a note: why it was skipped, examples the cache
+    declined as Unsupported, a lossy cache's largest difference), then each failure's report and the command
+    that reproduces it."""
+    print(f"{result.target}: {result.declaration}, shapes {result.shapes}" + (f", shard {shard}" if shard else ""))
     from kvverify.suite.settings import PROFILE_OPT_IN
 
     opted = [r.name for r in result.results if r.name in PROFILE_OPT_IN.get(result.profile, ())]

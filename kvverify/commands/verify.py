@@ -1,6 +1,7 @@
 """``kvverify verify [MODULE:FACTORY] [--profile ci|dev|thorough] [--max-examples N] [--seed N] [--device D]
 [--shapes default|production] [--junitxml PATH]
-[--repro-script PATH] [--time-limit SECONDS|none] [--in-process]``.
+[--repro-script PATH] [--time-limit SECONDS|none] [--in-process] [--database DIR|redis://HOST:PORT[/DB]]
+[--shard I/N]``.
 
 Without a target it verifies the built-in caches. Exit 0 when every property holds, 1 when a property or the
 contract fails, 2 when the command is wrong or the target unusable. Every failure prints the one-line command
@@ -9,6 +10,10 @@ that reproduces it: the same seed, profile and example count run the same exampl
 Each target runs in a child process (:mod:`kvverify.suite.isolation`) that gets every option of the command:
 :func:`suite_for` is where they reach :func:`~kvverify.suite.run_suite`. A target that ends, crashes or hangs
 that process fails the property it was running; it cannot end or hang this one.
+
+``--database`` keeps failing examples (:mod:`kvverify.suite.database`): the next run replays them first, whatever
+its seed. ``--shard I/N`` runs one N-th of the (target, property) pairs (:mod:`kvverify.suite.shards`), so N CI
+jobs run the whole suite between them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from kvverify.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from kvverify.commands.tables import print_results
+from kvverify.suite.database import DatabaseError, describe_database
 from kvverify.suite.settings import PROFILE_EXAMPLES
 from kvverify.suite.shapes import SHAPES
 
@@ -59,6 +65,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit", default=None, metavar="SECONDS",
                         help="seconds one example may take before the cache is reported as hanging "
                         "(default: 60; none: no limit)")
+    parser.add_argument("--database", metavar="DIR|URL", default=None,
+                        help="keep failing examples in this directory (created when missing), or in a Redis server "
+                        "shared by CI jobs: redis://HOST:PORT[/DB] (needs kvverify[redis]); the next run replays "
+                        "them first, whatever its seed (default: no database)")
+    parser.add_argument("--shard", metavar="I/N", default=None,
+                        help="run shard I of N: the (target, property) pairs split over N CI jobs that run the same "
+                        "command with I = 1..N; every pair runs in exactly one shard")
     parser.add_argument("--in-process", action="store_true",
                         help="run the target in this process, for a debugger (a target that exits, crashes or "
                         "swallows the time limit then ends or hangs the run)")
@@ -78,8 +91,28 @@ def _factory(name: str) -> CacheFactory:
     return BUILTIN_CACHES[name] if name in BUILTIN_CACHES else load_factory(name)
 
 
+def planned_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The (target, property) pairs the command runs, before any ``--shard``: every target with the properties
+    asked for, or the profile's own (thorough adds long_context)."""
+    from kvverify.suite.runner import check_options
+
+    names = check_options(profile=args.profile, properties=args.properties, time_limit=None, max_examples=None)
+    return [(target, name) for target in _target_names(args.target) for name in names]
+
+
+def shard_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The pairs this command runs: :func:`planned_pairs`, or this ``--shard``'s part of them (each weighed by
+    what its examples are expected to cost, so that the shards take about as long)."""
+    from kvverify.suite.shards import expected_cost, parse_shard
+
+    pairs = planned_pairs(args)
+    if args.shard is None:
+        return pairs
+    return parse_shard(args.shard).pick(
+        pairs, weight=lambda pair: expected_cost(args.profile, pair[1], max_examples=args.max_examples))
+
+
 def run(args: argparse.Namespace) -> int:
-    from kvverify.suite import PROPERTIES
     from kvverify.suite.devices import DeviceError, describe_device, resolve_device
     from kvverify.suite.loading import TargetError
     from kvverify.suite.properties import ALL_PROPERTIES
@@ -95,24 +128,32 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     shapes = f", shapes {args.shapes}" if args.shapes != "default" else ""
-    print(f"kvverify verify: profile {args.profile}, seed {seed}, device {describe_device(device)}{shapes}", flush=True)
+    pairs = shard_pairs(args)
+    shard = f", shard {_shard_label(args)}: {len(pairs)} of {len(planned_pairs(args))} (target, property) pairs" \
+        if args.shard else ""
+    database = f", database {describe_database(args.database)}" if args.database else ""
+    print(f"kvverify verify: profile {args.profile}, seed {seed}, device {describe_device(device)}{shapes}{shard}"
+          f"{database}", flush=True)
     started = time.perf_counter()
     results = []
     for name in _target_names(args.target):
+        properties = [prop for target, prop in pairs if target == name]
+        if not properties:  # this shard has none of the target's properties
+            continue
         try:
-            result = _run_target(args, name, seed, device, list(args.properties or PROPERTIES))
-        except (TargetError, DeviceError) as error:
+            result = _run_target(args, name, seed, device, properties)
+        except (TargetError, DeviceError, DatabaseError) as error:
             print(f"kvverify verify: {error}", file=sys.stderr)
             return EXIT_USAGE
         results.append(result)
-        print_results(result)
-    print(f"\n{sum(len(r.results) for r in results)} checks in {time.perf_counter() - started:.1f} s on {device}",
-          flush=True)
+        print_results(result, shard=_shard_label(args))
+    print(f"\n{sum(len(r.results) for r in results)} checks in {time.perf_counter() - started:.1f} s on {device}"
+          + (f" (shard {_shard_label(args)})" if args.shard else ""), flush=True)
     if args.junitxml:
         from kvverify.suite.junit import write_junit
 
         try:
-            write_junit(results, args.junitxml)
+            write_junit(results, args.junitxml, shard=_shard_label(args))
         except OSError as error:
             print(f"kvverify verify: --junitxml {args.junitxml!r} could not be written: {error}", file=sys.stderr)
             return EXIT_USAGE
@@ -140,11 +181,13 @@ def suite_for(args: argparse.Namespace, name: str, seed: int, device: torch.devi
     return run_suite(_factory(name), target=name, profile=args.profile, seed=seed, properties=properties,
                      time_limit=_time_limit(args), reproduce=_reproduce_command(args, name, seed),
                      max_examples=args.max_examples, device=device, repro_script=args.repro_script,
-                     shapes=args.shapes)
+                     shapes=args.shapes, database=getattr(args, "database", None))
 
 
 def _usage_problem(args: argparse.Namespace, properties: Collection[str]) -> str | None:
     """What is wrong with the command's options (checked before anything runs), or None."""
+    from kvverify.suite.database import open_database
+    from kvverify.suite.shards import ShardError, parse_shard
     from kvverify.suite.watchdog import parse_time_limit
 
     if args.max_examples is not None and args.max_examples < 1:
@@ -157,7 +200,23 @@ def _usage_problem(args: argparse.Namespace, properties: Collection[str]) -> str
             parse_time_limit(args.time_limit, "--time-limit")
         except ValueError as error:
             return str(error)
+    if args.shard is not None:
+        try:
+            parse_shard(args.shard)
+        except ShardError as error:
+            return str(error)
+    if args.database is not None:
+        try:
+            open_database(args.database)  # a directory is created, a Redis server asked for a PING
+        except DatabaseError as error:
+            return f"--{error}"
     return _unwritable(args.junitxml) if args.junitxml else None
+
+
+def _shard_label(args: argparse.Namespace) -> str | None:
+    from kvverify.suite.shards import parse_shard
+
+    return str(parse_shard(args.shard)) if args.shard else None
 
 
 def _unwritable(path: str) -> str | None:
@@ -197,4 +256,6 @@ def _reproduce_command(args: argparse.Namespace, name: str, seed: int) -> str:
         parts.append(f"--device {args.device}")
     if getattr(args, "shapes", "default") != "default":
         parts.append(f"--shapes {args.shapes}")
+    if getattr(args, "database", None):  # the failure may have been a replay from the database, not the seed's
+        parts.append(f"--database {describe_database(args.database)}")
     return " ".join(parts)

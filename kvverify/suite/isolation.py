@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from kvverify.suite.database import DatabaseError
 from kvverify.suite.devices import DeviceError
 from kvverify.suite.loading import TargetError
 from kvverify.suite.runner import PropertyResult, SuiteResult
@@ -39,7 +40,7 @@ Work = Callable[..., SuiteResult]
 QUIET_LIMIT = 300.0
 _POLL = 0.5  # seconds between checks that the child still lives
 _ERRORS: dict[str, type[Exception]] = {"TargetError": TargetError, "DeviceError": DeviceError,
-                                       "ValueError": ValueError}
+                                       "DatabaseError": DatabaseError, "ValueError": ValueError}
 
 
 def grace(seconds: float) -> float:
@@ -54,7 +55,7 @@ def run_isolated(work: Work, *, target: str, properties: Sequence[str], time_lim
     ``reproduce``: the command that reruns the suite; a property whose child died gets it with ``--property``.
 
     Raises :class:`~kvverify.suite.loading.TargetError` for an unusable target, or one whose child died
-    before the properties began; the work's own ValueError and DeviceError come through as such."""
+    before the properties began; the work's own ValueError, DeviceError and DatabaseError come through as such."""
     remaining = list(properties)
     results: list[PropertyResult] = []
     header: tuple[str, int, str, str, str, str] | None = None  # target, seed, profile, device, shapes, declared

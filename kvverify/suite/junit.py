@@ -10,14 +10,17 @@ from junitparser import Error, Failure, JUnitXml, Skipped, TestCase, TestSuite
 from kvverify.suite.runner import PropertyResult, SuiteResult
 
 
-def write_junit(results: Sequence[SuiteResult], path: str | Path) -> None:
-    """Write one ``<testsuite>`` per run (its seed as a property) into ``path``; a failed property carries its
-    report and the command that reproduces it, a skipped one the reason."""
-    root = JUnitXml(name="kvverify")
+def write_junit(results: Sequence[SuiteResult], path: str | Path, *, shard: str | None = None) -> None:
+    """Write one ``<testsuite>`` per run (its seed as a property, and the shard, ``I/N``, when the run is one)
+    into ``path``; a failed property carries its report and the command that reproduces it, a skipped one the
+    reason. The files of N shards merge into one (``junitparser merge``): their suites stay apart."""
+    root = JUnitXml(name="kvverify" if shard is None else f"kvverify shard {shard}")
     for suite in results:
         element = TestSuite(suite.target)
         element.add_property("hypothesis_seed", str(suite.seed))
         element.add_property("device", suite.device)
+        if shard is not None:
+            element.add_property("shard", shard)
         element.add_testcases([_testcase(suite.target, result) for result in suite.results])
         # append, not add_testsuite, which merges suites with the same name and properties; junitparser leaves
         # these two methods unannotated

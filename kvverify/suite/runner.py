@@ -13,11 +13,13 @@ import torch
 from hypothesis import given, reject
 from hypothesis import seed as hypothesis_seed
 from hypothesis import target as hypothesis_target
+from hypothesis.database import ExampleDatabase
 from hypothesis.errors import HypothesisException, Unsatisfiable
 
 from kvverify.protocol import CacheFactory
 from kvverify.reference.threads import torch_threads
 from kvverify.suite.blind_spots import BlindSpots, unsupported_in, verdict_without_examples
+from kvverify.suite.database import as_database, key_examples
 from kvverify.suite.drift import watching
 from kvverify.suite.loading import TargetError
 from kvverify.suite.properties import ALL_PROPERTIES, PROPERTIES, Property
@@ -134,37 +136,37 @@ def property_test(
 def run_property(
     prop: Property, target: Target, *, profile: str = "ci", seed: int | None = None,
     time_limit: float | None = DEFAULT_TIME_LIMIT, locate: bool = True, max_examples: int | None = None,
+    database: ExampleDatabase | None = None,
 ) -> PropertyResult:
     """Run one property; a failure's report says where the cache first went wrong unless ``locate`` is False.
     Each example may take ``time_limit`` seconds (None: no limit). ``max_examples`` replaces the profile's
-    count of examples (the property runs its share of it)."""
+    count of examples (the property runs its share of it); failures are saved in ``database`` and replayed first."""
     with torch_threads(1):
         return _run_property(prop, target, profile=profile, seed=seed, time_limit=time_limit, locate=locate,
-                             max_examples=max_examples)
+                             max_examples=max_examples, database=database)
 
 
 def _run_property(
     prop: Property, target: Target, *, profile: str, seed: int | None, time_limit: float | None, locate: bool,
-    max_examples: int | None,
+    max_examples: int | None, database: ExampleDatabase | None,
 ) -> PropertyResult:
     reason = prop.skip_reason(target)
     if reason is not None:
         return PropertyResult(prop.name, "skipped", 0, 0.0, reason)
     with watching() as drift:
         result = _run_watched(prop, target, profile=profile, seed=seed, time_limit=time_limit, locate=locate,
-                              max_examples=max_examples)
+                              max_examples=max_examples, database=database)
     lossy = target.declaration.lossy_atol is not None
     return replace(result, largest_difference=drift.largest) if lossy and result.verdict == "passed" else result
 
 
 def _run_watched(
     prop: Property, target: Target, *, profile: str, seed: int | None, time_limit: float | None, locate: bool,
-    max_examples: int | None,
+    max_examples: int | None, database: ExampleDatabase | None,
 ) -> PropertyResult:
-    settings = profile_settings(profile, prop.name, max_examples=max_examples)
+    settings = profile_settings(profile, prop.name, max_examples=max_examples, database=database)
     progress = _Progress(start=time.perf_counter())
 
-    @settings
     @given(case=prop.strategy(target))
     def test(case: Any) -> None:
         progress.last_case = case
@@ -186,8 +188,10 @@ def _run_watched(
         if progress.first_failure is None:
             progress.passed += 1
 
+    key_examples(test, target.name, prop.name, target.shapes, str(target.device))
     if seed is not None:
         test = hypothesis_seed(seed)(test)
+    test = settings(test)  # after @seed, which turns the database off: a failure saved is replayed whatever the seed
     try:
         test()
     except ExampleTimeout as timeout:  # not shrunk: every shrinking step could hang as long again
@@ -252,6 +256,7 @@ def run_suite(
     max_examples: int | None = None,
     repro_script: str | None = None,
     shapes: str = "default",
+    database: str | ExampleDatabase | None = None,
 ) -> SuiteResult:
     """Run every property (or the named ones: a name or a list of names) against the cache the factory builds,
     with every model, prompt and cache on ``device`` (the CPU when None).
@@ -259,6 +264,9 @@ def run_suite(
     ``max_examples``: in place of the profile's count of examples (each property runs its share of it).
     ``shapes``: ``"default"`` (toy models) or ``"production"`` (:mod:`kvverify.suite.shapes`).
     Hypothesis' own files go to :func:`~kvverify.suite.settings.storage_directory`, not the working directory.
+
+    ``database``: a directory, ``redis://HOST:PORT[/DB]`` or a Hypothesis ``ExampleDatabase`` where failing
+    examples are saved and replayed first by the next run, whatever its seed (:mod:`kvverify.suite.database`).
 
     ``time_limit``: seconds one example may take (None: no limit); probing the target may take
     :data:`PROBE_CALLS` times as long.
@@ -271,10 +279,11 @@ def run_suite(
     (:mod:`kvverify.suite.repro`) that exits 1 while the bug is there.
     Raises :class:`~kvverify.suite.loading.TargetError` when the factory is unusable or declares other devices,
     :class:`~kvverify.suite.devices.DeviceError` when this machine lacks the device, ValueError naming what
-    is expected for a wrong profile, property, time limit or example count.
+    is expected for a wrong profile, property, time limit, example count or database (a DatabaseError).
     """
     chosen = check_options(profile=profile, properties=properties, time_limit=time_limit, max_examples=max_examples)
     seed = random.randrange(2**32) if seed is None else seed
+    examples = as_database(database)
     use_storage_directory()
     described = describe_target(factory, target, time_limit=time_limit, device=device, shapes=shapes)
     tell("suite", target, seed, profile, str(described.device), shapes, described.declaration.describe())
@@ -282,7 +291,7 @@ def run_suite(
     for name in chosen:
         tell("property", name)
         result = run_property(ALL_PROPERTIES[name], described, profile=profile, seed=seed, time_limit=time_limit,
-                              max_examples=max_examples)
+                              max_examples=max_examples, database=examples)
         if reproduce and result.verdict in ("failed", "error"):
             result = replace(result, reproduce=f"{reproduce} --property {name}")
         if repro_script and result.verdict == "failed" and result.case is not None:
@@ -347,6 +356,7 @@ def check_cache(
     time_limit: float | None = DEFAULT_TIME_LIMIT,
     device: str | torch.device | None = None,
     shapes: str = "default",
+    database: str | ExampleDatabase | None = None,
 ) -> SuiteResult:
     """Run the property suite against the caches ``factory(config)`` builds; return the result when every
     property holds, else raise :class:`CacheCheckFailed` with every failure's report (where the cache went
@@ -362,6 +372,7 @@ def check_cache(
     ``except:`` or leaves a non-daemon thread behind takes the caller with it. ``kvverify verify`` runs the
     target in a child process that contains all of those.
     ``shapes``: ``"default"`` or ``"production"`` (head_dim 64/128, GQA up to 8, bf16/fp16, contexts to 4096).
+    ``database``: as :func:`run_suite`'s (one that cannot be used: :class:`~kvverify.suite.database.DatabaseError`).
 
     >>> import kvverify
     >>> kvverify.check_cache(kvverify.ContiguousCache.from_config, profile="dev")  # doctest: +SKIP
@@ -370,13 +381,14 @@ def check_cache(
 
     check_options(profile=profile, properties=properties, time_limit=time_limit, max_examples=max_examples)
     where = resolve_device(device, option="device=")
+    examples = as_database(database)
     label = name or str(getattr(factory, "__qualname__", "cache"))
     seed = random.randrange(2**32) if seed is None else seed
     options = f"profile={profile!r}, seed={seed}" + (f", max_examples={max_examples}" if max_examples else "")
     options += f", device={str(where)!r}" if where.type != "cpu" else ""
     options += f", shapes={shapes!r}" if shapes != "default" else ""
     result = run_suite(factory, target=label, profile=profile, seed=seed, properties=properties,
-                       time_limit=time_limit, device=where, max_examples=max_examples, shapes=shapes)
+                       time_limit=time_limit, device=where, max_examples=max_examples, shapes=shapes, database=examples)
     result.results[:] = [
         replace(r, reproduce=f"kvverify.check_cache({label}, {options}, properties=[{r.name!r}])")
         if r.verdict in ("failed", "error") else r

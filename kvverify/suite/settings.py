@@ -6,9 +6,11 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis.configuration import set_hypothesis_home_dir
+from hypothesis.database import ExampleDatabase
 
 #: The environment variable that puts Hypothesis' own files (its cache of constants, temporary files)
 #: somewhere else than :func:`storage_directory`'s default.
@@ -50,12 +52,13 @@ def examples_for(profile: str, prop: str | None = None, *, max_examples: int | N
 #: case is reported as found, not shrunk (shrinking would compile hundreds of times).
 UNSHRUNK = frozenset({"compiled"})
 
+_PHASES = [Phase.explicit, Phase.generate, Phase.target, Phase.shrink, Phase.explain]
 _COMMON = dict(
     deadline=None,  # per-example time limits are enforced by kvverify's own watchdog, not by Hypothesis
-    database=None,  # no example database: every run is reproducible from its seed alone
+    database=None,  # no example database unless asked for: every run is reproducible from its seed alone
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-    phases=[Phase.explicit, Phase.generate, Phase.target, Phase.shrink, Phase.explain],
+    phases=_PHASES,
     report_multiple_bugs=False,
 )
 _UNSHRUNK_PHASES = [Phase.explicit, Phase.generate, Phase.target, Phase.explain]
@@ -67,15 +70,20 @@ def register_profiles() -> None:
         settings.register_profile(f"kvverify-{name}", max_examples=examples, **_COMMON)  # type: ignore[arg-type]
 
 
-def profile_settings(name: str, prop: str | None = None, *, max_examples: int | None = None) -> settings:
+def profile_settings(name: str, prop: str | None = None, *, max_examples: int | None = None,
+                     database: ExampleDatabase | None = None) -> settings:
     """The settings of one profile (for one property when ``prop`` names it: see :data:`PROPERTY_SHARE`), with
     ``max_examples`` in place of the profile's count when given; raises ValueError naming the profiles for an
-    unknown name."""
+    unknown name. ``database``: where failing examples are saved, and replayed first (Hypothesis' reuse
+    phase) by the next run; None keeps none (:mod:`kvverify.suite.database`)."""
     if name not in PROFILE_EXAMPLES:
         raise ValueError(f"unknown profile {name!r}; expected one of {sorted(PROFILE_EXAMPLES)}")
-    common = dict(_COMMON, phases=_UNSHRUNK_PHASES) if prop in UNSHRUNK else _COMMON
+    phases = _UNSHRUNK_PHASES if prop in UNSHRUNK else _PHASES
+    common: dict[str, Any] = dict(_COMMON, phases=phases)
+    if database is not None:  # replayed first: the reuse phase runs before any example is drawn
+        common.update(database=database, phases=[Phase.reuse, *phases])
     return settings(settings.get_profile(f"kvverify-{name}") if _registered() else None,
-                    max_examples=examples_for(name, prop, max_examples=max_examples), **common)  # type: ignore[arg-type]
+                    max_examples=examples_for(name, prop, max_examples=max_examples), **common)
 
 
 def _registered() -> bool:
@@ -99,7 +107,8 @@ def storage_directory() -> Path:
 
 def use_storage_directory() -> Path | None:
     """Point Hypothesis at :func:`storage_directory` (None, and nothing changed, when the user chose with
-    Hypothesis' own ``HYPOTHESIS_STORAGE_DIRECTORY``). No example database is kept either way."""
+    Hypothesis' own ``HYPOTHESIS_STORAGE_DIRECTORY``). No example database is kept there either way: a run keeps
+    one only where it is given one (``--database``)."""
     if os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
         return None
     path = storage_directory()

@@ -113,6 +113,21 @@ class CropKeepsLength(PlainCache):
         self.keys[0], self.values[0] = keys0, values0
 
 
+class RareLength(PlainCache):
+    """Only an append of exactly 13 tokens at once (a prompt of 13, say) goes wrong: its new values come back
+    doubled (the stored ones stay right). A small budget of examples finds it on some seeds and not others."""
+
+    RARE = 13
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = super().update(key_states, value_states, layer_idx, cache_kwargs)
+        if key_states.shape[-2] == self.RARE:
+            values = values.clone()
+            values[:, :, -value_states.shape[-2]:] *= 2
+        return keys, values
+
+
 def _factory(cls: type[PlainCache]) -> Any:
     def make(config: Any) -> PlainCache:
         return cls()
@@ -133,3 +148,4 @@ hangs = _factory(Hangs)
 modifies_input = _factory(ModifiesInput)
 counts_wrong = _factory(CountsLayerZeroTwice)
 crop_keeps_length = _factory(CropKeepsLength)
+rare_length = _factory(RareLength)
