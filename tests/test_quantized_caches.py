@@ -27,7 +27,7 @@ def generations(factory: CacheFactory, config: ModelConfig) -> tuple[torch.Tenso
     prompt = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(prompt)
     mask[1, :2] = 0  # row 1 is left-padded by 2
-    quantizer = declaration_of(factory(config)).quantizer
+    quantizer = declaration_of(factory(config), factory).quantizer
     assert quantizer is not None, "the reference caches declare their quantizer"
     logits = []
     for cache in (factory(config), ReplayCache(quantizer)):
@@ -98,3 +98,25 @@ def test_the_suite_kills_a_scale_error_with_the_replay_and_not_with_the_toleranc
     plain = run_suite(mutant.factory(False), target="plain", profile="ci", seed=0,
                       properties=["cached_equals_uncached"], max_examples=10)
     assert plain.ok, f"{mutant.name} was caught by the tolerance alone: not a subtle error"
+
+
+def test_kivi_crops_full_precision_tokens_and_refuses_to_cut_quantized_ones() -> None:
+    cache = kivi2_cache(CONFIG)  # residual 8: after 10 tokens, keys 0..7 and values 0..1 are quantized
+    states = torch.randn(1, CONFIG.n_kv_heads, 10, CONFIG.head_dim)
+    for layer in range(CONFIG.n_layers):
+        cache.update(states, states, layer)
+    cache.crop(9)
+    assert cache.get_seq_length() == 9
+    with pytest.raises(ValueError, match="the first 8 are quantized"):
+        cache.crop(5)
+    assert cache.get_seq_length() == 9, "a refused crop changes nothing"
+    keys, values = cache.update(states[:, :, :1], states[:, :, :1], 0)
+    assert keys.shape[-2] == values.shape[-2] == 10
+
+
+def test_a_cache_with_its_own_round_trip_replays_bit_for_bit() -> None:
+    from tests.targets.static_fp8 import static_fp8
+
+    for dtype in (torch.float32, torch.bfloat16):
+        cached, replayed = generations(static_fp8, CONFIG.replace(dtype=dtype))
+        assert torch.equal(cached, replayed), f"static fp8 ({dtype}): differs by {(cached - replayed).abs().max()}"

@@ -6,7 +6,8 @@ and zero point. Values are quantized per token: one scale and zero point per tok
 ``residual_length`` of them have collected (then those are quantized, in groups, and the key residual starts
 again), values while they are among the newest ``residual_length`` (each older one is quantized as it leaves).
 The prefill attends to its own states in full precision, as in KIVI's code; every later update returns the
-dequantized quantized part followed by the full-precision residual.
+dequantized quantized part followed by the full-precision residual. ``crop`` cuts full-precision tokens only
+(it refuses, with ValueError, a crop into quantized ones).
 
 It declares :func:`kvverify.quantizers.kivi` with its parameters, so ``cached_equals_uncached`` replays its loss
 bit for bit. The factories :func:`kivi2_cache` and :func:`kivi4_cache` use groups of 4 tokens and a residual of
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from kvverify.caches._common import check_layer_order
+from kvverify.caches._common import check_layer_order, resolve_crop
 from kvverify.protocol import CacheDeclaration
 from kvverify.quantizers import kivi
 from kvverify.reference.config import ModelConfig
@@ -133,6 +134,21 @@ class KiviCache:
             return 0
         layer = self.layers[layer_idx]
         return int(layer.keys.codes.shape[-2] + layer.key_residual.shape[-2])
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens (or drop ``-max_length``) where only full-precision tokens go: a
+        quantized token cannot be cut from its group's scales, so a crop into them raises ValueError and changes
+        nothing."""
+        held = self.get_seq_length()
+        keep = resolve_crop(max_length, held)
+        quantized = max((max(layer.keys.codes.shape[-2], layer.values.codes.shape[-2]) for layer in self.layers),
+                        default=0)
+        if keep < quantized:
+            raise ValueError(f"KiviCache.crop({max_length}) of {held} tokens would keep {keep}, but the first "
+                             f"{quantized} are quantized; it crops within the full-precision residual only.")
+        for layer in self.layers:
+            layer.key_residual = layer.key_residual[:, :, :keep - layer.keys.codes.shape[-2]]
+            layer.value_residual = layer.value_residual[:, :, :keep - layer.values.codes.shape[-2]]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for layer in self.layers:

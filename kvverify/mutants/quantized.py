@@ -14,7 +14,8 @@ quantizer's; compared with the reference run through the same quantizer (:mod:`k
 bitwise difference.
 
 ``python -m kvverify.mutants.quantized [--seed N] [--max-examples N] [--only NAME ...]`` runs
-``cached_equals_uncached`` on each mutant both ways and prints the examples it took to kill it (or "survived").
+``cached_equals_uncached`` on each mutant both ways and prints, as a Markdown table, the example that killed it
+(1: the first) or the examples it survived.
 """
 
 from __future__ import annotations
@@ -182,7 +183,8 @@ def main() -> None:
                                properties=["cached_equals_uncached"], max_examples=args.max_examples)
             r = result.results[0]
             killed = r.verdict in ("failed", "error")
-            cells.append(f"killed at example {r.examples}" if killed else f"survived {r.examples} examples")
+            # examples: those run before the first failure, so the killing one is the next
+            cells.append(f"killed at example {r.examples + 1}" if killed else f"survived {r.examples} examples")
         atol = mutant.declared()[0]
         print(f"| {mutant.name} | {mutant.bug} | ({atol}) {cells[0]} | {cells[1]} |", flush=True)
 
