@@ -32,8 +32,9 @@ class _Stream:
 
     def _round_trip(self, states: torch.Tensor, start: int, requantize: bool) -> torch.Tensor:
         positions = torch.arange(start, start + states.shape[-2], device=states.device)
+        # fp8: the scale frozen at the first update; calibrated afresh on what a flush quantizes again
         return self.quantizer.apply(states, positions=positions, layer=self.layer, is_key=self.is_key,
-                                    requantize=requantize, scale=self.scale)
+                                    requantize=requantize, scale=None if requantize else self.scale)
 
     def update(self, new: torch.Tensor) -> torch.Tensor:
         """Take ``new`` (B, Hkv, T, D) as the cache would and return what it then holds, oldest first."""
