@@ -120,3 +120,12 @@ def test_a_cache_with_its_own_round_trip_replays_bit_for_bit() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         cached, replayed = generations(static_fp8, CONFIG.replace(dtype=dtype))
         assert torch.equal(cached, replayed), f"static fp8 ({dtype}): differs by {(cached - replayed).abs().max()}"
+
+
+def test_examples_after_a_check_rejects_one_are_still_counted() -> None:
+    # KIVI refuses crops into quantized tokens; a refused crop keeps the drafts, and a case with no room left
+    # after them is rejected by the check. Passing examples after such a reject were once not counted (2 of 40).
+    from kvverify.suite import run_suite
+
+    result = run_suite(kivi4_cache, target="kivi4", profile="ci", seed=0, properties=["crop"])
+    assert result.ok and result.results[0].examples >= 30, result.results[0]

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, reject
 from hypothesis import seed as hypothesis_seed
 from hypothesis import target as hypothesis_target
-from hypothesis.errors import HypothesisException, Unsatisfiable
+from hypothesis.errors import HypothesisException, Unsatisfiable, UnsatisfiedAssumption
 
 from kvverify.protocol import CacheFactory
 from kvverify.reference.threads import torch_threads
@@ -121,6 +121,8 @@ def property_test(
     def test(case: Any) -> None:
         try:
             _checked(prop, target, case, time_limit)
+        except UnsatisfiedAssumption:  # the check's own reject(): skipped, neither a pass nor a failure
+            raise
         except Exception as error:
             if unsupported_in(error) is None:
                 raise
@@ -171,6 +173,8 @@ def _run_watched(
         _aim_long(case)
         try:
             _checked(prop, target, case, time_limit)
+        except UnsatisfiedAssumption:  # the check's own reject(): skipped, neither a pass nor a failure
+            raise
         except Exception as error:
             why = unsupported_in(error)
             if why is not None:
