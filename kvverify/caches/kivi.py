@@ -16,7 +16,7 @@ bit for bit. The factories :func:`kivi2_cache` and :func:`kivi4_cache` use group
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,11 +52,13 @@ class _Codes:
 
 @dataclass
 class _Layer:
+    """One layer: quantized keys and values, then the newest ones in full precision."""
+
     keys: _Codes
     values: _Codes
     key_residual: torch.Tensor  # (B, Hkv, <residual_length, D), the model's dtype
     value_residual: torch.Tensor  # (B, Hkv, <=residual_length, D)
-    dtype: torch.dtype = field(default=torch.float32)
+    dtype: torch.dtype  # the model's, for the dequantized part
 
 
 class KiviCache:
