@@ -54,7 +54,7 @@ Standard quantizers: :data:`INT8_PER_TOKEN` (symmetric absmax/127 per token and 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
@@ -110,7 +110,7 @@ def _check_signature(function: object) -> None:
             "def round_trip(states, *, positions, layer, is_key, requantize): ...") from None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Quantizer:
     """What a lossy cache does to its keys and values, and when (see the module docstring).
 
@@ -154,6 +154,15 @@ class Quantizer:
         if self.prefill not in ("given", "stored"):
             raise QuantizerError(f"Quantizer.prefill is {self.prefill!r}; expected 'given' (the first update is "
                                  "returned as given) or 'stored' (returned dequantized, as every later update).")
+
+    def __repr__(self) -> str:
+        """As a constructor call, a function kind by its dotted name (not its address), non-default fields only."""
+        kind = self.kind
+        shown = repr(kind) if isinstance(kind, str) or is_dataclass(kind) else (
+            f"{getattr(kind, '__module__', '?')}.{_name(kind)}")
+        rest = "".join(f", {f.name}={getattr(self, f.name)!r}" for f in fields(self)[1:]
+                       if getattr(self, f.name) != f.default)
+        return f"Quantizer(kind={shown}{rest})"
 
     def _check_built_in(self) -> None:
         if self.kind not in (*_BITS, "fp8"):
