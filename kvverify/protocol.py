@@ -122,9 +122,10 @@ class CacheDeclaration:
         ``cache_kwargs`` carries ``cos`` and ``sin`` ``(B, T, head_dim)`` beside ``cache_position``, and it
         returns rotated keys (``k * cos + rotate_half(k) * sin``, transformers' Llama layout). Models are then
         drawn with RoPE and without left padding; see :mod:`kvverify.suite.positional`.
-    quantizer: a lossy cache's quantizer (:class:`kvverify.quantizers.Quantizer`); ``cached_equals_uncached`` then
-        compares with the reference run through the same quantizer (:mod:`kvverify.suite.replay`), bit for bit
-        where the replay is exact, instead of within ``lossy_atol``.
+    quantizer: a lossy cache's quantizer (:class:`kvverify.quantizers.Quantizer`: a built-in one, or the cache's
+        own round trip and when it applies it); ``cached_equals_uncached`` then compares with the reference run
+        through the same quantizer (:mod:`kvverify.suite.replay`), bit for bit where the replay is exact, instead
+        of within ``lossy_atol``.
     compile: the cache is meant to run inside ``torch.compile`` and CUDA graphs (a static cache): the
         ``compiled`` property then checks it (see :mod:`kvverify.suite.properties.compiled`).
     """

@@ -28,7 +28,7 @@ pytest_plugins = ["pytester"]
 
 TESTS = Path(__file__).parent
 TARGET = "targets.buggy:rare_length"  # wrong only on an append of exactly 13 tokens at once
-FINDS, MISSES = 0, 1  # seeds: with this budget, seed 0 finds the bug, seed 1 does not
+FINDS, MISSES = 3, 2  # seeds: with this budget, seed 3 finds the bug (with a database), seed 2 does not
 BUDGET = dict(profile="dev", max_examples=10, properties=["cached_equals_uncached"], time_limit=None)
 QUICK = ["--profile", "dev", "--max-examples", "10", "--property", "cached_equals_uncached"]
 REDIS_URL = "redis://127.0.0.1:6379/0"  # only for the error cases: nothing connects to it

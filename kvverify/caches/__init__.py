@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from kvverify.caches.contiguous import ContiguousCache
+from kvverify.caches.int8 import Int8PerTokenCache
+from kvverify.caches.kivi import KiviCache
 from kvverify.caches.paged import PagedCache
 from kvverify.caches.sliding import SlidingWindowCache
 from kvverify.caches.static import StaticCache
@@ -16,4 +18,9 @@ BUILTIN_CACHES: dict[str, CacheFactory] = {
     "sliding": SlidingWindowCache.from_config,
 }
 
-__all__ = ["BUILTIN_CACHES", "ContiguousCache", "PagedCache", "SlidingWindowCache", "StaticCache"]
+#: The lossy caches (Int8PerTokenCache, KiviCache) are not in BUILTIN_CACHES: each declares a tolerance and a
+#: quantizer (kvverify.quantizers) and is verified as a target of its own, e.g.
+#: ``kvverify verify kvverify.caches.kivi:kivi2_cache``.
+
+__all__ = ["BUILTIN_CACHES", "ContiguousCache", "Int8PerTokenCache", "KiviCache", "PagedCache", "SlidingWindowCache",
+           "StaticCache"]

@@ -94,7 +94,7 @@ def _factory(name: str) -> CacheFactory:
 def planned_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
     """The (target, property) pairs the command runs, before any ``--shard``: every target with the properties
     asked for, or the profile's own (thorough adds long_context)."""
-    from kvverify.suite.runner import check_options
+    from kvverify.suite.options import check_options
 
     names = check_options(profile=args.profile, properties=args.properties, time_limit=None, max_examples=None)
     return [(target, name) for target in _target_names(args.target) for name in names]

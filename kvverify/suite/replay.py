@@ -21,13 +21,47 @@ from kvverify.suite.property import expect_same
 from kvverify.suite.target import Target
 
 
-class _Layer:
-    """One layer's state: the dequantized stored part (B, Hkv, Sq, D), the full-precision residual (B, Hkv, Sr, D)
-    and, for fp8, the frozen scale."""
+class _Stream:
+    """One layer's keys or values: the dequantized stored part (B, Hkv, Sq, D) holding positions 0..Sq-1, the
+    full-precision residual (B, Hkv, Sr, D) holding the next Sr, and for fp8 the frozen scale."""
 
-    def __init__(self, stored: torch.Tensor, scale: torch.Tensor | None) -> None:
-        self.stored, self.scale = stored, scale
-        self.residual = stored[:, :, :0]
+    def __init__(self, quantizer: Quantizer, layer: int, is_key: bool, first: torch.Tensor) -> None:
+        self.quantizer, self.layer, self.is_key = quantizer, layer, is_key
+        self.scale = quantizer.scale_of(first) if quantizer.kind == "fp8" else None
+        self.stored, self.residual = first[:, :, :0], first[:, :, :0]
+
+    def _round_trip(self, states: torch.Tensor, start: int, requantize: bool) -> torch.Tensor:
+        positions = torch.arange(start, start + states.shape[-2], device=states.device)
+        # fp8: the scale frozen at the first update; calibrated afresh on what a flush quantizes again
+        return self.quantizer.apply(states, positions=positions, layer=self.layer, is_key=self.is_key,
+                                    requantize=requantize, scale=None if requantize else self.scale)
+
+    def update(self, new: torch.Tensor) -> torch.Tensor:
+        """Take ``new`` (B, Hkv, T, D) as the cache would and return what it then holds, oldest first."""
+        q, held, first = self.quantizer, self.stored.shape[-2], self.stored.shape[-2] + self.residual.shape[-2] == 0
+        if q.scheme == "append":
+            self.stored = torch.cat((self.stored, self._round_trip(new, held, requantize=False)), dim=-2)
+        elif q.scheme == "requantize":
+            returned = torch.cat((self.stored, self.residual, new), dim=-2)
+            if first:
+                self.stored = self._round_trip(new, 0, requantize=False)
+            elif self.residual.shape[-2] + new.shape[-2] >= q.residual_length:
+                self.stored, self.residual = self._round_trip(returned, 0, requantize=True), new[:, :, :0]
+            else:
+                self.residual = torch.cat((self.residual, new), dim=-2)
+            if not first:
+                return returned
+        else:  # kivi: keys leave the residual residual_length at a time, values once residual_length are newer
+            residual = torch.cat((self.residual, new), dim=-2)
+            length = residual.shape[-2]
+            leaving = length - length % q.residual_length if self.is_key else max(0, length - q.residual_length)
+            if leaving:
+                quantized = self._round_trip(residual[:, :, :leaving], held, requantize=False)
+                self.stored = torch.cat((self.stored, quantized), dim=-2)
+            self.residual = residual[:, :, leaving:]
+        if first and q.prefill == "given":
+            return new
+        return torch.cat((self.stored, self.residual), dim=-2)
 
 
 class ReplayCache:
@@ -35,34 +69,18 @@ class ReplayCache:
 
     def __init__(self, quantizer: Quantizer) -> None:
         self.quantizer = quantizer
-        self.layers: list[tuple[_Layer, _Layer]] = []
+        self.layers: list[tuple[_Stream, _Stream]] = []
         self.lengths: list[int] = []
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer_idx == len(self.layers):  # the first update: returned as given, stored quantized
-            self.layers.append((self._first(key_states), self._first(value_states)))
-            self.lengths.append(key_states.shape[-2])
-            return key_states, value_states
+        if layer_idx == len(self.layers):
+            self.layers.append((_Stream(self.quantizer, layer_idx, True, key_states),
+                                _Stream(self.quantizer, layer_idx, False, value_states)))
+            self.lengths.append(0)
         self.lengths[layer_idx] += key_states.shape[-2]
         keys, values = self.layers[layer_idx]
-        return self._next(keys, key_states), self._next(values, value_states)
-
-    def _first(self, states: torch.Tensor) -> _Layer:
-        scale = self.quantizer.scale_of(states) if self.quantizer.kind == "fp8" else None
-        return _Layer(self.quantizer.round_trip(states, scale), scale)
-
-    def _next(self, layer: _Layer, new: torch.Tensor) -> torch.Tensor:
-        q = self.quantizer
-        if q.scheme == "append":
-            layer.stored = torch.cat((layer.stored, q.round_trip(new, layer.scale)), dim=-2)
-            return layer.stored
-        returned = torch.cat((layer.stored, layer.residual, new), dim=-2)
-        if layer.residual.shape[-2] + new.shape[-2] >= q.residual_length:
-            layer.stored, layer.residual = q.round_trip(returned), new[:, :, :0]
-        else:
-            layer.residual = torch.cat((layer.residual, new), dim=-2)
-        return returned
+        return keys.update(key_states), values.update(value_states)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx] if layer_idx < len(self.lengths) else 0

@@ -14,7 +14,7 @@ from hypothesis import given, reject
 from hypothesis import seed as hypothesis_seed
 from hypothesis import target as hypothesis_target
 from hypothesis.database import ExampleDatabase
-from hypothesis.errors import HypothesisException, Unsatisfiable
+from hypothesis.errors import HypothesisException, Unsatisfiable, UnsatisfiedAssumption
 
 from kvverify.protocol import CacheFactory
 from kvverify.reference.threads import torch_threads
@@ -22,14 +22,14 @@ from kvverify.suite.blind_spots import BlindSpots, unsupported_in, verdict_witho
 from kvverify.suite.database import as_database, key_examples
 from kvverify.suite.drift import watching
 from kvverify.suite.loading import TargetError
-from kvverify.suite.properties import ALL_PROPERTIES, PROPERTIES, Property
-from kvverify.suite.settings import PROFILE_EXAMPLES, PROFILE_OPT_IN, profile_settings, use_storage_directory
+from kvverify.suite.options import check_options
+from kvverify.suite.properties import ALL_PROPERTIES, Property
+from kvverify.suite.settings import profile_settings, use_storage_directory
 from kvverify.suite.target import Target, make_target
 from kvverify.suite.watchdog import (
     DEFAULT_TIME_LIMIT,
     ExampleTimeout,
     TargetExit,
-    check_time_limit,
     run_with_time_limit,
     tell,
 )
@@ -123,6 +123,8 @@ def property_test(
     def test(case: Any) -> None:
         try:
             _checked(prop, target, case, time_limit)
+        except UnsatisfiedAssumption:  # the check's own reject(): skipped, neither a pass nor a failure
+            raise
         except Exception as error:
             if unsupported_in(error) is None:
                 raise
@@ -173,6 +175,8 @@ def _run_watched(
         _aim_long(case)
         try:
             _checked(prop, target, case, time_limit)
+        except UnsatisfiedAssumption:  # the check's own reject(): skipped, neither a pass nor a failure
+            raise
         except Exception as error:
             why = unsupported_in(error)
             if why is not None:
@@ -325,24 +329,6 @@ def describe_target(factory: CacheFactory, name: str, *, time_limit: float | Non
                                    budget, what)
     except (TargetExit, ExampleTimeout) as error:
         raise TargetError(f"target {name!r}: {error}") from None
-
-
-def check_options(*, profile: str, properties: Sequence[str] | str | None, time_limit: object,
-                  max_examples: int | None) -> list[str]:
-    """The property names to run (a single name is one property), or ValueError naming what was expected."""
-    if profile not in PROFILE_EXAMPLES:
-        raise ValueError(f"profile must be one of {', '.join(PROFILE_EXAMPLES)}; got {profile!r}.")
-    check_time_limit(time_limit, "time_limit")
-    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
-                                     or max_examples < 1):
-        raise ValueError(f"max_examples must be a whole number >= 1 (None: the profile's count); got {max_examples!r}.")
-    every = [*PROPERTIES, *PROFILE_OPT_IN.get(profile, ())]  # the profile's own: thorough adds long_context
-    chosen = [properties] if isinstance(properties, str) else list(every if properties is None else properties)
-    unknown = [name for name in chosen if name not in ALL_PROPERTIES]
-    if unknown or not chosen:
-        raise ValueError(f"properties must name some of {', '.join(ALL_PROPERTIES)} (a name or a list of names; None "
-                         f"for all); got {properties!r}" + (f", where {unknown} are unknown." if unknown else "."))
-    return chosen
 
 
 def check_cache(
