@@ -31,6 +31,8 @@ TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 from targets import declared  # noqa: E402
 
+pytestmark = pytest.mark.slow  # each declaration field run both ways through the suite, two ci seeds: 90 s of CPU
+
 FEW = dict(profile="dev", seed=1, max_examples=12)
 
 

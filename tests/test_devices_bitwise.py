@@ -20,6 +20,8 @@ from kvverify.suite.case import Case
 from kvverify.suite.compare import first_difference, tolerance_for
 from kvverify.suite.strategies import cases
 
+pytestmark = pytest.mark.slow  # strict numerics' bits over four dtypes and drawn shapes: 30 s of CPU
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available())")
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]

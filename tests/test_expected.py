@@ -13,6 +13,8 @@ from kvverify import BUILTIN_CACHES, ModelConfig, ReferenceModel
 from kvverify.reference import numerics
 from kvverify.suite.expected import expected_generation, teacher_forced
 
+pytestmark = pytest.mark.slow  # teacher-forced against step-by-step logits, drawn long cases: 40 s of CPU
+
 CONFIGS = [
     # (positional, window, n_heads, n_kv_heads, dtype)
     ("rope", None, 4, 2, "float32"),

@@ -15,6 +15,8 @@ from kvverify.reference.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
 from kvverify.reference.weights import ModelWeights
 
+pytestmark = pytest.mark.slow  # the fast engine against the reference over drawn shapes: 40 s of CPU
+
 ATOL = 1e-5  # float32
 
 CONFIGS: dict[str, dict[str, Any]] = {

@@ -24,6 +24,8 @@ from kvverify.profiling.results import CacheRow, Profile
 from kvverify.reference.inputs import InputError
 from kvverify.reference.model import ReferenceModel
 
+pytestmark = pytest.mark.slow  # pytest sessions and verify runs on garbage input: 45 s of CPU
+
 pytest_plugins = ["pytester"]
 
 TARGETS = Path(__file__).parent / "targets"

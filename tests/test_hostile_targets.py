@@ -17,6 +17,8 @@ import pytest
 import kvverify
 from kvverify.cli import main
 
+pytestmark = pytest.mark.slow  # a child process per hostile target, each killed or timed out: 50 s of CPU
+
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
 QUICK = ["--profile", "ci", "--max-examples", "3", "--time-limit", "2", "--property", "cached_equals_uncached",

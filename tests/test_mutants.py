@@ -199,6 +199,14 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 #: Mutants whose logits are unchanged by design: the scenario checks the returned shape instead.
+#: Scenarios that decode 2,048 tokens (30 s and more each): the slow tier's.
+LONG = {"position_in_12_bits", "static_stops_growing_at_2048"}
+
+
+def _tiered(names: set[str] | list[str]) -> list[object]:
+    return [pytest.param(n, marks=pytest.mark.slow) if n in LONG else n for n in sorted(names)]
+
+
 SHAPE_ONLY = {name for name, mutant in MUTANTS.items() if "shape" in mutant.needs}
 #: Mutants whose logits are right eagerly: the compiled property kills them (tests/test_compiled_property.py).
 COMPILE_ONLY = {name for name, mutant in MUTANTS.items() if "compile" in mutant.needs}
@@ -252,7 +260,7 @@ def test_every_mutant_cites_a_bug_of_docs_kv_bugs() -> None:
     assert not missing, f"mutants cite bugs that docs/KV_BUGS.md does not list: {missing}"
 
 
-@pytest.mark.parametrize("name", sorted(MUTANTS))
+@pytest.mark.parametrize("name", _tiered(set(MUTANTS)))
 def test_parent_passes_the_scenario(name: str) -> None:
     mutant = MUTANTS[name]
     cached, uncached = SCENARIOS[name](parent_factory(mutant))
@@ -261,7 +269,7 @@ def test_parent_passes_the_scenario(name: str) -> None:
     )
 
 
-@pytest.mark.parametrize("name", sorted(set(MUTANTS) - SHAPE_ONLY - COMPILE_ONLY))
+@pytest.mark.parametrize("name", _tiered(set(MUTANTS) - SHAPE_ONLY - COMPILE_ONLY))
 def test_mutant_fails_the_scenario(name: str) -> None:
     mutant = MUTANTS[name]
     try:
@@ -303,7 +311,7 @@ BELOW_THE_BOUNDARY: dict[str, Scenario] = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(BELOW_THE_BOUNDARY))
+@pytest.mark.parametrize("name", _tiered(set(BELOW_THE_BOUNDARY)))
 def test_subtle_mutant_hides_below_its_boundary(name: str) -> None:
     cached, uncached = BELOW_THE_BOUNDARY[name](MUTANTS[name].factory)
     assert torch.equal(cached, uncached), f"{name} fails without {sorted(MUTANTS[name].needs)}: the catalogue is wrong"

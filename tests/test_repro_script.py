@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # repro scripts written and run in fresh processes: 20 s of CPU
+
 ROOT = Path(__file__).parents[1]
 TESTS = Path(__file__).parent
 
