@@ -107,9 +107,10 @@ def programs(draw: st.DrawFn, target: Target) -> Program:
     length, operations = case.prompt_len, []
     for _ in range(count):
         operation = _operation(draw, config, case.batch, target.capabilities, length, block)
-        near = near_marks(config, length + 1, config.max_seq_len - 2, block)
+        last = config.max_seq_len - 6  # room left for what a fork writes on each side, and appends after
+        near = near_marks(config, length + 1, last, block)
         if operation.kind != "append" and near and draw(st.booleans(), label="first append up to a boundary"):
-            reach = at_marks(config, length + 1, config.max_seq_len - 2, block)
+            reach = at_marks(config, length + 1, last, block)
             size = draw(reach, label="length before the operation") - length
             operations.append(Operation("append", tokens=random_tokens(draw, config, case.batch, size, "tokens")))
             length += size
