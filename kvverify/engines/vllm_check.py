@@ -4,11 +4,11 @@ generating each request alone without a cache.
 Hypothesis draws schedules (:func:`schedules`): 1 to 8 requests with prompts of 1 to 160 tokens, many sharing a
 prefix of whole or partial blocks with an earlier request, 1 to 16 new tokens each, some arriving while others
 decode, on an engine with prefix caching on or off, blocks of 32 or 64 tokens, a token budget per step small
-enough to chunk prefills, 2 to 16 running requests, and half the time only as many KV blocks as the longest
-request needs, so that concurrent requests preempt each other. The model is the reference model
-(:data:`MODEL`) written as a Llama checkpoint, so the oracle is kvverify's own, in strict numerics: one uncached
-forward over a request's prompt and the tokens vLLM chose gives, at each position, the logits of that prefix
-computed alone (strict numerics make a row's bits independent of the other rows).
+enough to chunk prefills, 2 to 16 running requests, and, two times in three, only as many KV blocks as the
+prompts or the longest request need, so that concurrent requests preempt each other as they grow. The model is
+the reference model (:data:`MODEL`) written as a Llama checkpoint, so the oracle is kvverify's own, in strict
+numerics: one uncached forward over a request's prompt and the tokens vLLM chose gives, at each position, the
+logits of that prefix computed alone (strict numerics make a row's bits independent of the other rows).
 
 The property, for every request: each step's logits within :data:`ATOL` of the reference's, and each greedy
 token the reference's argmax except at a near tie (the reference's top two closer than twice the tolerance),
@@ -129,11 +129,14 @@ def schedules(draw: st.DrawFn, *, vocab_size: int = MODEL.vocab_size, max_reques
         arrival = draw(st.integers(1, MAX_ARRIVAL), label="arrival step") if late else 0
         requests.append(EngineRequest(tuple(prompt), draw(st.integers(1, MAX_NEW), label="new tokens"), arrival))
     longest = max(r.length for r in requests)
-    # vLLM holds one block back (its null block): the + 1 below
-    if draw(st.booleans(), label="tight blocks"):  # the longest request fits; concurrent ones preempt
-        num_blocks = _blocks(longest, block_size) + 1 + draw(st.integers(0, 1), label="spare blocks")
-    else:  # every request at once
-        num_blocks = sum(_blocks(r.length, block_size) for r in requests) + 2
+    # KV blocks, plus the one vLLM holds back (its null block). "prompts": every prompt fits at once, so requests
+    # are admitted together and preempt each other as their decodes cross into new blocks; "longest": only the
+    # longest request is sure to fit; "roomy": every request to its end, nothing is preempted.
+    room = draw(st.sampled_from(["prompts", "longest", "roomy"]), label="KV blocks")
+    need = {"prompts": max(_blocks(longest, block_size), sum(_blocks(len(r.prompt), block_size) for r in requests)),
+            "longest": _blocks(longest, block_size),
+            "roomy": sum(_blocks(r.length, block_size) for r in requests)}[room]
+    num_blocks = need + 1
     knobs = EngineKnobs(block_size=block_size, num_blocks=num_blocks, max_num_batched_tokens=budget,
                         max_num_seqs=running, enable_prefix_caching=prefix_caching, max_model_len=longest)
     return Schedule(knobs, tuple(requests), tuple(shares))
