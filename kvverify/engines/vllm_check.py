@@ -2,9 +2,9 @@
 generating each request alone without a cache.
 
 Hypothesis draws schedules (:func:`schedules`): 1 to 8 requests with prompts of 1 to 160 tokens, many sharing a
-prefix of whole or partial blocks with an earlier request, 1 to 16 new tokens each, some arriving while others
+prefix of whole or partial blocks with an earlier request, 1 to 24 new tokens each, some arriving while others
 decode, on an engine with prefix caching on or off, blocks of 32 or 64 tokens, a token budget per step small
-enough to chunk prefills, 2 to 16 running requests, and, two times in three, only as many KV blocks as the
+enough to chunk prefills, 2 to 16 running requests, and, three times in four, only as many KV blocks as the
 prompts or the longest request need, so that concurrent requests preempt each other as they grow. The model is
 the reference model (:data:`MODEL`) written as a Llama checkpoint, so the oracle is kvverify's own, in strict
 numerics: one uncached forward over a request's prompt and the tokens vLLM chose gives, at each position, the
@@ -63,7 +63,7 @@ EXAMPLES: dict[str, int] = {"dev": 8, "ci": 24, "thorough": 200}
 #: The logit tolerance (see the module docstring for how it was measured).
 ATOL = 2e-5
 
-MAX_REQUESTS, MAX_PROMPT, MAX_NEW, MAX_ARRIVAL = 8, 160, 16, 24
+MAX_REQUESTS, MAX_PROMPT, MAX_NEW, MAX_ARRIVAL = 8, 160, 24, 24
 BLOCK_SIZES = (32, 64)  # vLLM's CPU attention takes multiples of 32
 BUDGETS = (16, 32, 64, 128, 512)  # max_num_batched_tokens: below the longer prompts, prefills are chunked
 RUNNING = (2, 4, 16)  # max_num_seqs
@@ -129,10 +129,10 @@ def schedules(draw: st.DrawFn, *, vocab_size: int = MODEL.vocab_size, max_reques
         arrival = draw(st.integers(1, MAX_ARRIVAL), label="arrival step") if late else 0
         requests.append(EngineRequest(tuple(prompt), draw(st.integers(1, MAX_NEW), label="new tokens"), arrival))
     longest = max(r.length for r in requests)
-    # KV blocks, plus the one vLLM holds back (its null block). "prompts": every prompt fits at once, so requests
-    # are admitted together and preempt each other as their decodes cross into new blocks; "longest": only the
-    # longest request is sure to fit; "roomy": every request to its end, nothing is preempted.
-    room = draw(st.sampled_from(["prompts", "longest", "roomy"]), label="KV blocks")
+    # KV blocks, plus the one vLLM holds back (its null block). "prompts" (half the draws): every prompt fits at
+    # once, so requests are admitted together and preempt each other as their decodes cross into new blocks;
+    # "longest": only the longest request is sure to fit; "roomy": every request to its end, nothing is preempted.
+    room = draw(st.sampled_from(["prompts", "prompts", "longest", "roomy"]), label="KV blocks")
     need = {"prompts": max(_blocks(longest, block_size), sum(_blocks(len(r.prompt), block_size) for r in requests)),
             "longest": _blocks(longest, block_size),
             "roomy": sum(_blocks(r.length, block_size) for r in requests)}[room]
@@ -300,6 +300,11 @@ def summary(result: CheckResult) -> str:
             f"{sum(r.near_ties for r in rows)}.")
 
 
+def _progress(row: ExampleRow) -> None:
+    print(f"example held: {len(row.schedule.requests)} requests, {row.schedule.knobs.describe()}, "
+          f"max |Δ| {row.max_abs:.2g}, {row.seconds:.1f} s", flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m kvverify.engines.vllm_check",
@@ -332,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
           f"head_dim {MODEL.head_dim} vocab {MODEL.vocab_size} float32, profile {args.profile}, seed {args.seed}",
           flush=True)
     try:
-        result = run_check(profile=args.profile, seed=args.seed, atol=args.atol, max_examples=args.max_examples)
+        result = run_check(profile=args.profile, seed=args.seed, atol=args.atol, max_examples=args.max_examples,
+                           on_example=_progress)
     except ValueError as error:
         print(f"vllm_check: {error}", file=sys.stderr)
         return 2
