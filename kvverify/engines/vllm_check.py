@@ -1,7 +1,8 @@
 """``python -m kvverify.engines.vllm_check``: vLLM's CPU engine, request by request, against the reference model
 generating each request alone without a cache.
 
-Hypothesis draws schedules (:func:`schedules`): 1 to 8 requests with prompts of 1 to 160 tokens, many sharing a
+Hypothesis draws schedules (:func:`schedules`): 1 to 8 requests with prompts of 1 to 160 tokens (half of them
+moved up to end 0 to 2 tokens short of a block boundary, so that decoding soon needs a new block), many sharing a
 prefix of whole or partial blocks with an earlier request, 1 to 24 new tokens each, some arriving while others
 decode, on an engine with prefix caching on or off, blocks of 32 or 64 tokens, a token budget per step small
 enough to chunk prefills, 2 to 16 running requests, and, three times in four, only as many KV blocks as the
@@ -119,21 +120,25 @@ def schedules(draw: st.DrawFn, *, vocab_size: int = MODEL.vocab_size, max_reques
                 length = block_size * draw(st.integers(1, whole), label="shared blocks")
             else:
                 length = draw(st.integers(1, len(prompts[source])), label="shared tokens")
-            prompt = prompts[source][:length] + fresh(draw(st.integers(0, MAX_PROMPT - length), label="own tokens"))
-            shares.append((source, length))
+            total = length + draw(st.integers(0, max(0, MAX_PROMPT - length)), label="own tokens")
         else:
-            prompt = fresh(draw(st.integers(1, MAX_PROMPT), label="prompt tokens"))
-            shares.append(None)
+            length, total = 0, draw(st.integers(1, MAX_PROMPT), label="prompt tokens")
+        if draw(st.booleans(), label="ends near a block boundary"):  # its first decode tokens need a new block
+            total = max(length, 1, _blocks(total, block_size) * block_size - draw(st.integers(0, 2), label="short by"))
+        prompt = (prompts[source][:length] if shared else []) + fresh(total - length)
+        shares.append((source, length) if shared else None)
         prompts.append(prompt)
         late = draw(st.booleans(), label="arrives late")
         arrival = draw(st.integers(1, MAX_ARRIVAL), label="arrival step") if late else 0
         requests.append(EngineRequest(tuple(prompt), draw(st.integers(1, MAX_NEW), label="new tokens"), arrival))
     longest = max(r.length for r in requests)
-    # KV blocks, plus the one vLLM holds back (its null block). "prompts" (half the draws): every prompt fits at
-    # once, so requests are admitted together and preempt each other as their decodes cross into new blocks;
+    # KV blocks, plus the one vLLM holds back (its null block). "prompts" (half the draws): the prompts of as many
+    # requests as may run at once fit, so they are admitted together and preempt each other as their decodes cross
+    # into new blocks;
     # "longest": only the longest request is sure to fit; "roomy": every request to its end, nothing is preempted.
     room = draw(st.sampled_from(["prompts", "prompts", "longest", "roomy"]), label="KV blocks")
-    need = {"prompts": max(_blocks(longest, block_size), sum(_blocks(len(r.prompt), block_size) for r in requests)),
+    together = sorted((_blocks(len(r.prompt), block_size) for r in requests), reverse=True)[:running]
+    need = {"prompts": max(_blocks(longest, block_size), sum(together)),
             "longest": _blocks(longest, block_size),
             "roomy": sum(_blocks(r.length, block_size) for r in requests)}[room]
     num_blocks = need + 1
