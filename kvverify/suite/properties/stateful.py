@@ -63,7 +63,7 @@ def _operation(draw: Draw, config: ModelConfig, batch: int, capabilities: frozen
     (:mod:`kvverify.suite.boundaries`) half the time."""
     kinds = [k for k, need in KINDS.items() if need is None or need in capabilities]
     appends = ["append"] * 3 * (len(kinds) - 1)  # destructive operations are rarer than appends
-    kind = draw(st.sampled_from(appends + kinds), label="operation")
+    kind = draw(st.sampled_from(appends + kinds + ["fork"]), label="operation")  # forks twice: both sides write
     if kind in ("append", "fork"):
         count = draw(st.integers(1, 4), label="tokens")
         return Operation(kind, tokens=random_tokens(draw, config, batch, count, "tokens"))
