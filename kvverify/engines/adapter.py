@@ -77,6 +77,10 @@ class EngineAdapter(Protocol):
         """The engine's version, for the run's header line."""
         ...
 
+    def description(self) -> str:
+        """What of the engine runs, in one line, for the table's header."""
+        ...
+
     def allows_sharing(self, model: ModelSpec) -> bool:
         """Whether the engine shares cache blocks between requests (prefix caching) for this model."""
         ...

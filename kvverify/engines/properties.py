@@ -90,11 +90,15 @@ def _compare(run: EngineRun, rid: str, tokens: list[int], logits: list[torch.Ten
             raise EngineMismatch(f"{rid}, token #{t}: the engine chose {got.tokens[t]} but no logits were seen "
                                  f"for it\nwhat the engine did around it:\n{run.around(rid, t)}")
         if got.tokens[t] != token or not torch.equal(mine, row):
-            difference = (mine - row).abs().max().item() if mine.shape == row.shape else float("nan")
-            raise EngineMismatch(
-                f"{rid}, token #{t}: the engine chose {got.tokens[t]} from logits that differ from {what} by "
-                f"max |Δ| {difference:.3g} (expected token {token}; tokens #0..#{t - 1} agreed)\n"
-                f"what the engine did around it:\n{run.around(rid, t)}")
+            agreed = f"tokens #0..#{t - 1} agreed" if t else "its first token"
+            if torch.equal(mine, row):
+                what_differs = f"from the same logits as {what}, which give {token} ({agreed})"
+            else:
+                difference = (mine - row).abs().max().item() if mine.shape == row.shape else float("nan")
+                what_differs = (f"from logits that differ from {what} by max |Δ| {difference:.3g} (expected token "
+                                f"{token}; {agreed})")
+            raise EngineMismatch(f"{rid}, token #{t}: the engine chose {got.tokens[t]} {what_differs}\n"
+                                 f"what the engine did around it:\n{run.around(rid, t)}")
     if len(got.tokens) != len(tokens):
         raise EngineMismatch(f"{rid} generated {len(got.tokens)} tokens; expected {len(tokens)} as {what}")
 

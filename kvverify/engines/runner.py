@@ -11,8 +11,9 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from hypothesis import given
+from hypothesis import Phase, given
 from hypothesis import seed as hypothesis_seed
+from hypothesis import settings as hypothesis_settings
 from hypothesis import target as hypothesis_target
 from hypothesis.errors import HypothesisException
 
@@ -26,7 +27,7 @@ from kvverify.suite.settings import PROFILE_EXAMPLES, profile_settings, use_stor
 #: Examples of property 1 per profile; an engine example is a whole serving run plus its oracle, so far fewer
 #: than a cache property's. The ci count is sized so that ``verify-engine transformers --profile ci`` stays
 #: under 5 minutes on 2 cores and every hard path is reached by at least 10% of its examples.
-ENGINE_EXAMPLES: Mapping[str, int] = MappingProxyType({"dev": 20, "ci": 60, "thorough": 600})
+ENGINE_EXAMPLES: Mapping[str, int] = MappingProxyType({"dev": 20, "ci": 200, "thorough": 2000})
 #: Property 2 runs two engine runs per example: this share of property 1's count.
 NEIGHBOUR_SHARE = 1 / 3
 PROPERTIES = ("matches_alone", "independent_of_neighbours")
@@ -56,10 +57,11 @@ def examples_for(profile: str, prop: str, max_examples: int | None = None) -> in
 def run_engine_suite(
     engine: EngineAdapter, *, profile: str = "ci", seed: int = 0, max_examples: int | None = None,
     properties: tuple[str, ...] = PROPERTIES, reproduce: str = "",
-    patch: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    patch: Callable[[], AbstractContextManager[Any]] = nullcontext, shrink: bool = True,
 ) -> EngineResult:
     """Both properties (or those named) against ``engine``; ``patch()`` is entered around every engine run (a
-    planted bug, for the mutants)."""
+    planted bug, for the mutants). ``shrink=False`` reports the first failing schedule as found (each shrinking
+    step is a whole engine run: a minute or more in all; a kill needs none)."""
     unknown = [p for p in properties if p not in PROPERTIES]
     if unknown:
         raise ValueError(f"unknown engine property {unknown[0]!r}; expected some of {', '.join(PROPERTIES)}")
@@ -68,7 +70,7 @@ def run_engine_suite(
     for name in properties:
         with torch_threads(1):
             outcome = _run_property(engine, name, result, profile=profile, seed=seed, max_examples=max_examples,
-                                    patch=patch)
+                                    patch=patch, shrink=shrink)
         if reproduce and outcome.verdict in ("failed", "error"):
             outcome = replace(outcome, reproduce=f"{reproduce} --property {name}")
         result.suite.results.append(outcome)
@@ -84,8 +86,11 @@ class _Progress:
 
 
 def _run_property(engine: EngineAdapter, name: str, result: EngineResult, *, profile: str, seed: int,
-                  max_examples: int | None, patch: Callable[[], AbstractContextManager[Any]]) -> PropertyResult:
+                  max_examples: int | None, patch: Callable[[], AbstractContextManager[Any]],
+                  shrink: bool) -> PropertyResult:
     settings = profile_settings(profile, max_examples=examples_for(profile, name, max_examples))
+    if not shrink:
+        settings = hypothesis_settings(settings, phases=[p for p in settings.phases if p is not Phase.shrink])
     progress = _Progress(start=time.perf_counter())
     strategy = schedules(engine=engine) if name == "matches_alone" else neighbour_cases(engine=engine)
 
@@ -118,7 +123,8 @@ def _run_property(engine: EngineAdapter, name: str, result: EngineResult, *, pro
                               f"{type(error).__name__}: {error}")
     except Exception as error:  # the minimal failing case's error, after shrinking
         return PropertyResult(name, "failed", progress.passed, time.perf_counter() - progress.start,
-                              _failure_report(error, progress.last_case, label="minimal schedule"),
+                              _failure_report(error, progress.last_case,
+                                              label="minimal schedule" if shrink else "schedule (not shrunk)"),
                               first_failure_seconds=progress.first_failure, case=progress.last_case)
     return PropertyResult(name, "passed", progress.passed, time.perf_counter() - progress.start)
 

@@ -35,6 +35,10 @@ class TransformersEngine:
     def version(self) -> str:
         return f"transformers {import_transformers().__version__}"
 
+    def description(self) -> str:
+        return ("ContinuousBatchingManager stepped in this thread, PagedAttentionCache (full and sliding "
+                "allocators), fifo and prefill_first schedulers, soft-reset preemption")
+
     def allows_sharing(self, model: ModelSpec) -> bool:
         # PagedAttentionCache shares blocks only when every allocator can: the sliding one cannot
         return model.layers == "full"
