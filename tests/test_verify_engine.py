@@ -149,8 +149,26 @@ def test_a_repro_script_exits_1_while_the_bug_is_there(tmp_path: Path) -> None:
     (["transformers", "--mutant", "nope"], "unknown --mutant 'nope'; expected one of: shared_block_freed_while_read"),
     (["transformers", "--device", "cuda:0"], "--device cuda:0"),
     (["transformers", "--max-examples", "0"], "--max-examples must be >= 1; got 0"),
+    (["transformers", "--time-limit", "soon"], "--time-limit must be > 0 seconds"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(argv: list[str], message: str,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify-engine", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def _hangs(original: Any) -> Any:
+    def _sample(self: Any, scores: Any, output_ids: Any) -> None:
+        import time
+
+        time.sleep(30)
+    return _sample
+
+
+def test_an_engine_that_hangs_fails_at_the_time_limit_unshrunk() -> None:
+    hang = mutants.EngineMutant("hangs", "sampling never returns", "model_runner", "ModelRunner", "_sample", _hangs)
+    result = run_engine_suite(ENGINE, profile="dev", seed=0, max_examples=3, properties=("matches_alone",),
+                              patch=hang.planted, time_limit=1.0)
+    [outcome] = result.suite.results
+    assert outcome.verdict == "failed" and "did not finish within the time limit of 1 s" in outcome.detail
+    assert "schedule (not shrunk):" in outcome.detail

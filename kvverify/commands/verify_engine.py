@@ -1,5 +1,6 @@
 """``kvverify verify-engine ENGINE [--profile ci|dev|thorough] [--max-examples N] [--seed N] [--device cpu]
-[--property NAME] [--junitxml PATH] [--repro-script PATH] [--mutant NAME]``.
+[--property NAME] [--junitxml PATH] [--repro-script PATH] [--time-limit SECONDS|none] [--no-shrink]
+[--mutant NAME]``.
 
 Hypothesis draws schedules of requests, runs them through the serving engine and checks that every request's
 tokens and per-step logits equal the request generated alone with no cache, bit for bit (and that a request does
@@ -51,6 +52,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repro-script", metavar="PATH", default=None,
                         help="write the first failure as a self-contained Python script that exits 1 while the bug "
                         "is there")
+    parser.add_argument("--time-limit", default=None, metavar="SECONDS",
+                        help="seconds one example may take before the engine is reported as hanging "
+                        "(default: 60; none: no limit)")
     parser.add_argument("--no-shrink", dest="shrink", action="store_false",
                         help="report the first failing schedule as found, unshrunk (each shrinking step is an engine "
                         "run; scripts/engine-mutants only needs the kill)")
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_engine_suite(
         engine, profile=args.profile, seed=seed, max_examples=args.max_examples,
         properties=tuple(args.properties or PROPERTIES), reproduce=_reproduce_command(args, seed),
-        shrink=args.shrink, **({"patch": mutant.planted} if mutant else {}))
+        shrink=args.shrink, time_limit=_time_limit(args), **({"patch": mutant.planted} if mutant else {}))
     suite = replace(result.suite, declaration=engine.description() + planted, shapes="tiny models (2 layers, d 32)")
     if args.repro_script:
         suite = _with_repro(suite, args)
@@ -100,6 +104,7 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
     from kvverify.engines.mutants import MUTANTS
     from kvverify.engines.registry import ENGINES
     from kvverify.suite.devices import DeviceError, resolve_device
+    from kvverify.suite.watchdog import parse_time_limit
 
     if args.engine not in ENGINES:
         return f"unknown engine {args.engine!r}; expected one of: {', '.join(ENGINES)}"
@@ -107,6 +112,11 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         return f"unknown --mutant {args.mutant!r}; expected one of: {', '.join(MUTANTS)}"
     if args.max_examples is not None and args.max_examples < 1:
         return f"--max-examples must be >= 1; got {args.max_examples}"
+    if args.time_limit is not None:
+        try:
+            parse_time_limit(args.time_limit, "--time-limit")
+        except ValueError as error:
+            return str(error)
     try:
         device = resolve_device(args.device, option="--device")
     except DeviceError as error:
@@ -139,10 +149,18 @@ def _coverage_table(result: EngineResult) -> Table:
     return rows
 
 
+def _time_limit(args: argparse.Namespace) -> float | None:
+    from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT, parse_time_limit
+
+    return DEFAULT_TIME_LIMIT if args.time_limit is None else parse_time_limit(args.time_limit, "--time-limit")
+
+
 def _reproduce_command(args: argparse.Namespace, seed: int) -> str:
     parts = ["kvverify verify-engine", args.engine, f"--profile {args.profile}", f"--seed {seed}"]
     if args.max_examples is not None:
         parts.append(f"--max-examples {args.max_examples}")
+    if args.time_limit is not None:
+        parts.append(f"--time-limit {args.time_limit}")
     if args.mutant:
         parts.append(f"--mutant {args.mutant}")
     return " ".join(parts)

@@ -17,12 +17,13 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import target as hypothesis_target
 from hypothesis.errors import HypothesisException
 
-from kvverify.engines.adapter import COVERAGE, EngineAdapter
+from kvverify.engines.adapter import COVERAGE, EngineAdapter, EngineRun
 from kvverify.engines.properties import check_independent_of_neighbours, check_matches_alone
 from kvverify.engines.strategies import neighbour_cases, schedules
 from kvverify.reference.threads import torch_threads
 from kvverify.suite.runner import PropertyResult, SuiteResult, _failure_report
 from kvverify.suite.settings import PROFILE_EXAMPLES, profile_settings, use_storage_directory
+from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT, ExampleTimeout, run_with_time_limit
 
 #: Examples of property 1 per profile; an engine example is a whole serving run plus its oracle, so far fewer
 #: than a cache property's. The ci count is sized so that ``verify-engine transformers --profile ci`` stays
@@ -58,10 +59,12 @@ def run_engine_suite(
     engine: EngineAdapter, *, profile: str = "ci", seed: int = 0, max_examples: int | None = None,
     properties: tuple[str, ...] = PROPERTIES, reproduce: str = "",
     patch: Callable[[], AbstractContextManager[Any]] = nullcontext, shrink: bool = True,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
 ) -> EngineResult:
     """Both properties (or those named) against ``engine``; ``patch()`` is entered around every engine run (a
     planted bug, for the mutants). ``shrink=False`` reports the first failing schedule as found (each shrinking
-    step is a whole engine run: a minute or more in all; a kill needs none)."""
+    step is a whole engine run: a minute or more in all; a kill needs none). ``time_limit``: seconds one example
+    may take (None: no limit); past it the engine is reported as hanging, unshrunk."""
     unknown = [p for p in properties if p not in PROPERTIES]
     if unknown:
         raise ValueError(f"unknown engine property {unknown[0]!r}; expected some of {', '.join(PROPERTIES)}")
@@ -70,7 +73,7 @@ def run_engine_suite(
     for name in properties:
         with torch_threads(1):
             outcome = _run_property(engine, name, result, profile=profile, seed=seed, max_examples=max_examples,
-                                    patch=patch, shrink=shrink)
+                                    patch=patch, shrink=shrink, time_limit=time_limit)
         if reproduce and outcome.verdict in ("failed", "error"):
             outcome = replace(outcome, reproduce=f"{reproduce} --property {name}")
         result.suite.results.append(outcome)
@@ -87,7 +90,7 @@ class _Progress:
 
 def _run_property(engine: EngineAdapter, name: str, result: EngineResult, *, profile: str, seed: int,
                   max_examples: int | None, patch: Callable[[], AbstractContextManager[Any]],
-                  shrink: bool) -> PropertyResult:
+                  shrink: bool, time_limit: float | None) -> PropertyResult:
     settings = profile_settings(profile, max_examples=examples_for(profile, name, max_examples))
     if not shrink:
         settings = hypothesis_settings(settings, phases=[p for p in settings.phases if p is not Phase.shrink])
@@ -98,26 +101,35 @@ def _run_property(engine: EngineAdapter, name: str, result: EngineResult, *, pro
     @given(case=strategy)
     def test(case: Any) -> None:
         progress.last_case = case
-        try:
+
+        def check() -> EngineRun | None:
             with patch():
                 if name == "matches_alone":
-                    run = check_matches_alone(engine, case)
-                    hypothesis_target(float(len(run.reached)), label="hard paths reached")
-                else:
-                    check_independent_of_neighbours(engine, case)
+                    return check_matches_alone(engine, case)
+                check_independent_of_neighbours(engine, case)
+                return None
+
+        try:
+            run = run_with_time_limit(check, time_limit, f"one example of {name}", case)
         except BaseException:
             if progress.first_failure is None:
                 progress.first_failure = time.perf_counter() - progress.start
             raise
+        if run is not None:
+            hypothesis_target(float(len(run.reached)), label="hard paths reached")
         if progress.first_failure is None:
             progress.passed += 1
-            if name == "matches_alone":
+            if run is not None:
                 result.examples += 1
                 result.reached.update(run.reached)
 
     test = hypothesis_seed(seed)(test)
     try:
         test()
+    except ExampleTimeout as timeout:  # not shrunk: every shrinking step could hang as long again
+        return PropertyResult(name, "failed", progress.passed, time.perf_counter() - progress.start,
+                              _failure_report(timeout, progress.last_case, label="schedule (not shrunk)"),
+                              first_failure_seconds=progress.first_failure, case=progress.last_case)
     except HypothesisException as error:  # the strategy or settings, not the engine
         return PropertyResult(name, "error", progress.passed, time.perf_counter() - progress.start,
                               f"{type(error).__name__}: {error}")
