@@ -63,6 +63,15 @@ def test_the_unpatched_engine_matches_each_request_alone(schedule: Schedule, pat
     assert paths <= run.reached, f"the fixed schedule should reach {paths}; it reached {run.reached}"
 
 
+def test_requests_arrive_before_their_step_while_others_decode() -> None:
+    run = check_matches_alone(ENGINE, PREEMPTION)  # r2 arrives before step 1
+    first = {rid: min(s.index for s in run.steps if any(r == rid for r, _, _ in s.batch)) for rid in ("r0", "r2")}
+    assert first["r0"] == 0 and first["r2"] >= 1, f"first steps: {first}"
+    late = Schedule(ModelSpec(), EngineKnobs(), (RequestSpec(fresh(5, 1), 6), RequestSpec(fresh(4, 2), 2, arrival=3)))
+    run = check_matches_alone(ENGINE, late)
+    assert [[rid for rid, _, _ in s.batch] for s in run.steps[:4]] == [["r0"], ["r0"], ["r0"], ["r0", "r1"]]
+
+
 def test_a_request_does_not_depend_on_its_neighbours_unless_a_bug_makes_it() -> None:
     case = NeighbourCase(PREEMPTION, _with(PREEMPTION.requests[1]), 1, 1)
     check_independent_of_neighbours(ENGINE, case)

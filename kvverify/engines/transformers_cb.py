@@ -100,7 +100,9 @@ class _Driver:
         limit = STEPS_PER_TOKEN * sum(r.total_len for r in self.schedule.requests) + 64
         while True:
             step = len(self.steps)
-            while requests and (requests[0][1].arrival <= step or not processor.has_pending_requests()):
+            idle = not processor.has_pending_requests() and manager.input_queue.empty()
+            due = max(step, requests[0][1].arrival) if idle and requests else step  # idle: the next ones now
+            while requests and requests[0][1].arrival <= due:
                 index, request = requests.pop(0)
                 manager.add_request(list(request.prompt), request_id=self.schedule.request_id(index),
                                     max_new_tokens=request.max_new_tokens)
