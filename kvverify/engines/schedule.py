@@ -48,7 +48,8 @@ class ModelSpec:
 @dataclass(frozen=True)
 class RequestSpec:
     """One request: its prompt token ids, the tokens to generate, and ``arrival``, the engine step before which
-    it is submitted (0: before the first step, so with the others; k: while the step-0 requests run)."""
+    it is submitted (0: before the first step, so with the others; k: while the earlier ones run; when the engine
+    goes idle before step k, the next requests to arrive are submitted at once)."""
 
     prompt: tuple[int, ...]
     max_new_tokens: int
