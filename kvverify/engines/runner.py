@@ -14,7 +14,6 @@ from typing import Any
 from hypothesis import Phase, given
 from hypothesis import seed as hypothesis_seed
 from hypothesis import settings as hypothesis_settings
-from hypothesis import target as hypothesis_target
 from hypothesis.errors import HypothesisException
 
 from kvverify.engines.adapter import COVERAGE, EngineAdapter, EngineRun
@@ -115,8 +114,6 @@ def _run_property(engine: EngineAdapter, name: str, result: EngineResult, *, pro
             if progress.first_failure is None:
                 progress.first_failure = time.perf_counter() - progress.start
             raise
-        if run is not None:
-            hypothesis_target(float(len(run.reached)), label="hard paths reached")
         if progress.first_failure is None:
             progress.passed += 1
             if run is not None:
