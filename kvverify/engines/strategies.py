@@ -80,13 +80,15 @@ def schedules(draw: st.DrawFn, *, engine: EngineAdapter, max_requests: int = MAX
     requests = []
     for _ in range(count):
         prompt = draw(prompts(page_size=page_size, stems=stems, vocab=model.vocab, max_prompt=max_prompt))
-        new = draw(st.integers(1, max_new_tokens), label="max_new_tokens")
-        arrival = draw(st.one_of(st.just(0), st.just(0), st.integers(0, 12)), label="arrival step")
+        # long generations outgrow their blocks while decoding: what makes the engine preempt
+        new = draw(st.one_of(st.integers(1, max_new_tokens), st.integers(max(1, max_new_tokens // 2), max_new_tokens)),
+                   label="max_new_tokens")
+        arrival = draw(st.one_of(st.just(0), st.just(0), st.just(0), st.integers(0, 12)), label="arrival step")
         requests.append(RequestSpec(prompt, new, arrival))
     need = blocks_needed(requests, page_size)
     every = sum(ceil(r.total_len / page_size) for r in requests) + 1
     tight = st.integers(need, need + 2)  # preemption: the requests cannot all hold their blocks at once
-    num_blocks = draw(st.one_of(tight, tight, st.integers(need, need + 6),
+    num_blocks = draw(st.one_of(tight, tight, tight, st.integers(need, need + 6),
                                 st.integers(need, max(need, every)), st.integers(every, 2 * every)),
                       label="num_blocks")
     longest = max(len(r.prompt) for r in requests)
