@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("kvverify.commands.verify", "run the property suite against the built-in caches or MODULE:FACTORY"),
     "verify-hf": ("kvverify.commands.verify_hf", "compare cached and uncached generation of transformers' models"),
     "verify-libs": ("kvverify.commands.verify_libs", "run the suite against real libraries' caches: one table"),
+    "verify-engine": ("kvverify.commands.verify_engine",
+                      "run a serving engine's requests against each request alone, bit for bit"),
     "long-context": ("kvverify.commands.long_context", "one strict generation of thousands of tokens, bit for bit"),
     "mutants": ("kvverify.commands.mutants", "run the suite against the catalogue of buggy caches: a kill table"),
     "profile": ("kvverify.commands.profile", "measure time and memory of every cache: report.html, .md, .json"),

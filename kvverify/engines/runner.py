@@ -1,0 +1,144 @@
+"""Running the engine properties with Hypothesis: the verdicts as the suite's own results (so the table,
+JUnit and exit codes are those of ``kvverify verify``), and how many examples reached each hard path."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
+
+from hypothesis import Phase, given
+from hypothesis import seed as hypothesis_seed
+from hypothesis import settings as hypothesis_settings
+from hypothesis.errors import HypothesisException
+
+from kvverify.engines.adapter import COVERAGE, EngineAdapter, EngineRun
+from kvverify.engines.properties import check_independent_of_neighbours, check_matches_alone
+from kvverify.engines.strategies import neighbour_cases, schedules
+from kvverify.reference.threads import torch_threads
+from kvverify.suite.runner import PropertyResult, SuiteResult, _failure_report
+from kvverify.suite.settings import PROFILE_EXAMPLES, profile_settings, use_storage_directory
+from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT, ExampleTimeout, run_with_time_limit
+
+#: Examples of property 1 per profile; an engine example is a whole serving run plus its oracle, so far fewer
+#: than a cache property's. The ci count is sized so that ``verify-engine transformers --profile ci`` stays
+#: under 5 minutes on 2 cores and every hard path is reached by at least 10% of its examples.
+ENGINE_EXAMPLES: Mapping[str, int] = MappingProxyType({"dev": 20, "ci": 200, "thorough": 2000})
+#: Property 2 runs two engine runs per example: this share of property 1's count.
+NEIGHBOUR_SHARE = 1 / 3
+PROPERTIES = ("matches_alone", "independent_of_neighbours")
+
+
+@dataclass
+class EngineResult:
+    """A suite result plus the coverage of property 1: of ``examples`` passing examples, ``reached[path]``
+    took that hard path (see :data:`~kvverify.engines.adapter.COVERAGE`)."""
+
+    suite: SuiteResult
+    examples: int = 0
+    reached: Counter[str] = field(default_factory=Counter)
+
+    def share(self, path: str) -> float:
+        return self.reached[path] / self.examples if self.examples else 0.0
+
+
+def examples_for(profile: str, prop: str, max_examples: int | None = None) -> int:
+    """Examples of ``prop`` under ``profile`` (``max_examples`` in place of the profile's count)."""
+    if profile not in PROFILE_EXAMPLES:
+        raise ValueError(f"profile must be one of {', '.join(PROFILE_EXAMPLES)}; got {profile!r}")
+    count = ENGINE_EXAMPLES[profile] if max_examples is None else max_examples
+    return count if prop == "matches_alone" else max(1, round(count * NEIGHBOUR_SHARE))
+
+
+def run_engine_suite(
+    engine: EngineAdapter, *, profile: str = "ci", seed: int = 0, max_examples: int | None = None,
+    properties: tuple[str, ...] = PROPERTIES, reproduce: str = "",
+    patch: Callable[[], AbstractContextManager[Any]] = nullcontext, shrink: bool = True,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
+) -> EngineResult:
+    """Both properties (or those named) against ``engine``; ``patch()`` is entered around every engine run (a
+    planted bug, for the mutants). ``shrink=False`` reports the first failing schedule as found (each shrinking
+    step is a whole engine run: a minute or more in all; a kill needs none). ``time_limit``: seconds one example
+    may take (None: no limit); past it the engine is reported as hanging, unshrunk."""
+    unknown = [p for p in properties if p not in PROPERTIES]
+    if unknown:
+        raise ValueError(f"unknown engine property {unknown[0]!r}; expected some of {', '.join(PROPERTIES)}")
+    use_storage_directory()
+    result = EngineResult(SuiteResult(engine.name, seed, profile))
+    for name in properties:
+        with torch_threads(1):
+            outcome = _run_property(engine, name, result, profile=profile, seed=seed, max_examples=max_examples,
+                                    patch=patch, shrink=shrink, time_limit=time_limit)
+        if reproduce and outcome.verdict in ("failed", "error"):
+            outcome = replace(outcome, reproduce=f"{reproduce} --property {name}")
+        result.suite.results.append(outcome)
+    return result
+
+
+@dataclass
+class _Progress:
+    start: float
+    passed: int = 0
+    first_failure: float | None = None
+    last_case: Any = None
+
+
+def _run_property(engine: EngineAdapter, name: str, result: EngineResult, *, profile: str, seed: int,
+                  max_examples: int | None, patch: Callable[[], AbstractContextManager[Any]],
+                  shrink: bool, time_limit: float | None) -> PropertyResult:
+    settings = profile_settings(profile, max_examples=examples_for(profile, name, max_examples))
+    if not shrink:
+        settings = hypothesis_settings(settings, phases=[p for p in settings.phases if p is not Phase.shrink])
+    progress = _Progress(start=time.perf_counter())
+    strategy = schedules(engine=engine) if name == "matches_alone" else neighbour_cases(engine=engine)
+
+    @settings
+    @given(case=strategy)
+    def test(case: Any) -> None:
+        progress.last_case = case
+
+        def check() -> EngineRun | None:
+            with patch():
+                if name == "matches_alone":
+                    return check_matches_alone(engine, case)
+                check_independent_of_neighbours(engine, case)
+                return None
+
+        try:
+            run = run_with_time_limit(check, time_limit, f"one example of {name}", case)
+        except BaseException:
+            if progress.first_failure is None:
+                progress.first_failure = time.perf_counter() - progress.start
+            raise
+        if progress.first_failure is None:
+            progress.passed += 1
+            if run is not None:
+                result.examples += 1
+                result.reached.update(run.reached)
+
+    test = hypothesis_seed(seed)(test)
+    try:
+        test()
+    except ExampleTimeout as timeout:  # not shrunk: every shrinking step could hang as long again
+        return PropertyResult(name, "failed", progress.passed, time.perf_counter() - progress.start,
+                              _failure_report(timeout, progress.last_case, label="schedule (not shrunk)"),
+                              first_failure_seconds=progress.first_failure, case=progress.last_case)
+    except HypothesisException as error:  # the strategy or settings, not the engine
+        return PropertyResult(name, "error", progress.passed, time.perf_counter() - progress.start,
+                              f"{type(error).__name__}: {error}")
+    except Exception as error:  # the minimal failing case's error, after shrinking
+        return PropertyResult(name, "failed", progress.passed, time.perf_counter() - progress.start,
+                              _failure_report(error, progress.last_case,
+                                              label="minimal schedule" if shrink else "schedule (not shrunk)"),
+                              first_failure_seconds=progress.first_failure, case=progress.last_case)
+    return PropertyResult(name, "passed", progress.passed, time.perf_counter() - progress.start)
+
+
+def coverage_rows(result: EngineResult) -> Iterator[tuple[str, int, float]]:
+    """(path, examples that reached it, share of property 1's passing examples), in :data:`COVERAGE` order."""
+    for path in COVERAGE:
+        yield path, result.reached[path], result.share(path)
