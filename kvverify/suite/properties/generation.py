@@ -8,7 +8,7 @@ import torch
 from hypothesis import reject
 from hypothesis import strategies as st
 
-from kvverify.suite.boundaries import near_marks
+from kvverify.suite.boundaries import ENGINE_CHUNKS, near_marks
 from kvverify.suite.case import Case
 from kvverify.suite.expected import expected_generation
 from kvverify.suite.property import Property, expect_same, join, numerics_cases, random_tokens
@@ -73,8 +73,11 @@ def continuations(draw: st.DrawFn, target: Target) -> Continuation:
     held = case.total_len
     across = [n - held - 1 for n in near_marks(case.config, held + 2, held + 1 + room - more,
                                                target.declaration.block_size)]
-    extra = draw(st.integers(0, min(room - more, 4)) | (st.sampled_from(across) if across else st.nothing()),
-                 label="appended tokens")
+    # and just past an engine's allocation chunk (128, 256, 512) whenever one lies ahead
+    last = held + 1 + room - more
+    past_chunk = [m + d - held - 1 for m in ENGINE_CHUNKS for d in (1, 2) if held < m and m + d <= last]
+    extra = draw(st.integers(0, min(room - more, 4)) | (st.sampled_from(across) if across else st.nothing())
+                 | (st.sampled_from(past_chunk) if past_chunk else st.nothing()), label="appended tokens")
     tokens = random_tokens(draw, case.config, case.batch, extra, "appended tokens")
     return Continuation(case, tokens, more)
 
