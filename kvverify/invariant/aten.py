@@ -8,7 +8,7 @@ and integer inputs pass through to torch (integer sums are exact in any order).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,19 +17,6 @@ from kvverify.invariant import attention, norms, ordered, reductions
 
 aten = torch.ops.aten
 Bound = dict[str, Any]
-
-
-def bind(func: torch._ops.OpOverload, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Bound:
-    """The op's arguments by schema name, defaults filled in."""
-    bound: Bound = {}
-    for i, arg in enumerate(func._schema.arguments):
-        if i < len(args) and not arg.kwarg_only:
-            bound[arg.name] = args[i]
-        elif arg.name in kwargs:
-            bound[arg.name] = kwargs[arg.name]
-        else:
-            bound[arg.name] = arg.default_value if arg.has_default_value() else None
-    return bound
 
 
 def _mm(b: Bound) -> torch.Tensor:

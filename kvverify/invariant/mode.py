@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatc
 from kvverify.invariant import aten
 from kvverify.invariant.attention import attention
 from kvverify.invariant.pointwise import is_transcendental, lane_stable_op
+from kvverify.reference.audit import bind  # the op's arguments by schema name, as the audit reads them
 
 
 @functools.cache
@@ -58,7 +59,7 @@ class InvariantKernels(TorchDispatchMode):  # type: ignore[no-untyped-call]  # t
         kwargs = kwargs or {}
         if aten.applies(func, args):
             self.replaced += 1
-            return aten.KERNELS[func](aten.bind(func, args, kwargs))
+            return aten.KERNELS[func](bind(func, args, kwargs))
         if is_transcendental(func):
             return lane_stable_op(func, args, kwargs)
         if _composite(func):

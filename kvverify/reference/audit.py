@@ -335,7 +335,7 @@ def _classify(func: torch._ops.OpOverload) -> Rule | str:
     return "unknown"
 
 
-def _bind(func: torch._ops.OpOverload, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def bind(func: torch._ops.OpOverload, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """The op's arguments by schema name, defaults filled in."""
     bound: dict[str, Any] = {}
     for i, arg in enumerate(func._schema.arguments):
@@ -433,7 +433,7 @@ class OrderAudit(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch l
         rule = _classify(func)
         if isinstance(rule, Rule):
             try:
-                extent: int | None = rule.extent(_bind(func, args, kwargs))
+                extent: int | None = rule.extent(bind(func, args, kwargs))
             except Exception:  # an overload whose arguments the rule does not know: flag it, unmeasured
                 extent = None
             if extent is None or extent > rule.allowed:
