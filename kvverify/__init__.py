@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kvverify.caches import BUILTIN_CACHES, ContiguousCache, PagedCache, SlidingWindowCache, StaticCache
-    from kvverify.declaration import DeclarationError
-    from kvverify.protocol import CacheDeclaration, CacheFactory, KVCache, Unsupported, capabilities
-    from kvverify.reference.config import ConfigError, ModelConfig
+    from kvverify.protocol.cache import CacheDeclaration, CacheFactory, KVCache, Unsupported, capabilities
+    from kvverify.protocol.config import ConfigError, ModelConfig
+    from kvverify.protocol.declaration import DeclarationError
     from kvverify.reference.inputs import InputError
     from kvverify.reference.model import Generation, ReferenceModel
     from kvverify.suite import CacheCheckFailed, SuiteResult, check_cache
@@ -29,8 +29,8 @@ _HOMES: dict[str, str] = {
     "PagedCache": "kvverify.caches",
     "SlidingWindowCache": "kvverify.caches",
     "StaticCache": "kvverify.caches",
-    "ConfigError": "kvverify.reference.config",
-    "ModelConfig": "kvverify.reference.config",
+    "ConfigError": "kvverify.protocol.config",
+    "ModelConfig": "kvverify.protocol.config",
     "CheckedCache": "kvverify.suite.contract",
     "ContractViolation": "kvverify.suite.contract",
     "InputError": "kvverify.reference.inputs",
@@ -39,12 +39,12 @@ _HOMES: dict[str, str] = {
     "load_factory": "kvverify.suite.loading",
     "Generation": "kvverify.reference.model",
     "ReferenceModel": "kvverify.reference.model",
-    "CacheDeclaration": "kvverify.protocol",
-    "DeclarationError": "kvverify.declaration",
-    "Unsupported": "kvverify.protocol",
-    "CacheFactory": "kvverify.protocol",
-    "KVCache": "kvverify.protocol",
-    "capabilities": "kvverify.protocol",
+    "CacheDeclaration": "kvverify.protocol.cache",
+    "DeclarationError": "kvverify.protocol.declaration",
+    "Unsupported": "kvverify.protocol.cache",
+    "CacheFactory": "kvverify.protocol.cache",
+    "KVCache": "kvverify.protocol.cache",
+    "capabilities": "kvverify.protocol.cache",
     "CacheCheckFailed": "kvverify.suite",
     "SuiteResult": "kvverify.suite",
     "check_cache": "kvverify.suite",

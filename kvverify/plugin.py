@@ -29,7 +29,7 @@ import pytest
 if TYPE_CHECKING:
     from hypothesis.database import ExampleDatabase
 
-    from kvverify.protocol import CacheFactory
+    from kvverify.protocol.cache import CacheFactory
     from kvverify.reference.model import ReferenceModel
     from kvverify.suite import Property, PropertyResult, Target
 

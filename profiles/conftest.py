@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
 from kvverify.reference.threads import torch_threads
 

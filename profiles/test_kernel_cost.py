@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 
 pytestmark = pytest.mark.benchmark
 

@@ -65,7 +65,7 @@ def test_paged_footprint() -> None:
 CHURN_SCRIPT = """
 import json
 from kvverify.caches import BUILTIN_CACHES
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.profiling.hostmem import memray_allocations
 from kvverify.profiling.replay import UpdatePlan, replay
 out = {}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvverify.adapters import flashinfer as fi
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
 
 CONFIG = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=40,

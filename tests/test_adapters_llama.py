@@ -10,7 +10,7 @@ pytest.importorskip("transformers", reason="transformers is not installed: pip i
 
 from kvverify.adapters.hf.generation import position_ids_from_mask
 from kvverify.adapters.hf.llama import llama_config, to_llama
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
 
 ATOL = 1e-5

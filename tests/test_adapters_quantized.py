@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvverify.quantizers import Quantizer
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
+from kvverify.protocol.quantizers import Quantizer
 from kvverify.reference.model import ReferenceModel
 from kvverify.suite.replay import ReplayCache
 

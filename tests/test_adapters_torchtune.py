@@ -11,8 +11,8 @@ pytest.importorskip("torchtune", reason="torchtune is not installed: pip install
                     exc_type=ImportError)
 
 from kvverify.adapters import torchtune as tt
-from kvverify.protocol import declaration_of
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import declaration_of
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
 from kvverify.suite.loading import load_factory
 from kvverify.suite.runner import CacheCheckFailed, check_cache

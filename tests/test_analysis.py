@@ -9,7 +9,7 @@ from kvverify.caches import BUILTIN_CACHES
 from kvverify.profiling import analysis
 from kvverify.profiling.hostmem import held_bytes, memray_allocations
 from kvverify.profiling.replay import UpdatePlan, replay
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 
 
 def test_kv_bytes_is_the_hidden_size_formula_for_multi_head_attention() -> None:

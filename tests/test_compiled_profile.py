@@ -16,7 +16,7 @@ from kvverify.profiling.plan import Plan, builtin_specs, transformers_specs
 from kvverify.profiling.presets import PRESETS, PresetError, Sweep, preset_config, sweep_for, weight_bytes
 from kvverify.profiling.runner import run_profile
 from kvverify.profiling.sweep import run_sweep
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
 
 TINY = ModelConfig.preset("tiny", numerics="fast", max_seq_len=64)

@@ -8,8 +8,8 @@ import torch
 
 from kvverify.caches import BUILTIN_CACHES, SlidingWindowCache
 from kvverify.mutants import MUTANTS
-from kvverify.protocol import CacheDeclaration
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import CacheDeclaration
+from kvverify.protocol.config import ModelConfig
 from kvverify.suite import PROPERTIES, make_target, run_property
 from kvverify.suite.properties.compiled import graphed_decode, greedy
 

@@ -12,7 +12,7 @@ import torch
 from kvverify import ModelConfig, ReferenceModel
 from kvverify.caches import ContiguousCache, SlidingWindowCache, StaticCache
 from kvverify.mutants import MUTANTS
-from kvverify.protocol import capabilities
+from kvverify.protocol.cache import capabilities
 from kvverify.suite.contract import CheckedCache, ContractViolation
 
 TESTS = Path(__file__).parent

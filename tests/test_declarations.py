@@ -17,8 +17,8 @@ from hypothesis import seed as hypothesis_seed
 
 import kvverify
 from kvverify.cli import main
-from kvverify.declaration import RULES, DeclarationError
-from kvverify.protocol import CacheDeclaration, declaration_of
+from kvverify.protocol.cache import CacheDeclaration, declaration_of
+from kvverify.protocol.declaration import RULES, DeclarationError
 from kvverify.suite import make_target, run_suite
 from kvverify.suite import settings as settings_module
 from kvverify.suite.case import Case
@@ -103,7 +103,7 @@ def test_an_undeclared_device_is_refused_and_a_declared_one_runs() -> None:
 
 def test_every_field_has_a_rule() -> None:
     missing = [f.name for f in dataclasses.fields(CacheDeclaration) if f.name not in RULES]
-    assert not missing, f"CacheDeclaration fields without a rule in kvverify.declaration.RULES: {missing}"
+    assert not missing, f"CacheDeclaration fields without a rule in kvverify.protocol.declaration.RULES: {missing}"
 
 
 @pytest.mark.parametrize(("field", "value", "expected"), [

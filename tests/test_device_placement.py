@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 import kvverify
 from kvverify.caches import BUILTIN_CACHES, ContiguousCache
 from kvverify.mutants import MUTANTS
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.suite import PROPERTIES, make_target, run_suite
 from kvverify.suite.case import Case
 from kvverify.suite.compare import GenerationMismatch

@@ -11,7 +11,7 @@ import torch
 
 import kvverify
 from kvverify.caches import ContiguousCache
-from kvverify.protocol import CacheDeclaration
+from kvverify.protocol.cache import CacheDeclaration
 from kvverify.suite.devices import DeviceError, declares, describe_device, parse_device, resolve_device
 from kvverify.suite.loading import TargetError
 from kvverify.suite.target import make_target

@@ -11,7 +11,7 @@ import torch
 from kvverify.caches import BUILTIN_CACHES
 from kvverify.engine import decode
 from kvverify.engine.decode import DecodeStep
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
 from kvverify.reference.weights import ModelWeights
 

@@ -19,7 +19,7 @@ from kvverify import BUILTIN_CACHES, ModelConfig, ReferenceModel
 from kvverify.caches import PagedCache
 from kvverify.mutants import MUTANTS, NEEDS, Mutant
 from kvverify.mutants.boundaries import CONTROLS
-from kvverify.protocol import KVCache
+from kvverify.protocol.cache import KVCache
 from kvverify.suite.expected import teacher_forced
 
 Factory = Callable[[ModelConfig], KVCache]

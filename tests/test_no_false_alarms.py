@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvverify.caches import ContiguousCache
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.suite import PROPERTIES, make_target, run_property
 from kvverify.suite import property as comparisons
 from kvverify.suite.case import Case

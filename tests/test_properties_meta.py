@@ -9,7 +9,7 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from kvverify.caches import BUILTIN_CACHES, ContiguousCache
 from kvverify.mutants import MUTANTS
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.suite import PROPERTIES, make_target, run_property
 from kvverify.suite.properties.session import ListCache
 from kvverify.suite.properties.stateful import machine_for

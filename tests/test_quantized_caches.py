@@ -10,8 +10,8 @@ import torch
 from kvverify.caches import Int8PerTokenCache
 from kvverify.caches.kivi import kivi2_cache, kivi4_cache
 from kvverify.mutants.quantized import MUTANTS, QuantizedMutant
-from kvverify.protocol import CacheFactory, declaration_of
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import CacheFactory, declaration_of
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
 from kvverify.suite.replay import ReplayCache
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from kvverify.declaration import DeclarationError
-from kvverify.protocol import CacheDeclaration
-from kvverify.quantizers import INT8_PER_TOKEN, Quantizer, QuantizerError, kivi
-from kvverify.rounding import KeysAndValues, Rounding
+from kvverify.protocol.cache import CacheDeclaration
+from kvverify.protocol.declaration import DeclarationError
+from kvverify.protocol.quantizers import INT8_PER_TOKEN, Quantizer, QuantizerError, kivi
+from kvverify.protocol.rounding import KeysAndValues, Rounding
 from kvverify.suite.replay import ReplayCache
 
 QUANTIZED = 1000.0  # what the recording round trip adds: a returned slot holds a stored (round-tripped) token

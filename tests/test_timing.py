@@ -9,7 +9,7 @@ import torch
 from kvverify.caches import ContiguousCache
 from kvverify.engine.decode import DecodeStep
 from kvverify.profiling import timing
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
 
 
@@ -65,7 +65,7 @@ def test_generate_ratio_refuses_to_time_different_work() -> None:
     from kvverify.adapters.hf import dynamic_cache
     from kvverify.adapters.hf.llama import to_llama
     from kvverify.caches import ContiguousCache
-    from kvverify.reference.config import ModelConfig
+    from kvverify.protocol.config import ModelConfig
     from kvverify.reference.model import ReferenceModel
 
     config = ModelConfig.preset("tiny", numerics="fast")

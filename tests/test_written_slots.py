@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvverify.protocol import written_slots
+from kvverify.protocol.cache import written_slots
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from kvverify.protocol import CacheDeclaration, KVCache
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import CacheDeclaration, KVCache
+from kvverify.protocol.config import ModelConfig
 
 PAGE_SIZE = 16
 INSTALL_HINT = "pip install 'kvverify[flashinfer]' (flashinfer-python; CUDA only)"

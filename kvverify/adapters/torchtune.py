@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from kvverify.protocol import CacheDeclaration, KVCache
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import CacheDeclaration, KVCache
+from kvverify.protocol.config import ModelConfig
 
 INSTALL_HINT = "pip install 'kvverify[torchtune]' (torchtune 0.6.1 with torchao 0.11)"
 

@@ -8,7 +8,7 @@ from kvverify.caches.kivi import KiviCache
 from kvverify.caches.paged import PagedCache
 from kvverify.caches.sliding import SlidingWindowCache
 from kvverify.caches.static import StaticCache
-from kvverify.protocol import CacheFactory
+from kvverify.protocol.cache import CacheFactory
 
 #: Built-in cache factories by name; each takes a ModelConfig and returns a fresh, empty cache.
 BUILTIN_CACHES: dict[str, CacheFactory] = {
@@ -19,7 +19,7 @@ BUILTIN_CACHES: dict[str, CacheFactory] = {
 }
 
 #: The lossy caches (Int8PerTokenCache, KiviCache) are not in BUILTIN_CACHES: each declares a tolerance and a
-#: quantizer (kvverify.quantizers) and is verified as a target of its own, e.g.
+#: quantizer (kvverify.protocol.quantizers) and is verified as a target of its own, e.g.
 #: ``kvverify verify kvverify.caches.kivi:kivi2_cache``.
 
 __all__ = ["BUILTIN_CACHES", "ContiguousCache", "Int8PerTokenCache", "KiviCache", "PagedCache", "SlidingWindowCache",

@@ -1,7 +1,7 @@
 """A symmetric int8 cache: each token's keys and values stored as int8 codes with one absmax/127 scale per
 token and head, dequantized on every read (the prefill too).
 
-It declares :data:`kvverify.quantizers.INT8_PER_TOKEN`, so ``cached_equals_uncached`` replays its loss bit for
+It declares :data:`kvverify.protocol.quantizers.INT8_PER_TOKEN`, so ``cached_equals_uncached`` replays its loss bit for
 bit, and ``INT8_ATOL`` for the properties that compare with exact recomputation.
 """
 
@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from kvverify.caches._common import check_layer_order, resolve_crop
-from kvverify.protocol import CacheDeclaration
-from kvverify.quantizers import INT8_PER_TOKEN
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import CacheDeclaration
+from kvverify.protocol.config import ModelConfig
+from kvverify.protocol.quantizers import INT8_PER_TOKEN
 
 #: Logit tolerance for the properties compared with exact recomputation (not cached_equals_uncached, which
 #: replays): ``python -m kvverify.commands.measure_tolerance --target

@@ -9,7 +9,7 @@ The prefill attends to its own states in full precision, as in KIVI's code; ever
 dequantized quantized part followed by the full-precision residual. ``crop`` cuts full-precision tokens only
 (it refuses, with ValueError, a crop into quantized ones).
 
-It declares :func:`kvverify.quantizers.kivi` with its parameters, so ``cached_equals_uncached`` replays its loss
+It declares :func:`~kvverify.protocol.kivi` with its parameters, so ``cached_equals_uncached`` replays its loss
 bit for bit. The factories :func:`kivi2_cache` and :func:`kivi4_cache` use groups of 4 tokens and a residual of
 8, scaled down from the paper's 32 and 128 so that the suite's sequences (16 to 128 tokens) cross many groups.
 """
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from kvverify.caches._common import check_layer_order, resolve_crop
-from kvverify.protocol import CacheDeclaration
-from kvverify.quantizers import kivi
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import CacheDeclaration
+from kvverify.protocol.config import ModelConfig
+from kvverify.protocol.quantizers import kivi
 
 #: Logit tolerances for the properties compared with exact recomputation (not cached_equals_uncached, which
 #: replays). ``python -m kvverify.commands.measure_tolerance --target kvverify.caches.kivi:kivi2_cache --cases 200

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from kvverify.caches._common import check_layer_order, resolve_crop
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 
 
 class SlidingWindowCache:

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from kvverify.caches._common import new_positions, resolve_crop
-from kvverify.protocol import CacheDeclaration
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import CacheDeclaration
+from kvverify.protocol.config import ModelConfig
 
 
 class StaticCache:

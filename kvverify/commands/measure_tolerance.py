@@ -26,7 +26,7 @@ from hypothesis import seed as hypothesis_seed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvverify.caches import ContiguousCache
-from kvverify.reference.config import DTYPES
+from kvverify.protocol.config import DTYPES
 from kvverify.reference.model import Generation
 from kvverify.reference.threads import torch_threads
 from kvverify.suite.case import Case

@@ -25,7 +25,7 @@ from kvverify.adapters import import_transformers
 from kvverify.adapters.hf import CACHES
 from kvverify.commands.known import known_failures_table
 from kvverify.commands.tables import print_table, table
-from kvverify.protocol import CacheFactory
+from kvverify.protocol.cache import CacheFactory
 from kvverify.suite.runner import PropertyResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

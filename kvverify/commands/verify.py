@@ -36,7 +36,7 @@ from kvverify.suite.shapes import SHAPES
 if TYPE_CHECKING:
     import torch
 
-    from kvverify.protocol import CacheFactory
+    from kvverify.protocol.cache import CacheFactory
     from kvverify.suite import SuiteResult
 
 

@@ -22,7 +22,7 @@ import torch
 from kvverify.caches.static import StaticCache
 from kvverify.engine.decode import DecodeStep, Keys
 from kvverify.engine.graphs import GraphedStep
-from kvverify.protocol import KVCache
+from kvverify.protocol.cache import KVCache
 from kvverify.reference.model import ReferenceModel
 
 #: ``step(tokens (B, 1), cache, input_pos (1,) long) -> logits (B, vocab)``

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from kvverify.engine import kernels
-from kvverify.protocol import KVCache, written_slots
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import KVCache, written_slots
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.weights import ModelWeights, NormWeights
 
 NormFn = Callable[[torch.Tensor], torch.Tensor]

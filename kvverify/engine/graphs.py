@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvverify.protocol import KVCache
+from kvverify.protocol.cache import KVCache
 
 #: Untimed calls on a side stream before a capture: lazy allocations (workspaces, a cache's counters) happen there.
 WARMUP_CALLS = 2

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
 
 #: The fields a convertible config must have, with the value Llama needs.

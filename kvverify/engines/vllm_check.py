@@ -50,7 +50,7 @@ from rich.table import Table
 from kvverify.commands.tables import print_table, table
 from kvverify.engines.llama_checkpoint import write_llama_checkpoint
 from kvverify.engines.vllm_engine import EngineError, EngineKnobs, EngineRequest, RequestResult, VllmEngine
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import Generation, ReferenceModel
 from kvverify.suite.compare import Tolerance, compare_generations
 from kvverify.suite.settings import profile_settings, use_storage_directory

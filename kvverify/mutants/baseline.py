@@ -16,8 +16,8 @@ from typing import Literal
 
 import torch
 
-from kvverify.protocol import KVCache
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import KVCache
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import Generation, ReferenceModel
 from kvverify.suite.compare import Tolerance, first_difference
 

@@ -13,8 +13,8 @@ import torch
 
 from kvverify.caches import PagedCache
 from kvverify.caches._common import check_layer_order, resolve_crop
-from kvverify.protocol import CacheDeclaration
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import CacheDeclaration
+from kvverify.protocol.config import ModelConfig
 
 #: Engines allocate in chunks of 128, 256 and 512 tokens; the default shapes reach past 128.
 CHUNK = 128

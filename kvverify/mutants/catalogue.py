@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvverify.mutants import boundaries, layout, long, paged, positions, rollback, static, window
-from kvverify.protocol import CacheFactory
+from kvverify.protocol.cache import CacheFactory
 
 #: What a mutant's bug needs before it shows; a mutant's ``needs`` is a subset of these keys.
 NEEDS: dict[str, str] = {

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from kvverify.caches import ContiguousCache, StaticCache
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 
 
 class RepeatsHeadsBeforeCaching(ContiguousCache):

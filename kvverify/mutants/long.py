@@ -11,8 +11,8 @@ import torch
 
 from kvverify.caches import StaticCache
 from kvverify.caches._common import new_positions
-from kvverify.protocol import CacheDeclaration
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import CacheDeclaration
+from kvverify.protocol.config import ModelConfig
 
 #: Where the long-context mutants break: the first token that does not fit in 11 bits.
 LIMIT = 2048

@@ -29,9 +29,9 @@ import torch
 
 from kvverify.caches.int8 import INT8_ATOL, Int8PerTokenCache
 from kvverify.caches.kivi import GROUP_SIZE, KIVI2_ATOL, KIVI4_ATOL, RESIDUAL_LENGTH, KiviCache, _Codes
-from kvverify.protocol import CacheDeclaration, CacheFactory, KVCache
-from kvverify.quantizers import INT8_PER_TOKEN, Quantizer, kivi
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import CacheDeclaration, CacheFactory, KVCache
+from kvverify.protocol.config import ModelConfig
+from kvverify.protocol.quantizers import INT8_PER_TOKEN, Quantizer, kivi
 
 #: The planted relative error.
 ERROR = 0.01

@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 
 #: How a cache lays out its memory, which decides what it holds at a given length.
 Layout = Literal["exact", "window", "paged", "preallocated", "preallocated-rows"]

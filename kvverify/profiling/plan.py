@@ -9,7 +9,7 @@ from typing import Any
 from kvverify.adapters.hf import CACHES
 from kvverify.caches import BUILTIN_CACHES
 from kvverify.profiling.analysis import Layout
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 (1.6 and 15 GB of weights read per token), and what a sweep over them measures (contexts to 32k, batches 1
 to 64). GPU only.
 
-As gpt-fast's ``transformer_configs``, a preset is a tiny dict over :class:`~kvverify.reference.config.ModelConfig`.
+As gpt-fast's ``transformer_configs``, a preset is a tiny dict over :class:`~kvverify.protocol.config.ModelConfig`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 
 #: name -> ModelConfig fields (head_dim = d_model / n_heads: 64 for 1b, 128 for 8b).
 PRESETS: dict[str, dict[str, object]] = {

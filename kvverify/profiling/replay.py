@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 
 
 @dataclass(frozen=True)

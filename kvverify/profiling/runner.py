@@ -15,7 +15,7 @@ from kvverify.profiling.environment import describe
 from kvverify.profiling.plan import CacheSpec, Plan
 from kvverify.profiling.replay import UpdatePlan, replay
 from kvverify.profiling.results import CacheRow, Profile, RatioRow
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
 
 #: progress(done, total, what is starting)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kvverify.protocol import KVCache
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import KVCache
+from kvverify.protocol.config import ModelConfig
 
 
 class InputError(ValueError):

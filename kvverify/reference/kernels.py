@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from kvverify.engine import kernels as fast
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference import numerics
-from kvverify.reference.config import ModelConfig
 from kvverify.reference.context import Mask
 
 Tensor = torch.Tensor

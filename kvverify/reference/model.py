@@ -17,9 +17,9 @@ from torch import nn
 
 from kvverify.caches import ContiguousCache
 from kvverify.engine import decode
-from kvverify.protocol import KVCache, written_slots
+from kvverify.protocol.cache import KVCache, written_slots
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference import kernels, numerics
-from kvverify.reference.config import ModelConfig
 from kvverify.reference.context import StepContext
 from kvverify.reference.inputs import check_cache_output, check_cache_start, check_generate_inputs
 from kvverify.reference.weights import LayerWeights, ModelWeights, NormWeights

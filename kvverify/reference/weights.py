@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from kvverify.protocol import CacheDeclaration, Unsupported
+from kvverify.protocol.cache import CacheDeclaration, Unsupported
 
 
 def unsupported_in(error: BaseException) -> str | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 
 #: Page sizes aimed at when a cache declares none.
 DEFAULT_BLOCKS: tuple[int, ...] = (16, 64)

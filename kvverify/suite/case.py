@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
 
 

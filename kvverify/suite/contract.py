@@ -21,8 +21,8 @@ from typing import Any, Protocol
 
 import torch
 
-from kvverify.protocol import OPTIONAL_METHODS, KVCache, written_slots
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import OPTIONAL_METHODS, KVCache, written_slots
+from kvverify.protocol.config import ModelConfig
 from kvverify.suite.cropping import crop_convention, tokens_kept
 
 

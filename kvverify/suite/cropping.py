@@ -18,7 +18,7 @@ from typing import Literal
 
 from kvverify.adapters import transformers_version
 from kvverify.caches._common import resolve_crop
-from kvverify.protocol import declaration_of
+from kvverify.protocol.cache import declaration_of
 
 CropConvention = Literal["keep", "remove"]
 

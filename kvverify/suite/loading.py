@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 
-from kvverify.protocol import CacheFactory
+from kvverify.protocol.cache import CacheFactory
 
 _FACTORY_HINT = "FACTORY(config) must take a kvverify.ModelConfig and return a fresh, empty cache"
 

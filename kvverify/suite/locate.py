@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from kvverify.caches import ContiguousCache
-from kvverify.protocol import written_slots
+from kvverify.protocol.cache import written_slots
 from kvverify.suite.contract import UpdateObserver
 from kvverify.suite.target import Target
 from kvverify.suite.watchdog import ExampleTimeout, run_with_time_limit

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from kvverify.protocol import KVCache
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import KVCache
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.numerics import rope_tables, rotate_half
 
 

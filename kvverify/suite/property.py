@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis import target as hypothesis_target
 from hypothesis.control import current_build_context, currently_in_test_context
 
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import Generation
 from kvverify.suite import drift
 from kvverify.suite.case import Case

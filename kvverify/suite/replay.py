@@ -1,7 +1,7 @@
 """The oracle of a lossy cache that declares its quantizer: the same loss, replayed on recomputed keys and values.
 
 :class:`ReplayCache` is a trivially correct quantized cache: it stores what the model recomputes and returns it
-passed through the declared :class:`~kvverify.quantizers.Quantizer` by the declared scheme. The reference model
+passed through the declared :class:`~kvverify.protocol.quantizers.Quantizer` by the declared scheme. The reference model
 generating through it is the expected side of :func:`check_replayed`; the cache under test must match it bit for
 bit in strict numerics (or within ``replay_atol`` plus fast numerics' tolerance), so an error far below the
 quantizer's own (a 1% scale error on one value) is found, where a tolerance wide enough for the quantizer's
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kvverify.quantizers import Quantizer
+from kvverify.protocol.quantizers import Quantizer
 from kvverify.suite.case import Case
 from kvverify.suite.property import expect_same
 from kvverify.suite.target import Target
@@ -65,7 +65,7 @@ class _Stream:
 
 
 class ReplayCache:
-    """A quantized cache by the book, for the declared quantizer (see :mod:`kvverify.quantizers`' schemes)."""
+    """A quantized cache by the book, for the declared quantizer (see :mod:`kvverify.protocol.quantizers`' schemes)."""
 
     def __init__(self, quantizer: Quantizer) -> None:
         self.quantizer = quantizer

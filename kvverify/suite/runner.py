@@ -16,7 +16,7 @@ from hypothesis import target as hypothesis_target
 from hypothesis.database import ExampleDatabase
 from hypothesis.errors import HypothesisException, Unsatisfiable, UnsatisfiedAssumption
 
-from kvverify.protocol import CacheFactory
+from kvverify.protocol.cache import CacheFactory
 from kvverify.reference.threads import torch_threads
 from kvverify.suite.blind_spots import BlindSpots, unsupported_in, verdict_without_examples
 from kvverify.suite.database import as_database, key_examples

@@ -21,7 +21,7 @@ from hypothesis import reject
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from kvverify.reference.config import DTYPES, NORMS, POSITIONALS, ModelConfig
+from kvverify.protocol.config import DTYPES, NORMS, POSITIONALS, ModelConfig
 from kvverify.suite.case import Case
 from kvverify.suite.shapes import DEFAULT, ShapeSpace, shape_space
 

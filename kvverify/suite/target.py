@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from kvverify.declaration import DeclarationError
-from kvverify.protocol import CacheDeclaration, CacheFactory, KVCache, capabilities, declaration_of
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import CacheDeclaration, CacheFactory, KVCache, capabilities, declaration_of
+from kvverify.protocol.config import ModelConfig
+from kvverify.protocol.declaration import DeclarationError
 from kvverify.suite.compare import Tolerance, tolerance_for
 from kvverify.suite.contract import CheckedCache, UpdateObserver
 from kvverify.suite.devices import declares, resolve_device

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvverify.engines.llama_checkpoint import check_convertible, llama_config_dict, write_llama_checkpoint
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
 
 CONFIG = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=64,

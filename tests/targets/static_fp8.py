@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from kvverify import CacheDeclaration, ModelConfig
-from kvverify.quantizers import Quantizer
+from kvverify.protocol.quantizers import Quantizer
 
 FP8 = torch.float8_e4m3fn
 

@@ -10,8 +10,8 @@ import sys
 import torch
 
 from kvverify.adapters.hf.caches import CACHES, FACTORIES, quantized_cache
-from kvverify.protocol import CacheFactory
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import CacheFactory
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
 
 

@@ -38,9 +38,9 @@ from typing import Any
 import torch
 
 from kvverify.adapters import INSTALL_HINT, import_transformers
-from kvverify.protocol import CacheDeclaration, CacheFactory, KVCache
-from kvverify.quantizers import Quantizer
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.cache import CacheDeclaration, CacheFactory, KVCache
+from kvverify.protocol.config import ModelConfig
+from kvverify.protocol.quantizers import Quantizer
 
 #: The window the sliding-window targets declare, so the suite builds models with it: small, so that
 #: generations run well past it.

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from kvverify.adapters import import_transformers
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import Block, ReferenceModel
 
 #: The fields a convertible config must have, with the value Llama needs.

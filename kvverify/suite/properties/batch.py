@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import Generation, ReferenceModel
 from kvverify.suite.case import Case, build_model
 from kvverify.suite.expected import expected_generation

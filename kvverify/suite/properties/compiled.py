@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 from hypothesis import strategies as st
 
-from kvverify.protocol import KVCache
+from kvverify.protocol.cache import KVCache
 from kvverify.reference.model import Generation, ReferenceModel
 from kvverify.suite.case import Case
 from kvverify.suite.property import Property, expect_same

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.suite.case import Case
 from kvverify.suite.properties.generation import check_cached_equals_uncached
 from kvverify.suite.property import Property

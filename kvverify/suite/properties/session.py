@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from kvverify.caches._common import resolve_crop
-from kvverify.protocol import KVCache, written_slots
+from kvverify.protocol.cache import KVCache, written_slots
 from kvverify.reference.model import ReferenceModel
 from kvverify.suite.cropping import CROP_REFUSALS, crop_argument, crop_convention
 from kvverify.suite.property import as_generation, expect_same_for

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from kvverify.caches._common import resolve_crop
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
 from kvverify.suite.boundaries import aimed, at_marks, near_marks
 from kvverify.suite.case import Case, build_model
 from kvverify.suite.properties.session import Session

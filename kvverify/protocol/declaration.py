@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from kvverify.quantizers import Quantizer
-from kvverify.reference.config import DTYPES
+from kvverify.protocol.config import DTYPES
+from kvverify.protocol.quantizers import Quantizer
 
 
 class DeclarationError(ValueError):
@@ -127,7 +127,7 @@ RULES: Mapping[str, Rule] = MappingProxyType({
     "block_size": Rule("None or an int >= 1 (the page size: lengths are drawn around its multiples)",
                        _int_at_least(1)),
     "positional": Rule("None or 'rope' (the cache applies RoPE to the keys itself)", _one_of("rope")),
-    "quantizer": Rule("None or a kvverify.quantizers.Quantizer, e.g. Quantizer(kind='int8', group_size=32), "
+    "quantizer": Rule("None or a kvverify.protocol.quantizers.Quantizer, e.g. Quantizer(kind='int8', group_size=32), "
                       "kivi(2), INT8_PER_TOKEN or Quantizer(kind=your_round_trip, scheme='append')",
                       _instance_of(Quantizer)),
     "compile": Rule("True or False (whether the compiled property checks the cache)", _instance_of(bool)),

@@ -12,7 +12,7 @@ A quantizer is two things:
 - **what** happens to a chunk of states (``kind``): a built-in name (``"int8"``/``"int4"``/``"int2"``:
   asymmetric min/max groups of ``group_size`` elements along head_dim, per token and head; ``"fp8"``:
   float8_e4m3fn, one scale per tensor), or a :class:`RoundTrip`: any callable with the signature below, such as
-  the built-in per-token / per-channel :class:`~kvverify.rounding.Rounding` or the cache's own function;
+  the built-in per-token / per-channel :class:`~kvverify.protocol.rounding.Rounding` or the cache's own function;
 - **when** it happens (``scheme``), per layer, separately for keys and values:
 
   - ``"requantize"``: transformers' ``QuantizedLayer`` (quanto, HQQ). The first update is stored as
@@ -59,7 +59,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-from kvverify.rounding import KeysAndValues, Rounding
+from kvverify.protocol.rounding import KeysAndValues, Rounding
 
 Kind = Literal["int8", "int4", "int2", "fp8"]
 Scheme = Literal["requantize", "append", "kivi"]
@@ -95,7 +95,7 @@ def _check_signature(function: object) -> None:
         raise QuantizerError(
             f"Quantizer.kind is {function!r} (a {type(function).__name__}); expected one of 'int8', 'int4', "
             f"'int2', 'fp8', or the cache's own round trip: a callable {ROUND_TRIP_SIGNATURE} "
-            "(kvverify.quantizers.RoundTrip). Pass the function itself, not its result.")
+            "(kvverify.protocol.quantizers.RoundTrip). Pass the function itself, not its result.")
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):  # a builtin without a signature: checked when called
@@ -114,7 +114,7 @@ def _check_signature(function: object) -> None:
 class Quantizer:
     """What a lossy cache does to its keys and values, and when (see the module docstring).
 
-    kind: a built-in name, or a :class:`RoundTrip` (the cache's own, or :class:`~kvverify.rounding.Rounding`).
+    kind: a built-in name, or a :class:`RoundTrip` (the cache's own, or :class:`~kvverify.protocol.rounding.Rounding`).
     scheme: when the round trip is applied: "requantize", "append" or "kivi".
     group_size: built-in int kinds only: elements per scale along head_dim (must divide head_dim); fp8 and a
         RoundTrip: None (a round trip holds its own groups).

@@ -1,8 +1,9 @@
 """The built-in round trips: integer quantization per token or per channel, symmetric or asymmetric.
 
-Each is a :class:`~kvverify.quantizers.RoundTrip` (``rounding(states, positions=, layer=, is_key=, requantize=)``)
-whose arithmetic is documented here step by step, so that a cache written against the same formulas replays
-bit for bit. Everything is computed in float32 and the result cast back to the states' dtype.
+Each is a :class:`~kvverify.protocol.quantizers.RoundTrip`
+(``rounding(states, positions=, layer=, is_key=, requantize=)``) whose arithmetic is documented here step by
+step, so that a cache written against the same formulas replays bit for bit. Everything is computed in
+float32 and the result cast back to the states' dtype.
 
 Asymmetric (min/max), ``levels = 2**bits - 1``, over each group::
 
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 if TYPE_CHECKING:
-    from kvverify.quantizers import RoundTrip
+    from kvverify.protocol.quantizers import RoundTrip
 
 Axis = Literal["token", "channel"]
 

@@ -11,9 +11,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
-from kvverify.declaration import normalised, refuse_attribute
-from kvverify.quantizers import Quantizer
-from kvverify.reference.config import ModelConfig
+from kvverify.protocol.config import ModelConfig
+from kvverify.protocol.declaration import normalised, refuse_attribute
+from kvverify.protocol.quantizers import Quantizer
 
 #: Optional methods, detected on each cache rather than assumed.
 OPTIONAL_METHODS: tuple[str, ...] = ("crop", "reorder_cache", "reset")
@@ -100,8 +100,8 @@ class Unsupported(Exception):
 class CacheDeclaration:
     """What a cache says about itself, read from an optional ``kvverify_declaration`` attribute on the cache
     object or on its factory. Anything left at None is detected by trying it. Every field is checked when the
-    declaration is built and again when the suite reads it (:mod:`kvverify.declaration` holds the rules); a
-    wrong value raises :class:`~kvverify.declaration.DeclarationError` naming the field.
+    declaration is built and again when the suite reads it (:mod:`kvverify.protocol.declaration` holds the rules); a
+    wrong value raises :class:`~kvverify.protocol.declaration.DeclarationError` naming the field.
 
     lossy_atol: the cache is lossy (quantized, compressed); logits are compared within this absolute tolerance
         instead of bit for bit, and greedy tokens may differ only where the reference's top two logits are closer.
@@ -122,7 +122,7 @@ class CacheDeclaration:
         ``cache_kwargs`` carries ``cos`` and ``sin`` ``(B, T, head_dim)`` beside ``cache_position``, and it
         returns rotated keys (``k * cos + rotate_half(k) * sin``, transformers' Llama layout). Models are then
         drawn with RoPE and without left padding; see :mod:`kvverify.suite.positional`.
-    quantizer: a lossy cache's quantizer (:class:`kvverify.quantizers.Quantizer`: a built-in one, or the cache's
+    quantizer: a lossy cache's quantizer (:class:`~kvverify.protocol.Quantizer`: a built-in one, or the cache's
         own round trip and when it applies it); ``cached_equals_uncached`` then compares with the reference run
         through the same quantizer (:mod:`kvverify.suite.replay`), bit for bit where the replay is exact, instead
         of within ``lossy_atol``.
@@ -170,7 +170,7 @@ def _spelled(value: object) -> str:
 
 def declaration_of(*objects: object) -> CacheDeclaration:
     """The first ``kvverify_declaration`` found on the objects (a cache, its factory), checked again, else an
-    empty one. Raises :class:`~kvverify.declaration.DeclarationError` for an attribute that is not a
+    empty one. Raises :class:`~kvverify.protocol.declaration.DeclarationError` for an attribute that is not a
     ``CacheDeclaration`` (a dict, say) or holds a wrong value."""
     for obj in objects:
         declared = getattr(obj, "kvverify_declaration", None)
