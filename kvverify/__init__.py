@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kvverify.caches import BUILTIN_CACHES, ContiguousCache, PagedCache, SlidingWindowCache, StaticCache
+    from kvverify.checks.contract import CheckedCache, ContractViolation
+    from kvverify.checks.devices import DeviceError
+    from kvverify.checks.loading import TargetError, load_factory
     from kvverify.protocol.cache import CacheDeclaration, CacheFactory, KVCache, Unsupported, capabilities
     from kvverify.protocol.config import ConfigError, ModelConfig
     from kvverify.protocol.declaration import DeclarationError
     from kvverify.reference.inputs import InputError
     from kvverify.reference.model import Generation, ReferenceModel
-    from kvverify.suite import CacheCheckFailed, SuiteResult, check_cache
-    from kvverify.suite.contract import CheckedCache, ContractViolation
-    from kvverify.suite.devices import DeviceError
-    from kvverify.suite.loading import TargetError, load_factory
+    from kvverify.runs import CacheCheckFailed, SuiteResult, check_cache
 
 __version__ = "0.1.0"
 
@@ -31,12 +31,12 @@ _HOMES: dict[str, str] = {
     "StaticCache": "kvverify.caches",
     "ConfigError": "kvverify.protocol.config",
     "ModelConfig": "kvverify.protocol.config",
-    "CheckedCache": "kvverify.suite.contract",
-    "ContractViolation": "kvverify.suite.contract",
+    "CheckedCache": "kvverify.checks.contract",
+    "ContractViolation": "kvverify.checks.contract",
     "InputError": "kvverify.reference.inputs",
-    "TargetError": "kvverify.suite.loading",
-    "DeviceError": "kvverify.suite.devices",
-    "load_factory": "kvverify.suite.loading",
+    "TargetError": "kvverify.checks.loading",
+    "DeviceError": "kvverify.checks.devices",
+    "load_factory": "kvverify.checks.loading",
     "Generation": "kvverify.reference.model",
     "ReferenceModel": "kvverify.reference.model",
     "CacheDeclaration": "kvverify.protocol.cache",
@@ -45,9 +45,9 @@ _HOMES: dict[str, str] = {
     "CacheFactory": "kvverify.protocol.cache",
     "KVCache": "kvverify.protocol.cache",
     "capabilities": "kvverify.protocol.cache",
-    "CacheCheckFailed": "kvverify.suite",
-    "SuiteResult": "kvverify.suite",
-    "check_cache": "kvverify.suite",
+    "CacheCheckFailed": "kvverify.runs",
+    "SuiteResult": "kvverify.runs",
+    "check_cache": "kvverify.runs",
 }
 
 __all__ = [

@@ -4,14 +4,14 @@ Registered through ``[project.entry-points.pytest11]``, so it loads in every pyt
 installed: this module imports only pytest at load time; torch, Hypothesis strategies and the suite are
 imported once a target is named (``--kv-cache`` or the ``KVVERIFY_CACHE`` environment variable).
 
-With a target, the session gains one test item per property of :data:`kvverify.suite.PROPERTIES`, named
+With a target, the session gains one test item per property of :data:`kvverify.checks.PROPERTIES`, named
 ``kvverify[MODULE:FACTORY]::PROPERTY`` (select with ``-k``), skipped with the reason when the cache lacks an
 optional method the property needs. A failure's report is the suite's: the minimal case, where the cache
 first went wrong, and the command that reproduces it.
 
 Fixtures, for tests of your own: ``kv_cache_factory`` (the target's factory), ``kv_target`` (its
-:class:`~kvverify.suite.Target`), ``kv_reference_model`` (``(config, seed=0) -> ReferenceModel``) and
-``kv_cases`` (:func:`kvverify.suite.strategies.cases` bound to the target's declared constraints and device).
+:class:`~kvverify.checks.Target`), ``kv_reference_model`` (``(config, seed=0) -> ReferenceModel``) and
+``kv_cases`` (:func:`kvverify.checks.strategies.cases` bound to the target's declared constraints and device).
 ``--kv-device`` (or ``KVVERIFY_DEVICE``) puts the models, prompts and caches on ``cpu``, ``cuda`` or ``cuda:N``.
 ``--kv-database DIR|redis://HOST:PORT[/DB]`` keeps failing examples there; the next run replays them first.
 Markers: ``kvverify`` (on the generated items) and ``kv_needs(*methods)`` (skip unless the target has them).
@@ -29,9 +29,10 @@ import pytest
 if TYPE_CHECKING:
     from hypothesis.database import ExampleDatabase
 
+    from kvverify.checks import Property, Target
     from kvverify.protocol.cache import CacheFactory
     from kvverify.reference.model import ReferenceModel
-    from kvverify.suite import Property, PropertyResult, Target
+    from kvverify.runs import PropertyResult
 
 #: The environment variable that names a target when ``--kv-cache`` is not given.
 ENV_TARGET = "KVVERIFY_CACHE"
@@ -100,11 +101,11 @@ class _TargetSession:
 
     @classmethod
     def load(cls, config: pytest.Config, spec: str) -> _TargetSession:
-        from kvverify.suite.database import DatabaseError, open_database
-        from kvverify.suite.devices import DeviceError, resolve_device
-        from kvverify.suite.loading import TargetError, load_factory
-        from kvverify.suite.runner import describe_target
-        from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT, parse_time_limit
+        from kvverify.checks.devices import DeviceError, resolve_device
+        from kvverify.checks.loading import TargetError, load_factory
+        from kvverify.checks.watchdog import DEFAULT_TIME_LIMIT, parse_time_limit
+        from kvverify.runs.database import DatabaseError, open_database
+        from kvverify.runs.runner import describe_target
 
         max_examples = config.getoption("kv_max_examples")
         if max_examples is not None and max_examples < 1:
@@ -148,7 +149,7 @@ class _TargetSession:
         if self.target.shapes != "default":
             parts.append(f"--kv-shapes={self.target.shapes}")
         if self.database_option is not None:  # the failure may be a replay from the database, not the seed's
-            from kvverify.suite.database import describe_database
+            from kvverify.runs.database import describe_database
 
             parts.append(f"--kv-database={describe_database(self.database_option)}")
         return " ".join([*parts, f"-k {name}"])
@@ -178,7 +179,7 @@ class _Suite(pytest.Collector):
     state: _TargetSession
 
     def collect(self) -> list[pytest.Item | pytest.Collector]:
-        from kvverify.suite import PROPERTIES
+        from kvverify.checks import PROPERTIES
 
         return [PropertyItem.from_parent(self, name=name, prop=prop, state=self.state)
                 for name, prop in PROPERTIES.items()]
@@ -199,7 +200,7 @@ class PropertyItem(pytest.Item):
         self.add_marker("kvverify")
 
     def runtest(self) -> None:
-        from kvverify.suite import run_property
+        from kvverify.runs import run_property
 
         state = self.state
         missing = sorted(self.prop.needs - state.target.capabilities)
@@ -246,7 +247,7 @@ class _UnloadableSuite(pytest.Collector):
     message: str
 
     def collect(self) -> list[pytest.Item | pytest.Collector]:
-        from kvverify.suite import PROPERTIES
+        from kvverify.checks import PROPERTIES
 
         return [_UnloadableItem.from_parent(self, name=name, message=self.message) for name in PROPERTIES]
 
@@ -292,7 +293,7 @@ def kv_target(request: pytest.FixtureRequest) -> Target:
 @pytest.fixture(scope="session")
 def kv_reference_model() -> Iterator[Callable[..., ReferenceModel]]:
     """``make(config, seed=0)``: the reference model for a :class:`~kvverify.ModelConfig` (memoised)."""
-    from kvverify.suite.case import build_model
+    from kvverify.checks.case import build_model
 
     def make(config: Any, seed: int = 0) -> ReferenceModel:
         return build_model(config, seed)
@@ -302,11 +303,11 @@ def kv_reference_model() -> Iterator[Callable[..., ReferenceModel]]:
 
 @pytest.fixture(scope="session")
 def kv_cases(request: pytest.FixtureRequest) -> Callable[..., Any]:
-    """:func:`kvverify.suite.strategies.cases`, bound to the target's declared constraints and device when a
+    """:func:`kvverify.checks.strategies.cases`, bound to the target's declared constraints and device when a
     target is named."""
     import functools
 
-    from kvverify.suite.strategies import cases
+    from kvverify.checks.strategies import cases
 
     state = _session(request.config)
     return functools.partial(cases, **state.target.config_constraints()) if state is not None else cases

@@ -1,4 +1,4 @@
-"""Property tests run the packaged suite (kvverify.suite) against the built-in caches.
+"""Property tests run the packaged suite (kvverify.checks, run by kvverify.runs) against the built-in caches.
 
 The Hypothesis profile is kvverify's ``ci`` unless ``--hypothesis-profile`` names another
 (``kvverify-dev``, ``kvverify-ci``, ``kvverify-thorough``); ``--hypothesis-seed`` fixes the seed;
@@ -14,11 +14,11 @@ import pytest
 from hypothesis import settings
 
 from kvverify.caches import BUILTIN_CACHES
+from kvverify.checks import make_target
+from kvverify.checks.devices import resolve_device
+from kvverify.checks.target import Target
 from kvverify.reference.threads import torch_threads
-from kvverify.suite import make_target
-from kvverify.suite.devices import resolve_device
-from kvverify.suite.settings import register_profiles
-from kvverify.suite.target import Target
+from kvverify.runs.settings import register_profiles
 
 register_profiles()
 

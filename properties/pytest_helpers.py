@@ -1,18 +1,19 @@
-"""Running a packaged property (kvverify.suite) as a pytest test."""
+"""Running a packaged property (kvverify.checks) as a pytest test."""
 
 from __future__ import annotations
 
 import pytest
 from hypothesis import settings
 
-from kvverify.suite import PROPERTIES, property_test
-from kvverify.suite.settings import PROFILE_EXAMPLES
-from kvverify.suite.target import Target
+from kvverify.checks import PROPERTIES
+from kvverify.checks.target import Target
+from kvverify.runs import property_test
+from kvverify.runs.settings import PROFILE_EXAMPLES
 
 
 def check_property(name: str, target: Target) -> None:
     """Run one packaged property against a target under the loaded profile, with that property's share of
-    its examples (``kvverify.suite.settings.PROPERTY_SHARE``); skip with the reason when the target lacks a method."""
+    its examples (``kvverify.runs.settings.PROPERTY_SHARE``); skip with the reason when the target lacks a method."""
     prop = PROPERTIES[name]
     missing = prop.needs - target.capabilities
     if missing:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pytest_helpers import check_property
 
-from kvverify.suite.target import Target
+from kvverify.checks.target import Target
 
 
 def test_reset(builtin_target: Target) -> None:

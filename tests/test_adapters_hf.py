@@ -12,10 +12,10 @@ import torch
 pytest.importorskip("transformers", reason="transformers is not installed: pip install 'kvverify[transformers]'")
 
 from kvverify.adapters import hf
+from kvverify.checks.loading import load_factory
 from kvverify.protocol.cache import CacheDeclaration, CacheFactory, declaration_of
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
-from kvverify.suite.loading import load_factory
 
 EXACT = ["dynamic", "static", "sliding", "hybrid"]
 SLIDING = {"sliding", "hybrid"}

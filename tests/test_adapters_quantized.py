@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvverify.checks.replay import ReplayCache
 from kvverify.protocol.config import ModelConfig
 from kvverify.protocol.quantizers import Quantizer
 from kvverify.reference.model import ReferenceModel
-from kvverify.suite.replay import ReplayCache
 
 CONFIG = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=4, max_seq_len=32)
 
@@ -57,7 +57,7 @@ def test_fp8_replay_is_bitwise_with_transformers() -> None:
 def test_a_one_percent_error_survives_the_tolerance_and_not_the_replay() -> None:
     pytest.importorskip("transformers", reason="transformers is not installed: pip install 'kvverify[transformers]'")
     from kvverify.mutants.quantized import MUTANTS
-    from kvverify.suite import run_suite
+    from kvverify.runs import run_suite
 
     mutant = MUTANTS[0]
     plain = run_suite(mutant.factory(False), target="plain", profile="dev", seed=0,
@@ -72,6 +72,6 @@ def test_a_one_percent_error_survives_the_tolerance_and_not_the_replay() -> None
 def test_group_wise_backends_pass_at_the_suites_head_dims(backend: str, module: str) -> None:
     pytest.importorskip(module, reason=f"{module} is not installed: pip install 'kvverify[{backend}]'")
     from kvverify.adapters.hf.caches import FACTORIES
-    from kvverify.suite.runner import check_cache
+    from kvverify.runs.runner import check_cache
 
     check_cache(FACTORIES[backend], profile="dev", seed=0, max_examples=8, properties=["cached_equals_uncached"])

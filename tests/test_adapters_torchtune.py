@@ -11,12 +11,12 @@ pytest.importorskip("torchtune", reason="torchtune is not installed: pip install
                     exc_type=ImportError)
 
 from kvverify.adapters import torchtune as tt
+from kvverify.checks.loading import load_factory
+from kvverify.checks.target import make_target
 from kvverify.protocol.cache import declaration_of
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
-from kvverify.suite.loading import load_factory
-from kvverify.suite.runner import CacheCheckFailed, check_cache
-from kvverify.suite.target import make_target
+from kvverify.runs.runner import CacheCheckFailed, check_cache
 
 CONFIG = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=24,
                      max_batch_size=1, dtype=torch.float32)

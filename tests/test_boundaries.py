@@ -13,15 +13,15 @@ from hypothesis import strategies as st
 from kvverify import CacheDeclaration, ModelConfig
 from kvverify.caches import ContiguousCache
 from kvverify.caches._common import resolve_crop
-from kvverify.suite import make_target
-from kvverify.suite.boundaries import marks, near_marks
-from kvverify.suite.case import build_model
-from kvverify.suite.properties.generation import Continuation, continuations
-from kvverify.suite.properties.prefill import Chunked, chunked_plans
-from kvverify.suite.properties.rollback import CropPlan, crop_plans
-from kvverify.suite.properties.session import Session
-from kvverify.suite.properties.stateful import Program, _length_after, apply, programs
-from kvverify.suite.target import Target
+from kvverify.checks import make_target
+from kvverify.checks.boundaries import marks, near_marks
+from kvverify.checks.case import build_model
+from kvverify.checks.properties.generation import Continuation, continuations
+from kvverify.checks.properties.prefill import Chunked, chunked_plans
+from kvverify.checks.properties.rollback import CropPlan, crop_plans
+from kvverify.checks.properties.session import Session
+from kvverify.checks.properties.stateful import Program, _length_after, apply, programs
+from kvverify.checks.target import Target
 
 #: derandomize: these tests measure how often a strategy lands somewhere, on one fixed stream of draws (not the
 #: run's seed), so that a verdict does not move with --hypothesis-seed

@@ -3,8 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvverify.reference.model import Generation
-from kvverify.suite.compare import (
+from kvverify.checks.compare import (
     GenerationMismatch,
     Tolerance,
     assert_same_generation,
@@ -12,6 +11,7 @@ from kvverify.suite.compare import (
     first_difference,
     ulp_distance,
 )
+from kvverify.reference.model import Generation
 
 
 def generation(logits: torch.Tensor) -> Generation:

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from kvverify.caches import BUILTIN_CACHES, SlidingWindowCache
+from kvverify.checks import PROPERTIES, make_target
+from kvverify.checks.properties.compiled import graphed_decode, greedy
 from kvverify.mutants import MUTANTS
 from kvverify.protocol.cache import CacheDeclaration
 from kvverify.protocol.config import ModelConfig
-from kvverify.suite import PROPERTIES, make_target, run_property
-from kvverify.suite.properties.compiled import graphed_decode, greedy
+from kvverify.runs import run_property
 
 COMPILED = PROPERTIES["compiled"]
 COMPILE_MUTANTS = sorted(name for name, mutant in MUTANTS.items() if "compile" in mutant.needs)

@@ -11,9 +11,9 @@ import torch
 
 from kvverify import ModelConfig, ReferenceModel
 from kvverify.caches import ContiguousCache, SlidingWindowCache, StaticCache
+from kvverify.checks.contract import CheckedCache, ContractViolation
 from kvverify.mutants import MUTANTS
 from kvverify.protocol.cache import capabilities
-from kvverify.suite.contract import CheckedCache, ContractViolation
 
 TESTS = Path(__file__).parent
 CONFIG = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)

@@ -18,8 +18,8 @@ import pytest
 from hypothesis.database import DirectoryBasedExampleDatabase, MultiplexedDatabase
 
 from kvverify.cli import main
-from kvverify.suite import CacheCheckFailed, SuiteResult, check_cache, run_suite
-from kvverify.suite.database import DatabaseError, describe_database, example_key, open_database
+from kvverify.runs import CacheCheckFailed, SuiteResult, check_cache, run_suite
+from kvverify.runs.database import DatabaseError, describe_database, example_key, open_database
 
 fakeredis = pytest.importorskip("fakeredis")
 redis = pytest.importorskip("redis")
@@ -226,7 +226,7 @@ def test_a_database_error_in_the_child_process_comes_back_as_such() -> None:
     import torch
 
     from kvverify.commands.verify import configure, suite_for
-    from kvverify.suite.isolation import run_isolated
+    from kvverify.runs.isolation import run_isolated
 
     parser = argparse.ArgumentParser()
     configure(parser)

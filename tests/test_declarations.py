@@ -16,16 +16,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import seed as hypothesis_seed
 
 import kvverify
+from kvverify.checks import make_target
+from kvverify.checks.case import Case
+from kvverify.checks.loading import TargetError
+from kvverify.checks.properties import PROPERTIES
+from kvverify.checks.property import numerics_cases
 from kvverify.cli import main
 from kvverify.protocol.cache import CacheDeclaration, declaration_of
 from kvverify.protocol.declaration import RULES, DeclarationError
-from kvverify.suite import make_target, run_suite
-from kvverify.suite import settings as settings_module
-from kvverify.suite.case import Case
-from kvverify.suite.loading import TargetError
-from kvverify.suite.properties import PROPERTIES
-from kvverify.suite.property import numerics_cases
-from kvverify.suite.runner import run_property
+from kvverify.runs import run_suite
+from kvverify.runs import settings as settings_module
+from kvverify.runs.runner import run_property
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))

@@ -14,8 +14,8 @@ import torch
 
 from kvverify.cli import main
 from kvverify.commands.verify import _reproduce_command
-from kvverify.suite import PropertyResult, SuiteResult
-from kvverify.suite.junit import write_junit
+from kvverify.runs import PropertyResult, SuiteResult
+from kvverify.runs.junit import write_junit
 
 QUICK = ["--profile", "dev", "--max-examples", "3", "--property", "cached_equals_uncached", "--seed", "5"]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -107,7 +107,7 @@ def test_mutants_run_the_suite_the_controls_and_the_baseline_on_the_device(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import kvverify.mutants.baseline
-    import kvverify.suite
+    import kvverify.runs
 
     devices: list[object] = []
 
@@ -120,7 +120,7 @@ def test_mutants_run_the_suite_the_controls_and_the_baseline_on_the_device(
         devices.append(options.get("device"))
         return kvverify.mutants.baseline.BaselineResult(True, "x", 0.0, 1)
 
-    monkeypatch.setattr(kvverify.suite, "run_suite", run_suite)
+    monkeypatch.setattr(kvverify.runs, "run_suite", run_suite)
     monkeypatch.setattr(kvverify.mutants.baseline, "run_baseline", run_baseline)
     assert main(["mutants", "--device", "cpu", "--only", "keys_as_values", "--profile", "dev"]) == 0
     assert "kvverify mutants: profile dev, seed 0, device cpu" in capsys.readouterr().out

@@ -4,7 +4,7 @@
   config says ``meta`` and the prompt and mask tensors of every case land there;
 - no tensor of the suite or of the built-in caches is made on the default device by accident: while whole
   suite runs (every property, every built-in cache, a failure located), every factory call (``torch.tensor``,
-  ``arange``, ``ones``...) made from ``kvverify/suite`` or ``kvverify/caches`` names its device.
+  ``arange``, ``ones``...) made from ``kvverify/checks``, ``kvverify/runs`` or ``kvverify/caches`` names its device.
 """
 
 from __future__ import annotations
@@ -22,15 +22,16 @@ from torch.overrides import TorchFunctionMode
 
 import kvverify
 from kvverify.caches import BUILTIN_CACHES, ContiguousCache
+from kvverify.checks import PROPERTIES, make_target
+from kvverify.checks.case import Case
+from kvverify.checks.compare import GenerationMismatch
+from kvverify.checks.locate import locate
+from kvverify.checks.properties import check_cached_equals_uncached
+from kvverify.checks.strategies import cases
+from kvverify.checks.target import Target
 from kvverify.mutants import MUTANTS
 from kvverify.protocol.config import ModelConfig
-from kvverify.suite import PROPERTIES, make_target, run_suite
-from kvverify.suite.case import Case
-from kvverify.suite.compare import GenerationMismatch
-from kvverify.suite.locate import locate
-from kvverify.suite.properties import check_cached_equals_uncached
-from kvverify.suite.strategies import cases
-from kvverify.suite.target import Target
+from kvverify.runs import run_suite
 
 META = torch.device("meta")
 PACKAGE = Path(kvverify.__file__).parent

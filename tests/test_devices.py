@@ -1,4 +1,4 @@
-"""The device option: names parsed and checked in one place (:mod:`kvverify.suite.devices`), CUDA refused with
+"""The device option: names parsed and checked in one place (:mod:`kvverify.checks.devices`), CUDA refused with
 one paragraph on a machine without it, ``CacheDeclaration(devices=...)`` honoured, and the device passed
 through ``check_cache`` to every model, prompt and cache of the run."""
 
@@ -11,10 +11,10 @@ import torch
 
 import kvverify
 from kvverify.caches import ContiguousCache
+from kvverify.checks.devices import DeviceError, declares, describe_device, parse_device, resolve_device
+from kvverify.checks.loading import TargetError
+from kvverify.checks.target import make_target
 from kvverify.protocol.cache import CacheDeclaration
-from kvverify.suite.devices import DeviceError, declares, describe_device, parse_device, resolve_device
-from kvverify.suite.loading import TargetError
-from kvverify.suite.target import make_target
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 QUICK: dict[str, Any] = dict(profile="dev", max_examples=4, seed=3, properties=["cached_equals_uncached"])

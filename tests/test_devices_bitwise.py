@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvverify import BUILTIN_CACHES, ModelConfig, ReferenceModel
-from kvverify.suite.case import Case
-from kvverify.suite.compare import first_difference, tolerance_for
-from kvverify.suite.strategies import cases
+from kvverify.checks.case import Case
+from kvverify.checks.compare import first_difference, tolerance_for
+from kvverify.checks.strategies import cases
 
 pytestmark = pytest.mark.slow  # strict numerics' bits over four dtypes and drawn shapes: 30 s of CPU
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kvverify import BUILTIN_CACHES, ModelConfig, ReferenceModel
+from kvverify.checks.expected import expected_generation, teacher_forced
 from kvverify.reference import numerics
-from kvverify.suite.expected import expected_generation, teacher_forced
 
 pytestmark = pytest.mark.slow  # teacher-forced against step-by-step logits, drawn long cases: 40 s of CPU
 

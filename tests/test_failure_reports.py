@@ -9,11 +9,11 @@ import torch
 
 from kvverify import ModelConfig, ReferenceModel
 from kvverify.caches import ContiguousCache
+from kvverify.checks import PROPERTIES, make_target
+from kvverify.checks.case import Case
+from kvverify.checks.locate import locate
+from kvverify.checks.properties.session import Session
 from kvverify.mutants import MUTANTS
-from kvverify.suite import PROPERTIES, make_target
-from kvverify.suite.case import Case
-from kvverify.suite.locate import locate
-from kvverify.suite.properties.session import Session
 
 CONFIG = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
 

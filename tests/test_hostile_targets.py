@@ -166,7 +166,7 @@ def _raise(error: BaseException) -> None:
 
 
 def test_a_keyboard_interrupt_is_the_cache_s_unless_a_sigint_came() -> None:
-    from kvverify.suite.watchdog import TargetExit, run_with_time_limit
+    from kvverify.checks.watchdog import TargetExit, run_with_time_limit
 
     with pytest.raises(TargetExit, match="KeyboardInterrupt raised by the cache's code"):
         run_with_time_limit(lambda: _raise(KeyboardInterrupt()), 5, "a call")
@@ -179,7 +179,7 @@ def test_a_keyboard_interrupt_is_the_cache_s_unless_a_sigint_came() -> None:
 
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="SIGALRM limits are POSIX")
 def test_time_limits_nest_without_extending_the_outer_one() -> None:
-    from kvverify.suite.watchdog import ExampleTimeout, run_with_time_limit
+    from kvverify.checks.watchdog import ExampleTimeout, run_with_time_limit
 
     def inner(seconds: float, sleep: float) -> None:
         run_with_time_limit(lambda: time.sleep(sleep), seconds, "the inner call")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from kvverify.suite import PropertyResult, SuiteResult
-from kvverify.suite.junit import write_junit
+from kvverify.runs import PropertyResult, SuiteResult
+from kvverify.runs.junit import write_junit
 
 
 def test_the_xml_parses_and_carries_failures(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvverify.suite import make_target
-from kvverify.suite.loading import TargetError, load_factory
+from kvverify.checks import make_target
+from kvverify.checks.loading import TargetError, load_factory
 
 TESTS = Path(__file__).parent
 

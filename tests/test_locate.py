@@ -9,10 +9,10 @@ import pytest
 
 from kvverify import ModelConfig
 from kvverify.caches import BUILTIN_CACHES
-from kvverify.suite import PROPERTIES, make_target
-from kvverify.suite.case import Case
-from kvverify.suite.locate import locate
-from kvverify.suite.target import Target
+from kvverify.checks import PROPERTIES, make_target
+from kvverify.checks.case import Case
+from kvverify.checks.locate import locate
+from kvverify.checks.target import Target
 
 TESTS = Path(__file__).parent
 PROPERTY = PROPERTIES["cached_equals_uncached"]

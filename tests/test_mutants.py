@@ -17,10 +17,10 @@ import torch
 
 from kvverify import BUILTIN_CACHES, ModelConfig, ReferenceModel
 from kvverify.caches import PagedCache
+from kvverify.checks.expected import teacher_forced
 from kvverify.mutants import MUTANTS, NEEDS, Mutant
 from kvverify.mutants.boundaries import CONTROLS
 from kvverify.protocol.cache import KVCache
-from kvverify.suite.expected import teacher_forced
 
 Factory = Callable[[ModelConfig], KVCache]
 #: A scenario builds caches with the factory and returns (cached logits, uncached logits).

@@ -10,12 +10,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvverify.caches import ContiguousCache
+from kvverify.checks import PROPERTIES, make_target
+from kvverify.checks import property as comparisons
+from kvverify.checks.case import Case
+from kvverify.checks.properties.stateful import Operation, Program, check_program
+from kvverify.checks.target import Target
 from kvverify.protocol.config import ModelConfig
-from kvverify.suite import PROPERTIES, make_target, run_property
-from kvverify.suite import property as comparisons
-from kvverify.suite.case import Case
-from kvverify.suite.properties.stateful import Operation, Program, check_program
-from kvverify.suite.target import Target
+from kvverify.runs import run_property
 from tests.targets.lossy import int8_per_token
 
 #: long_context is opt-in and makes one comparison per example; it takes a minute.

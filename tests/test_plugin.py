@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvverify.suite import PROPERTIES
+from kvverify.checks import PROPERTIES
 
 pytest_plugins = ["pytester"]
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kvverify.caches import ContiguousCache
+from kvverify.checks import Target
 from kvverify.plugin import _TargetSession
-from kvverify.suite import Target
 
 pytest_plugins = ["pytester"]
 

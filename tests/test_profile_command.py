@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvverify.checks.loading import TargetError, load_factory
 from kvverify.cli import main
 from kvverify.profiling.plan import CacheSpec, Plan, builtin_specs
 from kvverify.profiling.report import write_report
 from kvverify.profiling.runner import run_profile
-from kvverify.suite.loading import TargetError, load_factory
 
 TINY = Plan(presets={"tiny": (8, 24)}, steps=1, repeats=1, ratio_rounds=1, ratio_tokens=2, prompt=4)
 

@@ -8,12 +8,13 @@ from hypothesis import Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from kvverify.caches import BUILTIN_CACHES, ContiguousCache
+from kvverify.checks import PROPERTIES, make_target
+from kvverify.checks.properties.session import ListCache
+from kvverify.checks.properties.stateful import machine_for
 from kvverify.mutants import MUTANTS
 from kvverify.protocol.config import ModelConfig
-from kvverify.suite import PROPERTIES, make_target, run_property
-from kvverify.suite.properties.session import ListCache
-from kvverify.suite.properties.stateful import machine_for
-from kvverify.suite.settings import PROFILE_EXAMPLES, examples_for
+from kvverify.runs import run_property
+from kvverify.runs.settings import PROFILE_EXAMPLES, examples_for
 
 pytestmark = pytest.mark.slow  # the properties run against broken caches until they go red: 80 s of CPU
 

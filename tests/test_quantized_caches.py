@@ -9,11 +9,11 @@ import torch
 
 from kvverify.caches import Int8PerTokenCache
 from kvverify.caches.kivi import kivi2_cache, kivi4_cache
+from kvverify.checks.replay import ReplayCache
 from kvverify.mutants.quantized import MUTANTS, QuantizedMutant
 from kvverify.protocol.cache import CacheFactory, declaration_of
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
-from kvverify.suite.replay import ReplayCache
 
 CONFIG = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4, max_seq_len=48)
 FACTORIES: dict[str, CacheFactory] = {"int8": Int8PerTokenCache.from_config, "kivi2": kivi2_cache,
@@ -55,7 +55,7 @@ def test_the_replay_tells_kivi2_from_kivi4() -> None:
 
 
 def test_the_reference_caches_pass_cached_equals_uncached_bitwise_in_the_suite() -> None:
-    from kvverify.suite import run_suite
+    from kvverify.runs import run_suite
 
     for name, factory in FACTORIES.items():
         result = run_suite(factory, target=name, profile="dev", seed=1, properties=["cached_equals_uncached"],
@@ -89,7 +89,7 @@ def test_a_one_percent_scale_error_is_a_bitwise_difference_far_below_the_toleran
 
 
 def test_the_suite_kills_a_scale_error_with_the_replay_and_not_with_the_tolerance() -> None:
-    from kvverify.suite import run_suite
+    from kvverify.runs import run_suite
 
     mutant = next(m for m in MUTANTS if m.name == "int8_newest_value_scale_1pct")
     replay = run_suite(mutant.factory(True), target="replay", profile="ci", seed=0,
@@ -125,7 +125,7 @@ def test_a_cache_with_its_own_round_trip_replays_bit_for_bit() -> None:
 def test_examples_after_a_check_rejects_one_are_still_counted() -> None:
     # KIVI refuses crops into quantized tokens; a refused crop keeps the drafts, and a case with no room left
     # after them is rejected by the check. Passing examples after such a reject were once not counted (2 of 40).
-    from kvverify.suite import run_suite
+    from kvverify.runs import run_suite
 
     result = run_suite(kivi4_cache, target="kivi4", profile="ci", seed=0, properties=["crop"])
     assert result.ok and result.results[0].examples >= 30, result.results[0]

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from kvverify.checks.replay import ReplayCache
 from kvverify.protocol.cache import CacheDeclaration
 from kvverify.protocol.declaration import DeclarationError
 from kvverify.protocol.quantizers import INT8_PER_TOKEN, Quantizer, QuantizerError, kivi
 from kvverify.protocol.rounding import KeysAndValues, Rounding
-from kvverify.suite.replay import ReplayCache
 
 QUANTIZED = 1000.0  # what the recording round trip adds: a returned slot holds a stored (round-tripped) token
 
@@ -160,7 +160,7 @@ def test_a_round_trip_returning_the_wrong_thing_is_named(wrong: object, expected
 
 def test_a_bad_round_trip_fails_the_suite_with_its_message() -> None:
     from kvverify.caches import Int8PerTokenCache
-    from kvverify.suite import run_suite
+    from kvverify.runs import run_suite
 
     def doubled(states: torch.Tensor, *, positions: torch.Tensor, layer: int, is_key: bool,
                 requantize: bool) -> torch.Tensor:

@@ -12,11 +12,11 @@ import pytest
 from junitparser import JUnitXml
 
 from kvverify.caches import BUILTIN_CACHES
+from kvverify.checks import PROPERTIES
 from kvverify.cli import main
 from kvverify.commands.verify import configure, planned_pairs, shard_pairs
-from kvverify.suite import PROPERTIES
-from kvverify.suite.settings import PROFILE_OPT_IN, examples_for
-from kvverify.suite.shards import EXAMPLE_COST, Shard, ShardError, assign, expected_cost, parse_shard
+from kvverify.runs.settings import PROFILE_OPT_IN, examples_for
+from kvverify.runs.shards import EXAMPLE_COST, Shard, ShardError, assign, expected_cost, parse_shard
 
 #: Every property but the one that compiles (seconds per example): the end-to-end runs stay fast.
 CHEAP = [name for name in PROPERTIES if name != "compiled"]

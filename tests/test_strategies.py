@@ -5,9 +5,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvverify.checks.case import Case
+from kvverify.checks.strategies import boundary_lengths, cases, model_configs
 from kvverify.protocol.config import ModelConfig
-from kvverify.suite.case import Case
-from kvverify.suite.strategies import boundary_lengths, cases, model_configs
 
 
 @settings(max_examples=50, deadline=None)

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from kvverify import ContiguousCache, ModelConfig, StaticCache
-from kvverify.suite import PROPERTIES, make_target, run_property
+from kvverify.checks import PROPERTIES, make_target
+from kvverify.runs import run_property
 
 
 class DropsATokenCache(ContiguousCache):

@@ -6,7 +6,7 @@ import contextlib
 import io
 
 from kvverify.commands.tables import print_results, print_table, table
-from kvverify.suite import PropertyResult, SuiteResult
+from kvverify.runs import PropertyResult, SuiteResult
 
 
 def test_a_wide_row_stays_one_line_without_colour_codes() -> None:
@@ -35,8 +35,8 @@ def test_suite_results_name_each_verdict_and_the_skip_reason() -> None:
 
 
 def test_the_thorough_profile_runs_long_context_and_says_so() -> None:
-    from kvverify.suite.options import check_options
-    from kvverify.suite.properties import PROPERTIES
+    from kvverify.checks.properties import PROPERTIES
+    from kvverify.runs.options import check_options
 
     assert check_options(profile="thorough", properties=None, time_limit=None, max_examples=None) == [
         *PROPERTIES, "long_context"]

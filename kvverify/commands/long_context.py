@@ -30,11 +30,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvverify.checks.loading import TargetError
+    from kvverify.checks.properties.long_context import LONG_CONTEXT, long_case
+    from kvverify.checks.target import make_target
     from kvverify.commands.verify import _factory
-    from kvverify.suite.loading import TargetError
-    from kvverify.suite.properties.long_context import LONG_CONTEXT, long_case
-    from kvverify.suite.runner import run_property
-    from kvverify.suite.target import make_target
+    from kvverify.runs.runner import run_property
 
     try:
         case = long_case(args.length, prompt=args.prompt, seed=args.seed, sliding_window=args.window,

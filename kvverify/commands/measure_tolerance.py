@@ -5,7 +5,7 @@ cases from the property suite's strategy (every positional scheme, norm, window,
 fast numerics, generates with and without a contiguous cache on the device, once per scaled-dot-product attention
 backend that applies there, and prints the largest max-abs logit difference and the largest logit magnitude seen
 per dtype. A case a backend cannot run (float64 in flash attention, a mask where it takes none) is counted as not
-applicable. :data:`kvverify.suite.compare.FAST_TOLERANCES` is set from these figures.
+applicable. :data:`kvverify.checks.compare.FAST_TOLERANCES` is set from these figures.
 
 ``--target MODULE:FACTORY`` measures a lossy cache instead: cases drawn within its declaration (strict numerics,
 so every difference is the cache's), generated uncached and with the target's caches; it prints the largest
@@ -26,15 +26,15 @@ from hypothesis import seed as hypothesis_seed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvverify.caches import ContiguousCache
+from kvverify.checks.case import Case
+from kvverify.checks.devices import DeviceError, resolve_device
+from kvverify.checks.drift import compared_difference
+from kvverify.checks.loading import TargetError, load_factory
+from kvverify.checks.strategies import cases
+from kvverify.checks.target import Target, make_target
 from kvverify.protocol.config import DTYPES
 from kvverify.reference.model import Generation
 from kvverify.reference.threads import torch_threads
-from kvverify.suite.case import Case
-from kvverify.suite.devices import DeviceError, resolve_device
-from kvverify.suite.drift import compared_difference
-from kvverify.suite.loading import TargetError, load_factory
-from kvverify.suite.strategies import cases
-from kvverify.suite.target import Target, make_target
 
 #: The SDPA backends worth measuring on each device type (torch picks among them by shape, dtype and mask).
 BACKENDS: dict[str, tuple[str, ...]] = {

@@ -26,7 +26,7 @@ from kvverify.adapters.hf import CACHES
 from kvverify.commands.known import known_failures_table
 from kvverify.commands.tables import print_table, table
 from kvverify.protocol.cache import CacheFactory
-from kvverify.suite.runner import PropertyResult
+from kvverify.runs.runner import PropertyResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: transformers' caches, by their name in kvverify.adapters.hf.CACHES, that run as controls: generate()'s
@@ -99,7 +99,7 @@ def _controls() -> dict[str, CacheFactory]:
 def _run_mutant(name: str, factory: CacheFactory, profile: str, seed: int, with_baseline: bool,
                 device: torch.device) -> Row:
     from kvverify.mutants.baseline import run_baseline
-    from kvverify.suite import run_suite
+    from kvverify.runs import run_suite
 
     start = time.process_time()
     result = run_suite(factory, target=f"mutant:{name}", profile=profile, seed=seed, stop_at_first_failure=True,
@@ -148,7 +148,7 @@ def _run_mutant_named(name: str, profile: str, seed: int, with_baseline: bool, d
 
 def _properties() -> list[str]:
     """The default properties, then the opt-in ones (the long context): bugs that show only there count too."""
-    from kvverify.suite.properties import OPT_IN_PROPERTIES, PROPERTIES
+    from kvverify.checks.properties import OPT_IN_PROPERTIES, PROPERTIES
 
     return [*PROPERTIES, *OPT_IN_PROPERTIES]
 
@@ -176,8 +176,8 @@ def _print_table(rows: Sequence[Row], with_baseline: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvverify.checks.devices import DeviceError, describe_device, resolve_device
     from kvverify.mutants import MUTANTS
-    from kvverify.suite.devices import DeviceError, describe_device, resolve_device
 
     try:
         device = resolve_device(args.device, option="--device")
@@ -231,7 +231,7 @@ def _run_controls(args: argparse.Namespace, device: torch.device) -> bool:
     """Run the correct caches through the suite; True when every failure is a known upstream one (XFAIL) and
     every known failure's fixed example still reproduces (no XPASS)."""
     from kvverify.adapters.known import registry
-    from kvverify.suite import run_suite
+    from kvverify.runs import run_suite
 
     known = registry()
     ok = True

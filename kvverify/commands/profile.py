@@ -77,14 +77,14 @@ class StepProgress:
 
 def run(args: argparse.Namespace) -> int:
 
+    from kvverify.checks.devices import DeviceError, resolve_device
+    from kvverify.checks.loading import TargetError, _where, load_factory
+    from kvverify.checks.target import make_target
     from kvverify.profiling import plan as plans
     from kvverify.profiling.folder import ReportFolderError, prepare, staged
     from kvverify.profiling.report import is_report_file, write_files
     from kvverify.profiling.runner import run_profile
     from kvverify.reference.threads import torch_threads
-    from kvverify.suite.devices import DeviceError, resolve_device
-    from kvverify.suite.loading import TargetError, _where, load_factory
-    from kvverify.suite.target import make_target
 
     try:
         device = resolve_device(args.device, option="--device")

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from kvverify.suite import PropertyResult, SuiteResult
+    from kvverify.runs import PropertyResult, SuiteResult
 
 #: The word for each verdict in the suite's table, and its colour on a terminal.
 _MARK = {"passed": ("PASS", "green"), "failed": ("FAIL", "bold red"), "skipped": ("skip", "yellow"),
@@ -51,7 +51,7 @@ def print_results(result: SuiteResult, *, shard: str | None = None) -> None:
     declined as Unsupported, a lossy cache's largest difference), then each failure's report and the command
     that reproduces it."""
     print(f"{result.target}: {result.declaration}, shapes {result.shapes}" + (f", shard {shard}" if shard else ""))
-    from kvverify.suite.settings import PROFILE_OPT_IN
+    from kvverify.runs.settings import PROFILE_OPT_IN
 
     opted = [r.name for r in result.results if r.name in PROFILE_OPT_IN.get(result.profile, ())]
     if opted:

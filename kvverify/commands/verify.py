@@ -7,12 +7,12 @@ Without a target it verifies the built-in caches. Exit 0 when every property hol
 contract fails, 2 when the command is wrong or the target unusable. Every failure prints the one-line command
 that reproduces it: the same seed, profile and example count run the same examples.
 
-Each target runs in a child process (:mod:`kvverify.suite.isolation`) that gets every option of the command:
-:func:`suite_for` is where they reach :func:`~kvverify.suite.run_suite`. A target that ends, crashes or hangs
+Each target runs in a child process (:mod:`kvverify.runs.isolation`) that gets every option of the command:
+:func:`suite_for` is where they reach :func:`~kvverify.runs.run_suite`. A target that ends, crashes or hangs
 that process fails the property it was running; it cannot end or hang this one.
 
-``--database`` keeps failing examples (:mod:`kvverify.suite.database`): the next run replays them first, whatever
-its seed. ``--shard I/N`` runs one N-th of the (target, property) pairs (:mod:`kvverify.suite.shards`), so N CI
+``--database`` keeps failing examples (:mod:`kvverify.runs.database`): the next run replays them first, whatever
+its seed. ``--shard I/N`` runs one N-th of the (target, property) pairs (:mod:`kvverify.runs.shards`), so N CI
 jobs run the whole suite between them.
 """
 
@@ -27,17 +27,17 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kvverify.checks.shapes import SHAPES
 from kvverify.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from kvverify.commands.tables import print_results
-from kvverify.suite.database import DatabaseError, describe_database
-from kvverify.suite.settings import PROFILE_EXAMPLES
-from kvverify.suite.shapes import SHAPES
+from kvverify.runs.database import DatabaseError, describe_database
+from kvverify.runs.settings import PROFILE_EXAMPLES
 
 if TYPE_CHECKING:
     import torch
 
     from kvverify.protocol.cache import CacheFactory
-    from kvverify.suite import SuiteResult
+    from kvverify.runs import SuiteResult
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +86,7 @@ def _target_names(spec: str | None) -> list[str]:
 
 def _factory(name: str) -> CacheFactory:
     from kvverify.caches import BUILTIN_CACHES
-    from kvverify.suite.loading import load_factory
+    from kvverify.checks.loading import load_factory
 
     return BUILTIN_CACHES[name] if name in BUILTIN_CACHES else load_factory(name)
 
@@ -94,7 +94,7 @@ def _factory(name: str) -> CacheFactory:
 def planned_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
     """The (target, property) pairs the command runs, before any ``--shard``: every target with the properties
     asked for, or the profile's own (thorough adds long_context)."""
-    from kvverify.suite.options import check_options
+    from kvverify.runs.options import check_options
 
     names = check_options(profile=args.profile, properties=args.properties, time_limit=None, max_examples=None)
     return [(target, name) for target in _target_names(args.target) for name in names]
@@ -103,7 +103,7 @@ def planned_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
 def shard_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
     """The pairs this command runs: :func:`planned_pairs`, or this ``--shard``'s part of them (each weighed by
     what its examples are expected to cost, so that the shards take about as long)."""
-    from kvverify.suite.shards import expected_cost, parse_shard
+    from kvverify.runs.shards import expected_cost, parse_shard
 
     pairs = planned_pairs(args)
     if args.shard is None:
@@ -113,9 +113,9 @@ def shard_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvverify.suite.devices import DeviceError, describe_device, resolve_device
-    from kvverify.suite.loading import TargetError
-    from kvverify.suite.properties import ALL_PROPERTIES
+    from kvverify.checks.devices import DeviceError, describe_device, resolve_device
+    from kvverify.checks.loading import TargetError
+    from kvverify.checks.properties import ALL_PROPERTIES
 
     problem = _usage_problem(args, ALL_PROPERTIES)
     if problem:
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{sum(len(r.results) for r in results)} checks in {time.perf_counter() - started:.1f} s on {device}"
           + (f" (shard {_shard_label(args)})" if args.shard else ""), flush=True)
     if args.junitxml:
-        from kvverify.suite.junit import write_junit
+        from kvverify.runs.junit import write_junit
 
         try:
             write_junit(results, args.junitxml, shard=_shard_label(args))
@@ -165,7 +165,7 @@ def _run_target(args: argparse.Namespace, name: str, seed: int, device: torch.de
     """The target's suite, in a child process unless ``--in-process``."""
     if args.in_process:
         return suite_for(args, name, seed, device, properties=properties)
-    from kvverify.suite.isolation import run_isolated
+    from kvverify.runs.isolation import run_isolated
 
     work = functools.partial(suite_for, args, name, seed, device)
     return run_isolated(work, target=name, properties=properties, time_limit=_time_limit(args),
@@ -176,7 +176,7 @@ def suite_for(args: argparse.Namespace, name: str, seed: int, device: torch.devi
               properties: list[str]) -> SuiteResult:
     """One target's suite with the command's options; where it runs, the target is loaded and run. An option
     that changes the run reaches run_suite here, and so the child process."""
-    from kvverify.suite import run_suite
+    from kvverify.runs import run_suite
 
     return run_suite(_factory(name), target=name, profile=args.profile, seed=seed, properties=properties,
                      time_limit=_time_limit(args), reproduce=_reproduce_command(args, name, seed),
@@ -186,9 +186,9 @@ def suite_for(args: argparse.Namespace, name: str, seed: int, device: torch.devi
 
 def _usage_problem(args: argparse.Namespace, properties: Collection[str]) -> str | None:
     """What is wrong with the command's options (checked before anything runs), or None."""
-    from kvverify.suite.database import open_database
-    from kvverify.suite.shards import ShardError, parse_shard
-    from kvverify.suite.watchdog import parse_time_limit
+    from kvverify.checks.watchdog import parse_time_limit
+    from kvverify.runs.database import open_database
+    from kvverify.runs.shards import ShardError, parse_shard
 
     if args.max_examples is not None and args.max_examples < 1:
         return f"--max-examples must be >= 1; got {args.max_examples}"
@@ -214,7 +214,7 @@ def _usage_problem(args: argparse.Namespace, properties: Collection[str]) -> str
 
 
 def _shard_label(args: argparse.Namespace) -> str | None:
-    from kvverify.suite.shards import parse_shard
+    from kvverify.runs.shards import parse_shard
 
     return str(parse_shard(args.shard)) if args.shard else None
 
@@ -239,7 +239,7 @@ def _unwritable(path: str) -> str | None:
 
 
 def _time_limit(args: argparse.Namespace) -> float | None:
-    from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT, parse_time_limit
+    from kvverify.checks.watchdog import DEFAULT_TIME_LIMIT, parse_time_limit
 
     return DEFAULT_TIME_LIMIT if args.time_limit is None else parse_time_limit(args.time_limit, "--time-limit")
 

@@ -36,10 +36,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvverify.suite import SuiteResult, run_suite
-    from kvverify.suite.devices import DeviceError, resolve_device
-    from kvverify.suite.junit import write_junit
-    from kvverify.suite.loading import TargetError, load_factory
+    from kvverify.checks.devices import DeviceError, resolve_device
+    from kvverify.checks.loading import TargetError, load_factory
+    from kvverify.runs import SuiteResult, run_suite
+    from kvverify.runs.junit import write_junit
 
     try:
         device = resolve_device(args.device, option="--device")

@@ -16,13 +16,13 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import settings as hypothesis_settings
 from hypothesis.errors import HypothesisException
 
+from kvverify.checks.watchdog import DEFAULT_TIME_LIMIT, ExampleTimeout, run_with_time_limit
 from kvverify.engines.adapter import COVERAGE, EngineAdapter, EngineRun
 from kvverify.engines.properties import check_independent_of_neighbours, check_matches_alone
 from kvverify.engines.strategies import neighbour_cases, schedules
 from kvverify.reference.threads import torch_threads
-from kvverify.suite.runner import PropertyResult, SuiteResult, _failure_report
-from kvverify.suite.settings import PROFILE_EXAMPLES, profile_settings, use_storage_directory
-from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT, ExampleTimeout, run_with_time_limit
+from kvverify.runs.runner import PropertyResult, SuiteResult, _failure_report
+from kvverify.runs.settings import PROFILE_EXAMPLES, profile_settings, use_storage_directory
 
 #: Examples of property 1 per profile; an engine example is a whole serving run plus its oracle, so far fewer
 #: than a cache property's. The ci count is sized so that ``verify-engine transformers --profile ci`` stays

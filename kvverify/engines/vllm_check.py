@@ -14,7 +14,7 @@ independent of the other rows).
 
 The property, for every request: each step's logits within :data:`ATOL` of the reference's, and each greedy
 token the reference's argmax except at a near tie (the reference's top two closer than twice the tolerance),
-the rule of ``kvverify verify-hf`` (:func:`kvverify.suite.compare.compare_generations`, teacher-forced: the
+the rule of ``kvverify verify-hf`` (:func:`kvverify.checks.compare.compare_generations`, teacher-forced: the
 reference is fed vLLM's tokens, so a near tie splits nothing and every step is compared); and each token vLLM
 chose is the argmax of the logits it returned. A failure shrinks to a minimal schedule and names the request,
 the step, and what the scheduler did to that request (prefix-cache hits, prefill chunks, preemptions, blocks).
@@ -47,13 +47,13 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from rich.table import Table
 
+from kvverify.checks.compare import Tolerance, compare_generations
 from kvverify.commands.tables import print_table, table
 from kvverify.engines.llama_checkpoint import write_llama_checkpoint
 from kvverify.engines.vllm_engine import EngineError, EngineKnobs, EngineRequest, RequestResult, VllmEngine
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import Generation, ReferenceModel
-from kvverify.suite.compare import Tolerance, compare_generations
-from kvverify.suite.settings import profile_settings, use_storage_directory
+from kvverify.runs.settings import profile_settings, use_storage_directory
 
 #: The served model: float32, strict numerics, 2 layers, GQA (4 query heads, 2 KV heads) with head_dim 32, the
 #: smallest head size vLLM's CPU attention takes (32 to 512; the reference's ``tiny`` preset has 8).

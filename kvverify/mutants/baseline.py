@@ -16,10 +16,10 @@ from typing import Literal
 
 import torch
 
+from kvverify.checks.compare import Tolerance, first_difference
 from kvverify.protocol.cache import KVCache
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import Generation, ReferenceModel
-from kvverify.suite.compare import Tolerance, first_difference
 
 Check = Literal["use_cache", "continuation"]
 

@@ -10,7 +10,7 @@ Each mutant plants an error far smaller than its quantizer's own, on layer 0:
   key group 1% off whenever keys are quantized, or the scale of the newest value leaving the residual.
 
 Compared with exact recomputation within the cache's tolerance (``lossy_atol``), such an error is hidden by the
-quantizer's; compared with the reference run through the same quantizer (:mod:`kvverify.suite.replay`), it is a
+quantizer's; compared with the reference run through the same quantizer (:mod:`kvverify.checks.replay`), it is a
 bitwise difference.
 
 ``python -m kvverify.mutants.quantized [--seed N] [--max-examples N] [--only NAME ...]`` runs
@@ -162,7 +162,7 @@ MUTANTS: tuple[QuantizedMutant, ...] = (
 
 
 def main() -> None:
-    from kvverify.suite import run_suite
+    from kvverify.runs import run_suite
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)

@@ -109,7 +109,7 @@ class CacheDeclaration:
     max_batch_size: the largest batch the cache takes.
     max_seq_len: the most tokens it holds.
     crop_argument: what ``crop(n)`` means: ``"keep"`` the first n tokens (the protocol's meaning, as in
-        transformers 4) or ``"remove"`` -n tokens (transformers 5); see :mod:`kvverify.suite.cropping`.
+        transformers 4) or ``"remove"`` -n tokens (transformers 5); see :mod:`kvverify.checks.cropping`.
     devices: where the cache runs, e.g. ``("cuda",)`` for a cache of CUDA kernels (``"cuda"`` covers every GPU,
         ``"cuda:1"`` one); asking the suite for another device is a usage error. None: any device.
     head_dims: the head dimensions it takes, e.g. ``(64, 128)``; models are drawn with those only.
@@ -121,13 +121,13 @@ class CacheDeclaration:
     positional: ``"rope"`` for a cache that applies RoPE itself: ``update`` receives keys *before* rotation,
         ``cache_kwargs`` carries ``cos`` and ``sin`` ``(B, T, head_dim)`` beside ``cache_position``, and it
         returns rotated keys (``k * cos + rotate_half(k) * sin``, transformers' Llama layout). Models are then
-        drawn with RoPE and without left padding; see :mod:`kvverify.suite.positional`.
+        drawn with RoPE and without left padding; see :mod:`kvverify.checks.positional`.
     quantizer: a lossy cache's quantizer (:class:`~kvverify.protocol.Quantizer`: a built-in one, or the cache's
         own round trip and when it applies it); ``cached_equals_uncached`` then compares with the reference run
-        through the same quantizer (:mod:`kvverify.suite.replay`), bit for bit where the replay is exact, instead
+        through the same quantizer (:mod:`kvverify.checks.replay`), bit for bit where the replay is exact, instead
         of within ``lossy_atol``.
     compile: the cache is meant to run inside ``torch.compile`` and CUDA graphs (a static cache): the
-        ``compiled`` property then checks it (see :mod:`kvverify.suite.properties.compiled`).
+        ``compiled`` property then checks it (see :mod:`kvverify.checks.properties.compiled`).
     """
 
     lossy_atol: float | None = None

@@ -2,7 +2,7 @@
 
 A lossy cache that declares ``CacheDeclaration(quantizer=Quantizer(...))`` is compared, in the
 ``cached_equals_uncached`` property, not with exact recomputation within a loose ``lossy_atol``, but with the
-reference model run through :class:`kvverify.suite.replay.ReplayCache`: the recomputed keys and values passed
+reference model run through :class:`kvverify.checks.replay.ReplayCache`: the recomputed keys and values passed
 through the declared round trip at the moments, and on the tokens, that the declared scheme says the cache
 applies it. Where the replay reproduces the cache's arithmetic, the comparison is bit for bit; otherwise within
 ``replay_atol``, measured for what the replay cannot reproduce.

@@ -175,7 +175,7 @@ def _held_layers(cache: object) -> tuple[list[tuple[torch.Tensor, torch.Tensor] 
     read: its built-in caches and transformers' caches, also wrapped in the suite's contract check; else ``[]``.
     The flag says whether the cache is one of kvverify's: transformers' may legitimately keep a layer in another
     dtype (quantized) or on another device (offloaded), so only their shapes are read."""
-    while type(cache).__module__ == "kvverify.suite.contract" and hasattr(cache, "inner"):
+    while type(cache).__module__ == "kvverify.checks.contract" and hasattr(cache, "inner"):
         cache = cache.inner
     module = type(cache).__module__
     layers = getattr(cache, "layers", None)

@@ -13,8 +13,8 @@ import torch
 
 from kvverify import CacheDeclaration, ModelConfig, Unsupported
 from kvverify.caches import ContiguousCache
+from kvverify.checks.positional import apply_rope
 from kvverify.reference.numerics import rope_tables
-from kvverify.suite.positional import apply_rope
 
 
 class Concat(ContiguousCache):

@@ -55,7 +55,7 @@ SLIDING_WINDOW = 6
 FP8_ATOL = 4.0
 
 #: The fp8 backend's quantizer, declared so that ``cached_equals_uncached`` compares it with the reference run
-#: through the same loss (:mod:`kvverify.suite.replay`): bit for bit, as the replay reproduces transformers'
+#: through the same loss (:mod:`kvverify.checks.replay`): bit for bit, as the replay reproduces transformers'
 #: arithmetic exactly (36 of 36 generations bitwise equal, float32/float64/bfloat16, strict and fast numerics).
 FP8_QUANTIZER = Quantizer(kind="fp8", scheme="append")
 

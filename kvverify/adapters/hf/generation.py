@@ -1,5 +1,5 @@
 """Greedy generation with a transformers model: uncached, teacher-forced into a cache, or transformers' own
-``generate``; results as :class:`~kvverify.reference.model.Generation`, for :mod:`kvverify.suite.compare`.
+``generate``; results as :class:`~kvverify.reference.model.Generation`, for :mod:`kvverify.checks.compare`.
 
 Positions follow the reference model: ``cumsum(mask) - 1``, so left padding does not shift them.
 """

@@ -5,7 +5,7 @@ Each model of :data:`~kvverify.adapters.hf.models.MODELS` runs greedy recomputat
 one left-padded (:func:`~kvverify.adapters.hf.generation.uncached_greedy`). Each cache of
 :data:`~kvverify.adapters.hf.caches.CACHES` then prefills the same prompt and is fed the uncached run's tokens
 one at a time (:func:`~kvverify.adapters.hf.generation.teacher_forced`), and the two are compared by
-:func:`kvverify.suite.compare.compare_generations`: every step's logits within the tolerance, and every greedy
+:func:`kvverify.checks.compare.compare_generations`: every step's logits within the tolerance, and every greedy
 token the same except at a near tie of the uncached run.
 
 Tolerance. transformers computes with the standard kernels, whose results depend on how many rows are
@@ -28,9 +28,9 @@ import torch
 from kvverify.adapters.hf.caches import CACHES, NotApplicable
 from kvverify.adapters.hf.generation import teacher_forced, uncached_greedy
 from kvverify.adapters.hf.models import build_model
+from kvverify.checks.compare import Agreement, Tolerance, compare_generations
 from kvverify.invariant import batch_invariant
 from kvverify.reference.model import Generation
-from kvverify.suite.compare import Agreement, Tolerance, compare_generations
 
 EXACT_ATOL = 1e-4
 BATCH, PROMPT_LEN, NEW_TOKENS = 2, 6, 12

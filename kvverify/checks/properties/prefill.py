@@ -9,10 +9,10 @@ import torch
 from hypothesis import reject
 from hypothesis import strategies as st
 
-from kvverify.suite.boundaries import DEFAULT_BLOCKS, ENGINE_CHUNKS, aimed, near_marks
-from kvverify.suite.case import Case
-from kvverify.suite.expected import expected_generation
-from kvverify.suite.property import (
+from kvverify.checks.boundaries import DEFAULT_BLOCKS, ENGINE_CHUNKS, aimed, near_marks
+from kvverify.checks.case import Case
+from kvverify.checks.expected import expected_generation
+from kvverify.checks.property import (
     Property,
     as_generation,
     expect_length,
@@ -20,7 +20,7 @@ from kvverify.suite.property import (
     expect_same_for,
     numerics_cases,
 )
-from kvverify.suite.target import Target
+from kvverify.checks.target import Target
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,15 @@ continuing from the cache length is :data:`CONTINUATION`'s job."""
 
 from __future__ import annotations
 
-from kvverify.suite.properties.batch import BATCH_INDEPENDENCE
-from kvverify.suite.properties.compiled import COMPILED
-from kvverify.suite.properties.generation import CACHED_EQUALS_UNCACHED, CONTINUATION, check_cached_equals_uncached
-from kvverify.suite.properties.long_context import LONG_CONTEXT
-from kvverify.suite.properties.prefill import CHUNKED_PREFILL, SLIDING_WINDOW
-from kvverify.suite.properties.reset import RESET
-from kvverify.suite.properties.rollback import CROP, REORDER
-from kvverify.suite.properties.stateful import STATEFUL
-from kvverify.suite.property import Property, expect_same
+from kvverify.checks.properties.batch import BATCH_INDEPENDENCE
+from kvverify.checks.properties.compiled import COMPILED
+from kvverify.checks.properties.generation import CACHED_EQUALS_UNCACHED, CONTINUATION, check_cached_equals_uncached
+from kvverify.checks.properties.long_context import LONG_CONTEXT
+from kvverify.checks.properties.prefill import CHUNKED_PREFILL, SLIDING_WINDOW
+from kvverify.checks.properties.reset import RESET
+from kvverify.checks.properties.rollback import CROP, REORDER
+from kvverify.checks.properties.stateful import STATEFUL
+from kvverify.checks.property import Property, expect_same
 
 PROPERTIES: dict[str, Property] = {
     p.name: p

@@ -21,9 +21,9 @@ from typing import Any, Protocol
 
 import torch
 
+from kvverify.checks.cropping import crop_convention, tokens_kept
 from kvverify.protocol.cache import OPTIONAL_METHODS, KVCache, written_slots
 from kvverify.protocol.config import ModelConfig
-from kvverify.suite.cropping import crop_convention, tokens_kept
 
 
 class ContractViolation(AssertionError):
@@ -32,7 +32,7 @@ class ContractViolation(AssertionError):
 
 
 class UpdateObserver(Protocol):
-    """Told about every call that reaches the cache (see :mod:`kvverify.suite.locate`)."""
+    """Told about every call that reaches the cache (see :mod:`kvverify.checks.locate`)."""
 
     def updated(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor,
                 keys: torch.Tensor, values: torch.Tensor, written: int) -> None: ...

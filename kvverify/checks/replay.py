@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
+from kvverify.checks.case import Case
+from kvverify.checks.property import expect_same
+from kvverify.checks.target import Target
 from kvverify.protocol.quantizers import Quantizer
-from kvverify.suite.case import Case
-from kvverify.suite.property import expect_same
-from kvverify.suite.target import Target
 
 
 class _Stream:

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 
 from kvverify.caches._common import resolve_crop
+from kvverify.checks.cropping import CROP_REFUSALS, crop_argument, crop_convention
+from kvverify.checks.property import as_generation, expect_same_for
+from kvverify.checks.target import Target
 from kvverify.protocol.cache import KVCache, written_slots
 from kvverify.reference.model import ReferenceModel
-from kvverify.suite.cropping import CROP_REFUSALS, crop_argument, crop_convention
-from kvverify.suite.property import as_generation, expect_same_for
-from kvverify.suite.target import Target
 
 KeysValues = tuple[torch.Tensor, torch.Tensor]
 

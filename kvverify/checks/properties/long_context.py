@@ -1,5 +1,5 @@
 """The long-context check: one strict generation thousands of tokens long through the cache, compared bit for bit
-with the uncached logits of every step from one teacher-forced forward (:mod:`kvverify.suite.expected`).
+with the uncached logits of every step from one teacher-forced forward (:mod:`kvverify.checks.expected`).
 
 The regular properties draw sequences of at most a few dozen tokens; bugs that show only past a length
 (a buffer that wraps or stops growing at 2048 tokens, positions held in a narrow integer) need one long run.
@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
+from kvverify.checks.case import Case
+from kvverify.checks.properties.generation import check_cached_equals_uncached
+from kvverify.checks.property import Property
+from kvverify.checks.target import Target
 from kvverify.protocol.config import ModelConfig
-from kvverify.suite.case import Case
-from kvverify.suite.properties.generation import check_cached_equals_uncached
-from kvverify.suite.property import Property
-from kvverify.suite.target import Target
 
 #: Tokens the property's case ends holding: past 2048, where the planted long-context bugs show.
 LENGTH = 2176

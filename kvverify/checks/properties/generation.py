@@ -8,12 +8,12 @@ import torch
 from hypothesis import reject
 from hypothesis import strategies as st
 
-from kvverify.suite.boundaries import ENGINE_CHUNKS, near_marks
-from kvverify.suite.case import Case
-from kvverify.suite.expected import expected_generation
-from kvverify.suite.property import Property, expect_same, join, numerics_cases, random_tokens
-from kvverify.suite.replay import check_replayed
-from kvverify.suite.target import Target
+from kvverify.checks.boundaries import ENGINE_CHUNKS, near_marks
+from kvverify.checks.case import Case
+from kvverify.checks.expected import expected_generation
+from kvverify.checks.property import Property, expect_same, join, numerics_cases, random_tokens
+from kvverify.checks.replay import check_replayed
+from kvverify.checks.target import Target
 
 
 def check_cached_equals_uncached(target: Target, case: Case) -> None:

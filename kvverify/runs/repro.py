@@ -23,9 +23,9 @@ import torch  # noqa: F401  (the config's dtype is written as torch.<dtype>)
 
 import kvverify
 from kvverify.caches import BUILTIN_CACHES
-from kvverify.suite import make_target
-from kvverify.suite.loading import load_factory
-from kvverify.suite.properties import ALL_PROPERTIES
+from kvverify.checks import make_target
+from kvverify.checks.loading import load_factory
+from kvverify.checks.properties import ALL_PROPERTIES
 {imports}
 
 TARGET = {target!r}

@@ -1,8 +1,8 @@
 """Running a target's suite in a child process, so that nothing the target does can end, hang or fool the run.
 
 :func:`run_isolated` starts a fresh interpreter (multiprocessing's "spawn": the same on Linux, macOS and
-Windows) that runs the suite and sends each :class:`~kvverify.suite.runner.PropertyResult` back over a pipe,
-with a message as each call into the cache begins and ends (:func:`kvverify.suite.watchdog.tell`). The parent
+Windows) that runs the suite and sends each :class:`~kvverify.runs.runner.PropertyResult` back over a pipe,
+with a message as each call into the cache begins and ends (:func:`kvverify.checks.watchdog.tell`). The parent
 holds the clock: a call that runs past its time limit plus a grace (the child's own SIGALRM could not stop it:
 a bare ``except:`` swallowed it, or a C call never returned, or there is no SIGALRM) gets the child killed.
 A child that dies (``os._exit()``, ``sys.exit()`` from a thread, a segfault, the OOM killer) or is killed
@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from kvverify.suite.database import DatabaseError
-from kvverify.suite.devices import DeviceError
-from kvverify.suite.loading import TargetError
-from kvverify.suite.runner import PropertyResult, SuiteResult
-from kvverify.suite.watchdog import listen
+from kvverify.checks.devices import DeviceError
+from kvverify.checks.loading import TargetError
+from kvverify.checks.watchdog import listen
+from kvverify.runs.database import DatabaseError
+from kvverify.runs.runner import PropertyResult, SuiteResult
 
 #: What a child runs: ``work(properties=[...])`` returns the suite of those properties. It must pickle (a
 #: module-level function, or a functools.partial of one with picklable arguments).
@@ -54,7 +54,7 @@ def run_isolated(work: Work, *, target: str, properties: Sequence[str], time_lim
     death. ``time_limit``: the per-example limit the work applies (None: none, and the child is never killed).
     ``reproduce``: the command that reruns the suite; a property whose child died gets it with ``--property``.
 
-    Raises :class:`~kvverify.suite.loading.TargetError` for an unusable target, or one whose child died
+    Raises :class:`~kvverify.checks.loading.TargetError` for an unusable target, or one whose child died
     before the properties began; the work's own ValueError, DeviceError and DatabaseError come through as such."""
     remaining = list(properties)
     results: list[PropertyResult] = []

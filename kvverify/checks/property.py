@@ -12,13 +12,13 @@ from hypothesis import strategies as st
 from hypothesis import target as hypothesis_target
 from hypothesis.control import current_build_context, currently_in_test_context
 
+from kvverify.checks import drift
+from kvverify.checks.case import Case
+from kvverify.checks.compare import GenerationMismatch, first_difference
+from kvverify.checks.strategies import cases, token_rows
+from kvverify.checks.target import Target
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import Generation
-from kvverify.suite import drift
-from kvverify.suite.case import Case
-from kvverify.suite.compare import GenerationMismatch, first_difference
-from kvverify.suite.strategies import cases, token_rows
-from kvverify.suite.target import Target
 
 Ex = TypeVar("Ex")
 
@@ -142,7 +142,7 @@ class Draw(Protocol):
 
 
 def random_tokens(draw: Draw, config: ModelConfig, rows: int, count: int, label: str) -> tuple[tuple[int, ...], ...]:
-    """``rows`` lists of ``count`` token ids (:func:`~kvverify.suite.strategies.token_rows`)."""
+    """``rows`` lists of ``count`` token ids (:func:`~kvverify.checks.strategies.token_rows`)."""
     return token_rows(draw, config.vocab_size, rows, count, label)
 
 

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from kvverify.suite.case import Case
-from kvverify.suite.expected import expected_generation
-from kvverify.suite.property import Property, expect_length, expect_same, numerics_cases
-from kvverify.suite.strategies import generation_lengths, prompts
-from kvverify.suite.target import Target
+from kvverify.checks.case import Case
+from kvverify.checks.expected import expected_generation
+from kvverify.checks.property import Property, expect_length, expect_same, numerics_cases
+from kvverify.checks.strategies import generation_lengths, prompts
+from kvverify.checks.target import Target
 
 
 @dataclass(frozen=True)

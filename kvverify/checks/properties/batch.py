@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
+from kvverify.checks.case import Case, build_model
+from kvverify.checks.expected import expected_generation
+from kvverify.checks.property import Property, expect_same, strict_cases
+from kvverify.checks.target import Target
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import Generation, ReferenceModel
-from kvverify.suite.case import Case, build_model
-from kvverify.suite.expected import expected_generation
-from kvverify.suite.property import Property, expect_same, strict_cases
-from kvverify.suite.target import Target
 
 #: The padding token's id in a padded case: its embedding is zero, as with ``nn.Embedding(padding_idx=0)``.
 PAD_ID = 0

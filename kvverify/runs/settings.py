@@ -75,7 +75,7 @@ def profile_settings(name: str, prop: str | None = None, *, max_examples: int | 
     """The settings of one profile (for one property when ``prop`` names it: see :data:`PROPERTY_SHARE`), with
     ``max_examples`` in place of the profile's count when given; raises ValueError naming the profiles for an
     unknown name. ``database``: where failing examples are saved, and replayed first (Hypothesis' reuse
-    phase) by the next run; None keeps none (:mod:`kvverify.suite.database`)."""
+    phase) by the next run; None keeps none (:mod:`kvverify.runs.database`)."""
     if name not in PROFILE_EXAMPLES:
         raise ValueError(f"unknown profile {name!r}; expected one of {sorted(PROFILE_EXAMPLES)}")
     phases = _UNSHRUNK_PHASES if prop in UNSHRUNK else _PHASES

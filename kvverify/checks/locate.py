@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from kvverify.caches import ContiguousCache
+from kvverify.checks.contract import UpdateObserver
+from kvverify.checks.target import Target
+from kvverify.checks.watchdog import ExampleTimeout, run_with_time_limit
 from kvverify.protocol.cache import written_slots
-from kvverify.suite.contract import UpdateObserver
-from kvverify.suite.target import Target
-from kvverify.suite.watchdog import ExampleTimeout, run_with_time_limit
 
 
 @dataclass(frozen=True)

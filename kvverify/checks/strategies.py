@@ -3,10 +3,10 @@
 Every public strategy takes keyword-only arguments, each a value, a collection to sample from, or a
 strategy. Draws are small by default (hundreds of examples a minute) and shrink toward the smallest model:
 one layer, one KV head, a short prompt, no window, few tokens. ``shapes="production"`` draws the shapes of
-served models instead (:mod:`kvverify.suite.shapes`); a cache's declaration narrows either
-(:meth:`kvverify.suite.target.Target.config_constraints`).
+served models instead (:mod:`kvverify.checks.shapes`); a cache's declaration narrows either
+(:meth:`kvverify.checks.target.Target.config_constraints`).
 
->>> from kvverify.suite.strategies import cases
+>>> from kvverify.checks.strategies import cases
 >>> cases(dtype="float64", sliding_window=4).example()  # doctest: +SKIP
 """
 
@@ -21,9 +21,9 @@ from hypothesis import reject
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
+from kvverify.checks.case import Case
+from kvverify.checks.shapes import DEFAULT, ShapeSpace, shape_space
 from kvverify.protocol.config import DTYPES, NORMS, POSITIONALS, ModelConfig
-from kvverify.suite.case import Case
-from kvverify.suite.shapes import DEFAULT, ShapeSpace, shape_space
 
 T = TypeVar("T")
 
@@ -99,7 +99,7 @@ def model_configs(
     an int, a collection or a strategy to fix it, or ``st.none()`` for no window. ``max_seq_len`` left at
     None draws from the shape space (default: 16, 24, 64 or 128), at most ``longest`` when given;
     ``n_layers`` left at None draws 3 or more three times in four (bugs that need a third layer).
-    ``shapes``: ``"default"`` or ``"production"`` (:mod:`kvverify.suite.shapes`). ``head_dims`` and
+    ``shapes``: ``"default"`` or ``"production"`` (:mod:`kvverify.checks.shapes`). ``head_dims`` and
     ``dtypes``: the only ones drawn (a cache's declaration), whatever ``dtype`` asks for.
     Invariant: ``n_heads`` is a multiple of ``n_kv_heads``; ``head_dim`` is even under RoPE (pairs).
     """

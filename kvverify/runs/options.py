@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvverify.suite.properties import ALL_PROPERTIES, PROPERTIES
-from kvverify.suite.settings import PROFILE_EXAMPLES, PROFILE_OPT_IN
-from kvverify.suite.watchdog import check_time_limit
+from kvverify.checks.properties import ALL_PROPERTIES, PROPERTIES
+from kvverify.checks.watchdog import check_time_limit
+from kvverify.runs.settings import PROFILE_EXAMPLES, PROFILE_OPT_IN
 
 
 def check_options(*, profile: str, properties: Sequence[str] | str | None, time_limit: object,

@@ -1,6 +1,6 @@
 """Random sequences of update / crop / reorder / reset / fork against a trivially correct model of the cache.
 
-Two ways in, sharing :class:`~kvverify.suite.properties.session.Session`: the ``stateful`` property draws a whole
+Two ways in, sharing :class:`~kvverify.checks.properties.session.Session`: the ``stateful`` property draws a whole
 :class:`Program` (so the suite's runner runs, shrinks and reports it like any property), and
 :func:`machine_for` builds a :class:`hypothesis.stateful.RuleBasedStateMachine` for
 ``run_state_machine_as_test``. Destructive operations are rarer than appends in both.
@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from kvverify.caches._common import resolve_crop
+from kvverify.checks.boundaries import aimed, at_marks, near_marks
+from kvverify.checks.case import Case, build_model
+from kvverify.checks.properties.session import Session
+from kvverify.checks.property import Draw, Property, random_tokens, strict_cases, tensor
+from kvverify.checks.target import Target
 from kvverify.protocol.config import ModelConfig
-from kvverify.suite.boundaries import aimed, at_marks, near_marks
-from kvverify.suite.case import Case, build_model
-from kvverify.suite.properties.session import Session
-from kvverify.suite.property import Draw, Property, random_tokens, strict_cases, tensor
-from kvverify.suite.target import Target
 
 #: Operation kinds and the optional cache method each needs (None: always available).
 KINDS: dict[str, str | None] = {"append": None, "crop": "crop", "reorder": "reorder_cache", "reset": "reset",
@@ -60,7 +60,7 @@ class Program:
 def _operation(draw: Draw, config: ModelConfig, batch: int, capabilities: frozenset[str], length: int = 0,
                block_size: int | None = None) -> Operation:
     """One operation on a session holding ``length`` tokens; a crop keeps a length next to a boundary
-    (:mod:`kvverify.suite.boundaries`) half the time."""
+    (:mod:`kvverify.checks.boundaries`) half the time."""
     kinds = [k for k, need in KINDS.items() if need is None or need in capabilities]
     appends = ["append"] * 3 * (len(kinds) - 1)  # destructive operations are rarer than appends
     kind = draw(st.sampled_from(appends + kinds + ["fork"]), label="operation")  # forks twice: both sides write

@@ -9,11 +9,11 @@ from hypothesis import reject
 from hypothesis import strategies as st
 
 from kvverify.caches._common import resolve_crop
-from kvverify.suite.boundaries import at_marks
-from kvverify.suite.case import Case
-from kvverify.suite.cropping import CROP_REFUSALS, crop_argument, crop_convention
-from kvverify.suite.expected import expected_generation
-from kvverify.suite.property import (
+from kvverify.checks.boundaries import at_marks
+from kvverify.checks.case import Case
+from kvverify.checks.cropping import CROP_REFUSALS, crop_argument, crop_convention
+from kvverify.checks.expected import expected_generation
+from kvverify.checks.property import (
     Property,
     expect_length,
     expect_same,
@@ -22,7 +22,7 @@ from kvverify.suite.property import (
     tensor,
     with_room,
 )
-from kvverify.suite.target import Target
+from kvverify.checks.target import Target
 
 
 @dataclass(frozen=True)

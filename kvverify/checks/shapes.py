@@ -2,7 +2,7 @@
 (the head dimensions, GQA ratios, dtypes, page sizes and context lengths of served models).
 
 A :class:`ShapeSpace` lists the candidates for each dimension; a cache's declaration narrows them further
-(:meth:`kvverify.suite.target.Target.config_constraints`). Choose one with ``kvverify verify --shapes``,
+(:meth:`kvverify.checks.target.Target.config_constraints`). Choose one with ``kvverify verify --shapes``,
 ``pytest --kv-shapes`` or ``check_cache(shapes=)``.
 
 >>> shape_space("production", "cpu").head_dims

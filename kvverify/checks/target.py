@@ -1,7 +1,7 @@
 """A cache under test: its factory, what it declares about itself, and what it can do.
 
 Every cache a property builds comes from :meth:`Target.new_cache`, wrapped in a
-:class:`~kvverify.suite.contract.CheckedCache` that checks the protocol's contract on every call.
+:class:`~kvverify.checks.contract.CheckedCache` that checks the protocol's contract on every call.
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from typing import Any
 
 import torch
 
+from kvverify.checks.compare import Tolerance, tolerance_for
+from kvverify.checks.contract import CheckedCache, UpdateObserver
+from kvverify.checks.devices import declares, resolve_device
+from kvverify.checks.loading import TargetError, check_cache_object, factory_failed
+from kvverify.checks.positional import RotatingCache
+from kvverify.checks.shapes import shape_space
+from kvverify.checks.watchdog import DEFAULT_TIME_LIMIT, ExampleTimeout, run_with_time_limit
 from kvverify.protocol.cache import CacheDeclaration, CacheFactory, KVCache, capabilities, declaration_of
 from kvverify.protocol.config import ModelConfig
 from kvverify.protocol.declaration import DeclarationError
-from kvverify.suite.compare import Tolerance, tolerance_for
-from kvverify.suite.contract import CheckedCache, UpdateObserver
-from kvverify.suite.devices import declares, resolve_device
-from kvverify.suite.loading import TargetError, check_cache_object, factory_failed
-from kvverify.suite.positional import RotatingCache
-from kvverify.suite.shapes import shape_space
-from kvverify.suite.watchdog import DEFAULT_TIME_LIMIT, ExampleTimeout, run_with_time_limit
 
 #: The configuration a target is probed with to detect its optional methods.
 PROBE_CONFIG = ModelConfig(vocab_size=16, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64,
@@ -33,7 +33,7 @@ PROBE_CONFIG = ModelConfig(vocab_size=16, d_model=8, n_layers=2, n_heads=2, n_kv
 class Target:
     """name: how reports call it (``module:factory`` or a built-in name); observe: makes an observer for each
     new cache (used to locate a failure); device: where every model, prompt and cache of the run lives;
-    shapes: the shape space drawn from (:mod:`kvverify.suite.shapes`)."""
+    shapes: the shape space drawn from (:mod:`kvverify.checks.shapes`)."""
 
     name: str
     factory: CacheFactory
@@ -46,7 +46,7 @@ class Target:
     def new_cache(self, config: ModelConfig) -> KVCache:
         """A fresh cache from the factory (``factory(config, batch_size=config.max_batch_size)`` when it takes a
         batch size), checked against the contract for a model of ``config``; a cache that applies RoPE itself
-        is fed keys before rotation (:class:`~kvverify.suite.positional.RotatingCache`)."""
+        is fed keys before rotation (:class:`~kvverify.checks.positional.RotatingCache`)."""
         cache: Any = call_factory(self.factory, config)
         check_cache_object(self.name, cache)
         if self.declaration.positional == "rope":
@@ -62,7 +62,7 @@ class Target:
         return tolerance_for(config.dtype) if inexact else None
 
     def config_constraints(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`kvverify.suite.strategies.cases` that respect the declaration and build
+        """Keyword arguments for :func:`kvverify.checks.strategies.cases` that respect the declaration and build
         every model on the target's device."""
         constraints: dict[str, Any] = {"device": self.device, "shapes": self.shapes}
         d = self.declaration
@@ -103,8 +103,8 @@ def make_target(factory: CacheFactory, name: str | None = None, *,
     work (present, and not raising ``NotImplementedError`` when tried on a probe cache built on ``device``,
     the CPU when None).
 
-    Raises :class:`~kvverify.suite.devices.DeviceError` for a device this machine lacks, and
-    :class:`~kvverify.suite.loading.TargetError` when the cache declares other devices, or the factory raises,
+    Raises :class:`~kvverify.checks.devices.DeviceError` for a device this machine lacks, and
+    :class:`~kvverify.checks.loading.TargetError` when the cache declares other devices, or the factory raises,
     hangs, returns something that is not a cache, or returns the same object twice.
     """
     label = name or getattr(factory, "__qualname__", None) or repr(factory)

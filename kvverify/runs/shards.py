@@ -57,8 +57,8 @@ class Shard:
 
 def expected_cost(profile: str, prop: str, *, max_examples: int | None = None) -> float:
     """What a property is expected to cost in a profile, in examples of ``cached_equals_uncached``: its count of
-    examples (:func:`~kvverify.suite.settings.examples_for`) times what one costs (:data:`EXAMPLE_COST`)."""
-    from kvverify.suite.settings import examples_for
+    examples (:func:`~kvverify.runs.settings.examples_for`) times what one costs (:data:`EXAMPLE_COST`)."""
+    from kvverify.runs.settings import examples_for
 
     examples = min(examples_for(profile, prop, max_examples=max_examples), EXAMPLES_AT_MOST.get(prop, 1 << 62))
     return examples * EXAMPLE_COST.get(prop, 1.0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from junitparser import Error, Failure, JUnitXml, Skipped, TestCase, TestSuite
 
-from kvverify.suite.runner import PropertyResult, SuiteResult
+from kvverify.runs.runner import PropertyResult, SuiteResult
 
 
 def write_junit(results: Sequence[SuiteResult], path: str | Path, *, shard: str | None = None) -> None:

@@ -25,12 +25,12 @@ from contextlib import contextmanager
 import torch
 from hypothesis import strategies as st
 
+from kvverify.checks.case import Case
+from kvverify.checks.property import Property, expect_same
+from kvverify.checks.strategies import cases
+from kvverify.checks.target import Target
 from kvverify.protocol.cache import KVCache
 from kvverify.reference.model import Generation, ReferenceModel
-from kvverify.suite.case import Case
-from kvverify.suite.property import Property, expect_same
-from kvverify.suite.strategies import cases
-from kvverify.suite.target import Target
 
 #: Decode steps before the compilations are counted: the first compiles, the second may compile once more.
 WARMUP_STEPS = 2

@@ -8,7 +8,7 @@ the prompt and the tokens the cached run chose gives, at each step, the bits the
 would give, as long as the chosen tokens are the ones that recomputation would choose. Where they are not, the
 comparison stops there anyway: at the first step a row's token leaves the expected greedy path, its logits
 (still exact: they depend only on earlier tokens, which agree) already differ, or differ within a tolerance
-at a near tie, after which that row is not compared (:func:`kvverify.suite.compare.first_difference`).
+at a near tie, after which that row is not compared (:func:`kvverify.checks.compare.first_difference`).
 ``tests/test_expected.py`` checks this bit for bit against the step-by-step recomputation.
 
 Fast numerics keeps the step-by-step recomputation: its kernels choose their order by the tensor's shape.

@@ -16,23 +16,23 @@ from hypothesis import target as hypothesis_target
 from hypothesis.database import ExampleDatabase
 from hypothesis.errors import HypothesisException, Unsatisfiable, UnsatisfiedAssumption
 
-from kvverify.protocol.cache import CacheFactory
-from kvverify.reference.threads import torch_threads
-from kvverify.suite.blind_spots import BlindSpots, unsupported_in, verdict_without_examples
-from kvverify.suite.database import as_database, key_examples
-from kvverify.suite.drift import watching
-from kvverify.suite.loading import TargetError
-from kvverify.suite.options import check_options
-from kvverify.suite.properties import ALL_PROPERTIES, Property
-from kvverify.suite.settings import profile_settings, use_storage_directory
-from kvverify.suite.target import Target, make_target
-from kvverify.suite.watchdog import (
+from kvverify.checks.blind_spots import BlindSpots, unsupported_in, verdict_without_examples
+from kvverify.checks.drift import watching
+from kvverify.checks.loading import TargetError
+from kvverify.checks.properties import ALL_PROPERTIES, Property
+from kvverify.checks.target import Target, make_target
+from kvverify.checks.watchdog import (
     DEFAULT_TIME_LIMIT,
     ExampleTimeout,
     TargetExit,
     run_with_time_limit,
     tell,
 )
+from kvverify.protocol.cache import CacheFactory
+from kvverify.reference.threads import torch_threads
+from kvverify.runs.database import as_database, key_examples
+from kvverify.runs.options import check_options
+from kvverify.runs.settings import profile_settings, use_storage_directory
 
 Verdict = Literal["passed", "failed", "skipped", "error"]
 
@@ -229,7 +229,7 @@ def _failed(prop: Property, progress: _Progress, detail: str) -> PropertyResult:
 
 
 def _locate(prop: Property, target: Target, case: Any, time_limit: float | None) -> str:
-    from kvverify.suite.locate import locate
+    from kvverify.checks.locate import locate
 
     try:
         return locate(prop.check, target, case, time_limit)
@@ -266,11 +266,11 @@ def run_suite(
     with every model, prompt and cache on ``device`` (the CPU when None).
 
     ``max_examples``: in place of the profile's count of examples (each property runs its share of it).
-    ``shapes``: ``"default"`` (toy models) or ``"production"`` (:mod:`kvverify.suite.shapes`).
-    Hypothesis' own files go to :func:`~kvverify.suite.settings.storage_directory`, not the working directory.
+    ``shapes``: ``"default"`` (toy models) or ``"production"`` (:mod:`kvverify.checks.shapes`).
+    Hypothesis' own files go to :func:`~kvverify.runs.settings.storage_directory`, not the working directory.
 
     ``database``: a directory, ``redis://HOST:PORT[/DB]`` or a Hypothesis ``ExampleDatabase`` where failing
-    examples are saved and replayed first by the next run, whatever its seed (:mod:`kvverify.suite.database`).
+    examples are saved and replayed first by the next run, whatever its seed (:mod:`kvverify.runs.database`).
 
     ``time_limit``: seconds one example may take (None: no limit); probing the target may take
     :data:`PROBE_CALLS` times as long.
@@ -280,9 +280,9 @@ def run_suite(
     ``reproduce``: a command that reruns the suite with this seed; each failure gets it with ``--property NAME``.
 
     ``repro_script``: a path; the first failure's minimal case is written there as a self-contained Python script
-    (:mod:`kvverify.suite.repro`) that exits 1 while the bug is there.
-    Raises :class:`~kvverify.suite.loading.TargetError` when the factory is unusable or declares other devices,
-    :class:`~kvverify.suite.devices.DeviceError` when this machine lacks the device, ValueError naming what
+    (:mod:`kvverify.runs.repro`) that exits 1 while the bug is there.
+    Raises :class:`~kvverify.checks.loading.TargetError` when the factory is unusable or declares other devices,
+    :class:`~kvverify.checks.devices.DeviceError` when this machine lacks the device, ValueError naming what
     is expected for a wrong profile, property, time limit, example count or database (a DatabaseError).
     """
     chosen = check_options(profile=profile, properties=properties, time_limit=time_limit, max_examples=max_examples)
@@ -299,7 +299,7 @@ def run_suite(
         if reproduce and result.verdict in ("failed", "error"):
             result = replace(result, reproduce=f"{reproduce} --property {name}")
         if repro_script and result.verdict == "failed" and result.case is not None:
-            from kvverify.suite.repro import write_repro_script
+            from kvverify.runs.repro import write_repro_script
 
             path = write_repro_script(repro_script, target, name, result.case)
             result = replace(result, detail=f"{result.detail}\nrepro script: python {path}")
@@ -318,9 +318,9 @@ PROBE_CALLS = 8
 
 def describe_target(factory: CacheFactory, name: str, *, time_limit: float | None,
                     device: str | torch.device | None, shapes: str = "default") -> Target:
-    """:func:`~kvverify.suite.target.make_target` within ``PROBE_CALLS`` time limits, with a probe that
+    """:func:`~kvverify.checks.target.make_target` within ``PROBE_CALLS`` time limits, with a probe that
     hangs, ends the process (``sys.exit``) or interrupts itself answered by a
-    :class:`~kvverify.suite.loading.TargetError`."""
+    :class:`~kvverify.checks.loading.TargetError`."""
     budget = None if time_limit is None else PROBE_CALLS * time_limit
     what = f"probing target {name!r} (two caches built, then crop, reorder_cache and reset tried on a third)"
     try:
@@ -346,10 +346,10 @@ def check_cache(
 ) -> SuiteResult:
     """Run the property suite against the caches ``factory(config)`` builds; return the result when every
     property holds, else raise :class:`CacheCheckFailed` with every failure's report (where the cache went
-    wrong, and the call that reproduces it). An unusable factory raises :class:`~kvverify.suite.loading.TargetError`.
+    wrong, and the call that reproduces it). An unusable factory raises :class:`~kvverify.checks.loading.TargetError`.
 
     ``device``: ``"cpu"`` (the default), ``"cuda"``, ``"cuda:N"`` or a torch.device; the models, prompts and
-    caches live there. One this machine lacks raises :class:`~kvverify.suite.devices.DeviceError`.
+    caches live there. One this machine lacks raises :class:`~kvverify.checks.devices.DeviceError`.
     ``properties``: a property's name or a list of names (None: all). ``time_limit``: seconds per example
     (None: no limit). A wrong profile, property, limit or count raises ValueError naming what is expected.
 
@@ -358,12 +358,12 @@ def check_cache(
     ``except:`` or leaves a non-daemon thread behind takes the caller with it. ``kvverify verify`` runs the
     target in a child process that contains all of those.
     ``shapes``: ``"default"`` or ``"production"`` (head_dim 64/128, GQA up to 8, bf16/fp16, contexts to 4096).
-    ``database``: as :func:`run_suite`'s (one that cannot be used: :class:`~kvverify.suite.database.DatabaseError`).
+    ``database``: as :func:`run_suite`'s (one that cannot be used: :class:`~kvverify.runs.database.DatabaseError`).
 
     >>> import kvverify
     >>> kvverify.check_cache(kvverify.ContiguousCache.from_config, profile="dev")  # doctest: +SKIP
     """
-    from kvverify.suite.devices import resolve_device
+    from kvverify.checks.devices import resolve_device
 
     check_options(profile=profile, properties=properties, time_limit=time_limit, max_examples=max_examples)
     where = resolve_device(device, option="device=")

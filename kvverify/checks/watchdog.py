@@ -5,7 +5,7 @@ is (a Python loop, a sleep, a lock wait); elsewhere the example runs on a helper
 when the limit passes. Limits nest: an inner call never extends an outer one. Neither can interrupt a single
 C call that never returns, nor code that swallows the interrupt (``while True: try: ... except: pass``):
 ``kvverify verify`` runs the target in a child process that its parent kills for those
-(:mod:`kvverify.suite.isolation`); the parent learns what runs from the messages :func:`tell` sends.
+(:mod:`kvverify.runs.isolation`); the parent learns what runs from the messages :func:`tell` sends.
 
 ``SystemExit`` and ``KeyboardInterrupt`` raised by the cache's code become :class:`TargetExit`, an ordinary
 failure; a ``KeyboardInterrupt`` that comes from the user's Ctrl-C (a SIGINT seen while the call ran) still

@@ -1,7 +1,10 @@
-"""The property suite: properties, targets and the runner."""
+"""How a run is carried out: Hypothesis settings, the runner, the child process, JUnit, repro scripts, the
+example database and shards.
 
-from kvverify.suite.properties import PROPERTIES, Property
-from kvverify.suite.runner import (
+The front door for the commands, the plugin and :func:`check_cache`.
+"""
+
+from kvverify.runs.runner import (
     CacheCheckFailed,
     PropertyResult,
     SuiteResult,
@@ -10,17 +13,12 @@ from kvverify.suite.runner import (
     run_property,
     run_suite,
 )
-from kvverify.suite.target import Target, make_target
 
 __all__ = [
-    "PROPERTIES",
     "CacheCheckFailed",
-    "Property",
     "PropertyResult",
     "SuiteResult",
-    "Target",
     "check_cache",
-    "make_target",
     "property_test",
     "run_property",
     "run_suite",
