@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvverify.known_failures import KnownFailure, KnownFailures, in_range, release, reproduce
+from kvverify.adapters.known_failures import KnownFailure, KnownFailures, in_range, release, reproduce
 
 
 def _entry(outcome: str | None, versions: tuple[str, str | None] = ("0", None)) -> KnownFailure:

@@ -1,9 +1,9 @@
-"""Every library's known failures, in one registry (see :mod:`kvverify.known_failures`)."""
+"""Every library's known failures, in one registry (see :mod:`kvverify.adapters.known_failures`)."""
 
 from __future__ import annotations
 
 from kvverify.adapters.hf.known import KNOWN as TRANSFORMERS_KNOWN
-from kvverify.known_failures import KnownFailure, KnownFailures
+from kvverify.adapters.known_failures import KnownFailure, KnownFailures
 
 #: The known upstream failures, by library.
 KNOWN_FAILURES: tuple[KnownFailure, ...] = (*TRANSFORMERS_KNOWN,)

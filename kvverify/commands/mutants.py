@@ -3,7 +3,7 @@
 Every mutant of :data:`kvverify.mutants.MUTANTS` runs through the suite; a mutant is killed when some
 property fails (or errors) on it. The correct built-in caches, and transformers' ``DynamicCache`` and
 ``StaticCache`` when transformers is installed, run as controls and must pass, except for the known upstream
-failures of :mod:`kvverify.known_failures` (XFAIL), whose fixed examples are rerun and tabled every time. The
+failures of :mod:`kvverify.adapters.known_failures` (XFAIL), whose fixed examples are rerun and tabled every time. The
 conventional grid of :mod:`kvverify.mutants.baseline` runs against the same mutants for comparison. Exit 0 only
 when every mutant is killed, every control failure is a known one, and every known one still reproduces.
 """

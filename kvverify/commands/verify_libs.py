@@ -2,7 +2,7 @@
 
 One row per (library, cache, property): the verdict, examples and seconds, or, where the pair does not apply
 (package missing, CUDA needed), one row saying why. A failure that is a known upstream one
-(:mod:`kvverify.known_failures`) is XFAIL; the known failures' fixed examples are rerun and tabled after.
+(:mod:`kvverify.adapters.known_failures`) is XFAIL; the known failures' fixed examples are rerun and tabled after.
 Exit 0 when nothing unexpected happened: no unexpected failure, no known failure fixed (XPASS).
 ``kvverify verify-hf`` (transformers' own models end to end) stays a command of its own.
 """
@@ -17,11 +17,11 @@ from dataclasses import replace
 from rich.text import Text
 
 from kvverify.adapters.known import registry
+from kvverify.adapters.known_failures import installed_version
 from kvverify.adapters.libraries import LIBRARY_CACHES
 from kvverify.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from kvverify.commands.known import known_failures_table
 from kvverify.commands.tables import print_table, table
-from kvverify.known_failures import installed_version
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""transformers' known failures (see :mod:`kvverify.known_failures`), each with its fixed reproducing example.
+"""transformers' known failures (see :mod:`kvverify.adapters.known_failures`), each with its fixed reproducing example.
 
 - ``transformers-static-overcrop``: ``StaticLayer.crop(-k)`` subtracts k from its length without clamping, so
   cropping more tokens than a ``StaticCache`` holds leaves ``get_seq_length()`` negative (``crop(-9)`` on 8
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from kvverify.adapters import import_transformers
-from kvverify.known_failures import KnownFailure
+from kvverify.adapters.known_failures import KnownFailure
 
 #: DynamicLayer's oversized negative crop, the same class of bug, fixed by clamping.
 DYNAMIC_OVERCROP_ISSUE = "https://github.com/huggingface/transformers/issues/47433"
