@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from kvverify.invariant import batch_invariant, ordered
 from kvverify.invariant.attention import attention
+from kvverify.invariant.audit import OrderAudit
 from kvverify.reference import numerics
-from kvverify.reference.audit import OrderAudit
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}

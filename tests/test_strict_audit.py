@@ -1,5 +1,5 @@
 """Strict numerics makes no order-dependent floating-point reduction: proved by running the model under
-:class:`~kvverify.reference.audit.OrderAudit`, which sees every aten op. Plus meta-tests of the audit itself."""
+:class:`~kvverify.invariant.audit.OrderAudit`, which sees every aten op. Plus meta-tests of the audit itself."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
 from kvverify import BUILTIN_CACHES, ModelConfig, ReferenceModel
-from kvverify.reference.audit import OrderAudit
+from kvverify.invariant.audit import OrderAudit
 
 # --- the strict model under the audit ---------------------------------------------------------------------
 

@@ -9,7 +9,7 @@
   :func:`~kvverify.invariant.attention.attention` before torch picks a fused kernel, on every device.
 
 Both run Python kernels made of elementwise ops, so another dispatch mode entered *outside* this one (an
-:class:`~kvverify.reference.audit.OrderAudit`) sees the ops that actually run, not the ones they replace::
+:class:`~kvverify.invariant.audit.OrderAudit`) sees the ops that actually run, not the ones they replace::
 
     with OrderAudit() as audit, batch_invariant():
         model(tokens)
@@ -30,8 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatc
 
 from kvverify.invariant import aten
 from kvverify.invariant.attention import attention
+from kvverify.invariant.audit import bind  # the op's arguments by schema name, as the audit reads them
 from kvverify.invariant.pointwise import is_transcendental, lane_stable_op
-from kvverify.reference.audit import bind  # the op's arguments by schema name, as the audit reads them
 
 
 @functools.cache

@@ -479,6 +479,6 @@ class OrderAudit(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch l
                          + (f"; ... ({len(shown)} in all)" if len(shown) > shapes_shown else ""))
         lines.append(
             "Strict numerics must reduce in an order it writes itself (elementwise adds); an op listed as "
-            "unclassified that is order-free belongs in ORDER_FREE in kvverify/reference/audit.py."
+            "unclassified that is order-free belongs in ORDER_FREE in kvverify/invariant/audit.py."
         )
         return "\n".join(lines)
