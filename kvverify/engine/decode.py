@@ -18,9 +18,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from kvverify.engine import kernels
 from kvverify.protocol.cache import KVCache, written_slots
 from kvverify.protocol.config import ModelConfig
+from kvverify.reference import fast as kernels
 from kvverify.reference.weights import ModelWeights, NormWeights
 
 NormFn = Callable[[torch.Tensor], torch.Tensor]

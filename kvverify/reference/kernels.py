@@ -1,7 +1,7 @@
 """The kernel set a model computes with, chosen once per model from ``config.numerics``.
 
 ``strict`` (:mod:`kvverify.reference.numerics`): batch-invariant reductions, cached and uncached logits bitwise
-equal. ``fast`` (:mod:`kvverify.engine.kernels`): torch's standard kernels. Both take and return the same
+equal. ``fast`` (:mod:`kvverify.reference.fast`): torch's standard kernels. Both take and return the same
 shapes, so the model's modules have one path each.
 """
 
@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvverify.engine import kernels as fast
 from kvverify.protocol.config import ModelConfig
-from kvverify.reference import numerics
+from kvverify.reference import fast, numerics
 from kvverify.reference.context import Mask
 
 Tensor = torch.Tensor

@@ -1,5 +1,5 @@
 """Strict numerics, the reference model's oracle arithmetic (its other, fast numerics is
-:mod:`kvverify.engine.kernels`; :mod:`kvverify.reference.kernels` chooses between them).
+:mod:`kvverify.reference.fast`; :mod:`kvverify.reference.kernels` chooses between them).
 
 One row gets the same bits whether it is computed alone or inside a batch, whatever masked keys surround it and
 on whichever device it runs. Strict numerics is built only from operations whose result for an element cannot
