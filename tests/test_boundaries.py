@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from kvverify import CacheDeclaration, ModelConfig
 from kvverify.caches import ContiguousCache
-from kvverify.caches._common import resolve_crop
 from kvverify.checks import make_target
 from kvverify.checks.boundaries import marks, near_marks
 from kvverify.checks.case import build_model
@@ -22,6 +21,7 @@ from kvverify.checks.properties.rollback import CropPlan, crop_plans
 from kvverify.checks.properties.session import Session
 from kvverify.checks.properties.stateful import Program, _length_after, apply, programs
 from kvverify.checks.target import Target
+from kvverify.protocol.cache import resolve_crop
 
 #: derandomize: these tests measure how often a strategy lands somewhere, on one fixed stream of draws (not the
 #: run's seed), so that a verdict does not move with --hypothesis-seed

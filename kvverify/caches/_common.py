@@ -13,12 +13,6 @@ def check_layer_order(layer_idx: int, known_layers: int) -> None:
         raise IndexError(f"update() for layer {layer_idx} before layer {known_layers} was ever written")
 
 
-def resolve_crop(max_length: int, length: int) -> int:
-    """transformers' crop: keep ``max_length`` tokens, or drop ``-max_length`` from the end when negative."""
-    keep = length + max_length if max_length < 0 else max_length
-    return max(0, min(keep, length))
-
-
 def new_positions(cache_kwargs: dict[str, Any] | None, length: int, count: int, device: torch.device) -> torch.Tensor:
     """Slots for ``count`` new tokens: ``cache_kwargs['cache_position']`` when given, else after ``length``."""
     position: torch.Tensor | None = (cache_kwargs or {}).get("cache_position")

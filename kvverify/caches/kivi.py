@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from kvverify.caches._common import check_layer_order, resolve_crop
-from kvverify.protocol.cache import CacheDeclaration
+from kvverify.caches._common import check_layer_order
+from kvverify.protocol.cache import CacheDeclaration, resolve_crop
 from kvverify.protocol.config import ModelConfig
 from kvverify.protocol.quantizers import kivi
 

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from kvverify.caches._common import check_layer_order, new_positions, resolve_crop
+from kvverify.caches._common import check_layer_order, new_positions
+from kvverify.protocol.cache import resolve_crop
 from kvverify.protocol.config import ModelConfig
 
 

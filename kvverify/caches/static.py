@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from kvverify.caches._common import new_positions, resolve_crop
-from kvverify.protocol.cache import CacheDeclaration
+from kvverify.caches._common import new_positions
+from kvverify.protocol.cache import CacheDeclaration, resolve_crop
 from kvverify.protocol.config import ModelConfig
 
 

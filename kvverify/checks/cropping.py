@@ -17,8 +17,7 @@ from __future__ import annotations
 from typing import Literal
 
 from kvverify.adapters import transformers_version
-from kvverify.caches._common import resolve_crop
-from kvverify.protocol.cache import declaration_of
+from kvverify.protocol.cache import declaration_of, resolve_crop
 
 CropConvention = Literal["keep", "remove"]
 

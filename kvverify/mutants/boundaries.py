@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from kvverify.caches import PagedCache
-from kvverify.caches._common import check_layer_order, resolve_crop
-from kvverify.protocol.cache import CacheDeclaration
+from kvverify.caches._common import check_layer_order
+from kvverify.protocol.cache import CacheDeclaration, resolve_crop
 from kvverify.protocol.config import ModelConfig
 
 #: Engines allocate in chunks of 128, 256 and 512 tokens; the default shapes reach past 128.

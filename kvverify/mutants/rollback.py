@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvverify.caches import ContiguousCache
-from kvverify.caches._common import resolve_crop
+from kvverify.protocol.cache import resolve_crop
 
 
 class CropNegativeUnclamped(ContiguousCache):

@@ -2,7 +2,8 @@
 
 - :class:`ModelConfig` (:mod:`~kvverify.protocol.config`): the model a cache is built for;
 - :class:`KVCache`, :class:`CacheFactory`, :func:`written_slots` and :class:`Unsupported`
-  (:mod:`~kvverify.protocol.cache`): what a cache must do, and the slot rule its outputs follow;
+  (:mod:`~kvverify.protocol.cache`): what a cache must do, and the slot rule its outputs follow,
+  and the crop rule (:func:`resolve_crop`) the suite and the caches share;
 - :class:`CacheDeclaration` (:mod:`~kvverify.protocol.declaration`): what a cache says about itself;
 - :class:`Quantizer` (:mod:`~kvverify.protocol.quantizers`, :mod:`~kvverify.protocol.rounding`): how a lossy
   cache rounds, so that the suite can replay it bit for bit.
@@ -18,6 +19,7 @@ from kvverify.protocol.cache import (
     Unsupported,
     capabilities,
     declaration_of,
+    resolve_crop,
     written_slots,
 )
 from kvverify.protocol.config import ConfigError, ModelConfig
@@ -43,5 +45,6 @@ __all__ = [
     "capabilities",
     "declaration_of",
     "kivi",
+    "resolve_crop",
     "written_slots",
 ]

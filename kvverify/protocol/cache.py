@@ -30,6 +30,13 @@ def written_slots(keys: torch.Tensor, values: torch.Tensor, total: int) -> tuple
     return keys, values
 
 
+def resolve_crop(max_length: int, length: int) -> int:
+    """The crop rule (transformers'): ``crop(max_length)`` of a cache holding ``length`` tokens keeps
+    ``max_length`` tokens, or drops ``-max_length`` from the end when negative, clamped to ``0 .. length``."""
+    keep = length + max_length if max_length < 0 else max_length
+    return max(0, min(keep, length))
+
+
 @runtime_checkable
 class KVCache(Protocol):
     """A key/value cache for a decoder-only transformer.

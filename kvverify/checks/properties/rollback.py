@@ -8,7 +8,6 @@ import torch
 from hypothesis import reject
 from hypothesis import strategies as st
 
-from kvverify.caches._common import resolve_crop
 from kvverify.checks.boundaries import at_marks
 from kvverify.checks.case import Case
 from kvverify.checks.cropping import CROP_REFUSALS, crop_argument, crop_convention
@@ -23,6 +22,7 @@ from kvverify.checks.property import (
     with_room,
 )
 from kvverify.checks.target import Target
+from kvverify.protocol.cache import resolve_crop
 
 
 @dataclass(frozen=True)

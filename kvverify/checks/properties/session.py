@@ -12,11 +12,10 @@ from typing import Any
 
 import torch
 
-from kvverify.caches._common import resolve_crop
 from kvverify.checks.cropping import CROP_REFUSALS, crop_argument, crop_convention
 from kvverify.checks.property import as_generation, expect_same_for
 from kvverify.checks.target import Target
-from kvverify.protocol.cache import KVCache, written_slots
+from kvverify.protocol.cache import KVCache, resolve_crop, written_slots
 from kvverify.reference.model import ReferenceModel
 
 KeysValues = tuple[torch.Tensor, torch.Tensor]

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
-from kvverify.caches._common import resolve_crop
 from kvverify.checks.boundaries import aimed, at_marks, near_marks
 from kvverify.checks.case import Case, build_model
 from kvverify.checks.properties.session import Session
 from kvverify.checks.property import Draw, Property, random_tokens, strict_cases, tensor
 from kvverify.checks.target import Target
+from kvverify.protocol.cache import resolve_crop
 from kvverify.protocol.config import ModelConfig
 
 #: Operation kinds and the optional cache method each needs (None: always available).
