@@ -20,6 +20,7 @@ import torch
 
 from kvverify.caches import ContiguousCache
 from kvverify.engine.compiled import CompiledDecoder
+from kvverify.engine.generation import generate
 from kvverify.profiling import engines, timing
 from profiles.conftest import fast_config, reference, tokens
 
@@ -54,7 +55,7 @@ def test_compiled_and_eager_vs_transformers(benchmark: Any) -> None:
 
     timings: dict[str, Callable[[], float]] = {
         "compiled generate": per_token(lambda: decoder.generate(prompt, NEW_TOKENS)[0]),
-        "eager generate": per_token(lambda: model.generate(prompt, NEW_TOKENS).tokens),
+        "eager generate": per_token(lambda: generate(model, prompt, NEW_TOKENS).tokens),
         "transformers generate()": per_token(lambda: library_generate(llama, prompt, NEW_TOKENS, dynamic(config),
                                                                       keyword)),
         "compiled shared loop (static)": lambda: timing.greedy_seconds_per_token(
@@ -64,7 +65,7 @@ def test_compiled_and_eager_vs_transformers(benchmark: Any) -> None:
         "transformers loop (DynamicCache)": lambda: timing.greedy_seconds_per_token(
             llama_step, lambda: dynamic(config), prompt, NEW_TOKENS),
     }
-    assert torch.equal(decoder.generate(prompt, NEW_TOKENS)[0], model.generate(prompt, NEW_TOKENS).tokens)
+    assert torch.equal(decoder.generate(prompt, NEW_TOKENS)[0], generate(model, prompt, NEW_TOKENS).tokens)
 
     def measure() -> dict[str, list[float]]:
         for run in timings.values():  # warm-up: compile, first-call costs

@@ -18,6 +18,7 @@ import torch
 from kvverify.checks.case import Case
 from kvverify.checks.property import expect_same
 from kvverify.checks.target import Target
+from kvverify.engine.generation import generate
 from kvverify.protocol.quantizers import Quantizer
 
 
@@ -93,8 +94,8 @@ def check_replayed(target: Target, case: Case, quantizer: Quantizer) -> None:
     """Generation through the cache ≡ generation through :class:`ReplayCache` of the declared quantizer."""
     model = case.model()
     prompt, mask = case.tokens(), case.attention_mask()
-    expected = model.generate(prompt, case.max_new_tokens, cache=ReplayCache(quantizer), attention_mask=mask)
-    actual = model.generate(prompt, case.max_new_tokens, cache=target.new_cache(case.config), attention_mask=mask)
+    expected = generate(model, prompt, case.max_new_tokens, cache=ReplayCache(quantizer), attention_mask=mask)
+    actual = generate(model, prompt, case.max_new_tokens, cache=target.new_cache(case.config), attention_mask=mask)
     # bitwise for an exact replay in strict numerics; else replay_atol (plus fast numerics' tolerance)
     atol = quantizer.replay_atol or None
     replayed = replace(target, declaration=replace(target.declaration, lossy_atol=atol))

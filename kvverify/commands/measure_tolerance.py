@@ -32,6 +32,7 @@ from kvverify.checks.drift import compared_difference
 from kvverify.checks.loading import TargetError, load_factory
 from kvverify.checks.strategies import cases
 from kvverify.checks.target import Target, make_target
+from kvverify.engine.generation import generate
 from kvverify.protocol.config import DTYPES
 from kvverify.reference.model import Generation
 from kvverify.reference.threads import torch_threads
@@ -96,7 +97,7 @@ def _both_ways(case: Case) -> tuple[Generation, Generation]:
     model = case.model()
     prompt, mask = case.tokens(), case.attention_mask()
     expected = model.generate(prompt, case.max_new_tokens, use_cache=False, attention_mask=mask)
-    actual = model.generate(prompt, case.max_new_tokens, cache=ContiguousCache(), attention_mask=mask)
+    actual = generate(model, prompt, case.max_new_tokens, cache=ContiguousCache(), attention_mask=mask)
     return expected, actual
 
 
@@ -141,7 +142,7 @@ def measure_target(target: Target, n_cases: int, seed: int) -> dict[str, Drift]:
     def run(case: Case) -> None:
         model, prompt, mask = case.model(), case.tokens(), case.attention_mask()
         expected = model.generate(prompt, case.max_new_tokens, use_cache=False, attention_mask=mask)
-        actual = model.generate(prompt, case.max_new_tokens, cache=target.new_cache(case.config), attention_mask=mask)
+        actual = generate(model, prompt, case.max_new_tokens, cache=target.new_cache(case.config), attention_mask=mask)
         entry = worst[str(case.config.dtype).removeprefix("torch.")]
         difference = compared_difference(expected.logits, actual.logits, expected.tokens, actual.tokens)
         entry.max_abs = max(entry.max_abs, difference)

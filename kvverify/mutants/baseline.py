@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 
 from kvverify.checks.compare import Tolerance, first_difference
+from kvverify.engine.generation import generate
 from kvverify.protocol.cache import KVCache
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import Generation, ReferenceModel
@@ -85,11 +86,11 @@ def _run_case(model: ReferenceModel, factory: Callable[[ModelConfig], KVCache], 
     input_ids, mask = _inputs(case.padded, torch.device(config.device))
     want = model.generate(input_ids, NEW_TOKENS, use_cache=False, attention_mask=mask)
     if case.check == "use_cache":
-        got = model.generate(input_ids, NEW_TOKENS, cache=factory(config), attention_mask=mask)
+        got = generate(model, input_ids, NEW_TOKENS, cache=factory(config), attention_mask=mask)
         return _compare(got, want, "use_cache=True vs use_cache=False")
     half = NEW_TOKENS // 2
-    first = model.generate(input_ids, half, cache=factory(config), attention_mask=mask)
-    rest = model.generate(
+    first = generate(model, input_ids, half, cache=factory(config), attention_mask=mask)
+    rest = generate(model,
         first.sequences, NEW_TOKENS - half, cache=first.cache, attention_mask=first.attention_mask
     )
     continued = Generation(

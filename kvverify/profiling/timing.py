@@ -16,6 +16,7 @@ import torch
 
 from kvverify.adapters.hf.generation import cache_keyword, last_logits, library_generate
 from kvverify.engine.decode import DecodeStep, supports
+from kvverify.engine.generation import generate
 from kvverify.reference.model import ReferenceModel
 
 StepFn = Callable[[torch.Tensor, Any, int], torch.Tensor]
@@ -183,7 +184,7 @@ def generate_ratio(
     keyword = cache_keyword(llama)
 
     def ours(cache: Any) -> torch.Tensor:
-        return model.generate(prompt, new_tokens, cache=cache).sequences
+        return generate(model, prompt, new_tokens, cache=cache).sequences
 
     def theirs(cache: Any) -> torch.Tensor:
         return library_generate(llama, prompt, new_tokens, cache, keyword)

@@ -4,25 +4,30 @@ Pre-norm blocks (RMSNorm or LayerNorm), grouped-query attention with RoPE, learn
 an optional sliding window, a SwiGLU MLP and an untied LM head: the shape of Llama and Mistral. The slots,
 positions and masks of a forward are in :mod:`kvverify.reference.context`; the arithmetic is the model's
 kernel set (:mod:`kvverify.reference.kernels`), strict or fast, chosen once from ``config.numerics``.
-In fast numerics, ``generate`` decodes one token at a time with :class:`kvverify.engine.decode.DecodeStep`.
+``generate`` has one cached and one uncached path; a caller may hand it a decode step of its own for
+single-token steps (:func:`kvverify.engine.generation.generate` passes the engine's).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
 import torch
 from torch import nn
 
-from kvverify.caches import ContiguousCache
-from kvverify.engine import decode
 from kvverify.protocol.cache import KVCache, written_slots
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference import kernels, numerics
 from kvverify.reference.context import StepContext
+from kvverify.reference.default_cache import ReferenceCache
 from kvverify.reference.inputs import check_cache_output, check_cache_start, check_generate_inputs
 from kvverify.reference.weights import LayerWeights, ModelWeights, NormWeights
+
+#: A decode step run by someone other than the model: (token (B, 1), cache holding ``past`` tokens, past) ->
+#: the logits (B, vocab) of that one token, after writing it to the cache; None leaves the step to the model.
+DecodeStepFn = Callable[[torch.Tensor, KVCache, int], "torch.Tensor | None"]
 
 
 @dataclass(frozen=True)
@@ -215,29 +220,33 @@ class ReferenceModel(nn.Module):
         use_cache: bool = True,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        decode_step: DecodeStepFn | None = None,
     ) -> Generation:
         """Greedy generation.
 
         prompt: (B, T) long, left-padded where ``attention_mask`` (B, T) has zeros. ``use_cache=False``
         recomputes the whole prefix for every token, exactly ``x[1:t+1] = LLM(x[1:t])``. ``use_cache=True``
-        prefills ``cache`` (a new :class:`~kvverify.caches.ContiguousCache` when None) with the tokens it does
-        not hold yet and then feeds one token per step. A non-empty cache must hold a prefix of ``prompt``.
+        prefills ``cache`` (a new :class:`~kvverify.reference.default_cache.ReferenceCache` when None) with the
+        tokens it does not hold yet and then feeds one token per step. A non-empty cache must hold a prefix of
+        ``prompt``. ``decode_step``, when given, runs the single-token steps of an unpadded cached generation
+        (where it returns None, the model runs the step).
         """
         mask = check_generate_inputs(self.config, prompt, max_new_tokens, attention_mask, use_cache, cache)
         unpadded = bool(mask.all())  # generated tokens never add padding: no mask needed at all
         sequences = prompt  # grown every step only where a step needs it (uncached); else joined at the end
         chosen_tokens: list[torch.Tensor] = []
         chosen_logits: list[torch.Tensor] = []
-        engine = None  # fast numerics decodes unpadded tokens one at a time with the engine, from today's weights
-        if use_cache and unpadded and decode.supports(self.config):
-            engine = decode.DecodeStep(self.weights(), max_len=prompt.shape[1] + max_new_tokens)
         if use_cache:
-            cache = ContiguousCache() if cache is None else cache
+            cache = ReferenceCache() if cache is None else cache
             past = int(cache.get_seq_length())  # transformers' static caches return a 0-d tensor
             new = prompt[:, past:]
+        stepper = decode_step if use_cache and unpadded else None
         for _ in range(max_new_tokens):
-            if engine is not None and cache is not None and new.shape[1] == 1 and past < engine.max_len:
-                last, past = engine(new, cache, past), past + 1  # (B, vocab)
+            stepped = None
+            if stepper is not None and cache is not None and new.shape[1] == 1:
+                stepped = stepper(new, cache, past)  # (B, vocab), or None
+            if stepped is not None:
+                last, past = stepped, past + 1
             elif use_cache:
                 logits = self(new, cache=cache, start=past, attention_mask=None if unpadded else mask, last_only=True)
                 last, past = logits[:, -1], past + new.shape[1]

@@ -10,6 +10,7 @@ import sys
 import torch
 
 from kvverify.adapters.hf.caches import CACHES, FACTORIES, quantized_cache
+from kvverify.engine.generation import generate
 from kvverify.protocol.cache import CacheFactory
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
@@ -34,7 +35,7 @@ def measure_lossy_error(factory: CacheFactory, *, seeds: int = 3, new_tokens: in
         mask = torch.ones_like(prompt)
         mask[1, :2], mask[2, :5] = 0, 0  # left padding
         ref = model.generate(prompt, new_tokens, use_cache=False, attention_mask=mask)
-        out = model.generate(prompt, new_tokens, cache=factory(config), attention_mask=mask)
+        out = generate(model, prompt, new_tokens, cache=factory(config), attention_mask=mask)
         for row in range(prompt.shape[0]):
             differ = (out.tokens[row] != ref.tokens[row]).nonzero()
             last = int(differ[0]) if len(differ) else new_tokens - 1

@@ -13,6 +13,7 @@ from kvverify.checks.case import Case, build_model
 from kvverify.checks.expected import expected_generation
 from kvverify.checks.property import Property, expect_same, strict_cases
 from kvverify.checks.target import Target
+from kvverify.engine.generation import generate
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import Generation, ReferenceModel
 
@@ -75,14 +76,14 @@ def _row(generation: Generation, row: int) -> Generation:
 def check_batch_independence(target: Target, plan: PaddedBatch) -> None:
     case, model = plan.case, plan.model()
     prompt, mask, new = case.tokens(), case.attention_mask(), case.max_new_tokens
-    batched = model.generate(prompt, new, cache=target.new_cache(case.config), attention_mask=mask)
+    batched = generate(model, prompt, new, cache=target.new_cache(case.config), attention_mask=mask)
     expected = expected_generation(model, prompt, new, mask, batched)
     expect_same(target, case, expected, batched, "cached generation of the left-padded batch differs from uncached",
                 label="padded batch")
     if not torch.equal(expected.tokens, batched.tokens):  # split at a near tie: each row alone needs its own path
         expected = model.generate(prompt, new, use_cache=False, attention_mask=mask)
     for row in range(case.batch):
-        alone = model.generate(
+        alone = generate(model,
             prompt[row : row + 1], new, cache=target.new_cache(case.config), attention_mask=mask[row : row + 1]
         )
         what = f"row {row} generated alone (same left padding {case.pad[row]}) differs from row {row} of the batch"

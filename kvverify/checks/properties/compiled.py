@@ -29,6 +29,7 @@ from kvverify.checks.case import Case
 from kvverify.checks.property import Property, expect_same
 from kvverify.checks.strategies import cases
 from kvverify.checks.target import Target
+from kvverify.engine.generation import generate
 from kvverify.protocol.cache import KVCache
 from kvverify.reference.model import Generation, ReferenceModel
 
@@ -165,7 +166,7 @@ def _generation(prompt: torch.Tensor, chosen: list[torch.Tensor], logits: list[t
 @torch.no_grad()
 def check_compiled(target: Target, case: Case) -> None:
     model, prompt, new = case.model(), case.tokens(), case.max_new_tokens
-    expected = model.generate(prompt, new, cache=target.new_cache(case.config))
+    expected = generate(model, prompt, new, cache=target.new_cache(case.config))
     cache = target.factory(case.config)
     watch = RecompileWatch(model, cache)
     with _quiet_dynamo():

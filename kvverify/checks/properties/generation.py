@@ -14,6 +14,7 @@ from kvverify.checks.expected import expected_generation
 from kvverify.checks.property import Property, expect_same, join, numerics_cases, random_tokens
 from kvverify.checks.replay import check_replayed
 from kvverify.checks.target import Target
+from kvverify.engine.generation import generate
 
 
 def check_cached_equals_uncached(target: Target, case: Case) -> None:
@@ -22,7 +23,7 @@ def check_cached_equals_uncached(target: Target, case: Case) -> None:
     model = case.model()
     prompt, mask = case.tokens(), case.attention_mask()
     cache = target.new_cache(case.config)
-    actual = model.generate(prompt, case.max_new_tokens, cache=cache, attention_mask=mask)
+    actual = generate(model, prompt, case.max_new_tokens, cache=cache, attention_mask=mask)
     expected = expected_generation(model, prompt, case.max_new_tokens, mask, actual)
     expect_same(target, case, expected, actual, "cached generation differs from uncached", label="generation")
 
@@ -87,7 +88,7 @@ def check_continuation(target: Target, plan: Continuation) -> None:
     model = case.model()
     prompt, mask = case.tokens(), case.attention_mask()
     cache = target.new_cache(case.config)
-    first = model.generate(prompt, case.max_new_tokens, cache=cache, attention_mask=mask)
+    first = generate(model, prompt, case.max_new_tokens, cache=cache, attention_mask=mask)
     expected_first = expected_generation(model, prompt, case.max_new_tokens, mask, first)
     expect_same(target, case, expected_first, first, "first generation differs from uncached",
                 label="first generation")
@@ -95,7 +96,7 @@ def check_continuation(target: Target, plan: Continuation) -> None:
     sequences = torch.cat((first.sequences, extra), dim=1)
     mask2 = torch.cat((first.attention_mask, torch.ones_like(extra)), dim=1)
     assert first.cache is not None
-    second = model.generate(sequences, plan.more, cache=first.cache, attention_mask=mask2)
+    second = generate(model, sequences, plan.more, cache=first.cache, attention_mask=mask2)
     expected_second = expected_generation(model, sequences, plan.more, mask2, second)
     expect_same(target, case, join(expected_first, expected_second), join(first, second),
                 "generation continued from the returned cache differs from generating it at once",

@@ -21,6 +21,7 @@ from kvverify.checks.property import (
     numerics_cases,
 )
 from kvverify.checks.target import Target
+from kvverify.engine.generation import generate
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def check_chunked(target: Target, plan: Chunked) -> None:
         expect_same_for(target, case.config, as_generation(whole), as_generation(torch.cat(logits, dim=1)),
                         f"prompt logits fed in chunks {list(plan.chunks)} differ from a one-shot uncached prefill",
                         label="prompt logits in chunks")
-    actual = model.generate(prompt, case.max_new_tokens, cache=cache, attention_mask=mask)
+    actual = generate(model, prompt, case.max_new_tokens, cache=cache, attention_mask=mask)
     expected = expected_generation(model, prompt, case.max_new_tokens, mask, actual)
     expect_same(target, case, expected, actual, f"generation after a prefill in chunks {list(plan.chunks)} differs",
                 label="generation after the chunks")

@@ -11,6 +11,7 @@ from kvverify.checks.expected import expected_generation
 from kvverify.checks.property import Property, expect_length, expect_same, numerics_cases
 from kvverify.checks.strategies import generation_lengths, prompts
 from kvverify.checks.target import Target
+from kvverify.engine.generation import generate
 
 
 @dataclass(frozen=True)
@@ -41,13 +42,13 @@ def reset_plans(draw: st.DrawFn, target: Target) -> ResetPlan:
 def check_reset(target: Target, plan: ResetPlan) -> None:
     model = plan.first.model()
     cache = target.new_cache(plan.first.config)
-    model.generate(plan.first.tokens(), plan.first.max_new_tokens, cache=cache,
+    generate(model, plan.first.tokens(), plan.first.max_new_tokens, cache=cache,
                    attention_mask=plan.first.attention_mask())
     cache.reset()  # type: ignore[attr-defined]
     expect_length(cache, 0, f"after reset() of a cache that held {plan.first.total_len} tokens")
     second = plan.second
     prompt, mask = second.tokens(), second.attention_mask()
-    actual = model.generate(prompt, second.max_new_tokens, cache=cache, attention_mask=mask)
+    actual = generate(model, prompt, second.max_new_tokens, cache=cache, attention_mask=mask)
     expected = expected_generation(model, prompt, second.max_new_tokens, mask, actual)
     expect_same(target, second, expected, actual, "the second sequence through a reset cache differs from uncached",
                 label="after the reset")

@@ -22,6 +22,7 @@ from kvverify.checks.property import (
     with_room,
 )
 from kvverify.checks.target import Target
+from kvverify.engine.generation import generate
 from kvverify.protocol.cache import resolve_crop
 
 
@@ -80,7 +81,7 @@ def check_crop(target: Target, plan: CropPlan) -> None:
     case = plan.case
     model = case.model()
     cache = target.new_cache(case.config)
-    first = model.generate(case.tokens(), case.max_new_tokens, cache=cache, attention_mask=case.attention_mask())
+    first = generate(model, case.tokens(), case.max_new_tokens, cache=cache, attention_mask=case.attention_mask())
     fed = case.total_len
     draft = tensor(plan.draft, first.sequences)
     full = torch.cat((first.sequences, draft), dim=1)
@@ -103,7 +104,7 @@ def check_crop(target: Target, plan: CropPlan) -> None:
     more = min(plan.more, room - then.shape[1] + 1)
     prompt = torch.cat((full[:, :kept], then), dim=1)
     mask = torch.cat((full_mask[:, :kept], torch.ones_like(then)), dim=1)
-    actual = model.generate(prompt, more, cache=cache, attention_mask=mask)
+    actual = generate(model, prompt, more, cache=cache, attention_mask=mask)
     expected = expected_generation(model, prompt, more, mask, actual)
     expect_same(target, case, expected, actual, f"{what} (to {kept}), continuing differs from never appending",
                 label="continued after the crop")
@@ -159,7 +160,7 @@ def check_reorder(target: Target, plan: ReorderPlan) -> None:
     case = plan.case
     model = case.model()
     cache = target.new_cache(case.config)
-    first = model.generate(case.tokens(), case.max_new_tokens, cache=cache, attention_mask=case.attention_mask())
+    first = generate(model, case.tokens(), case.max_new_tokens, cache=cache, attention_mask=case.attention_mask())
     held = case.total_len
     index = torch.tensor(plan.beam_idx, dtype=torch.long, device=first.sequences.device)
     cache.reorder_cache(index)  # type: ignore[attr-defined]
@@ -167,7 +168,7 @@ def check_reorder(target: Target, plan: ReorderPlan) -> None:
     fork = tensor(plan.fork, first.sequences)
     prompt = torch.cat((first.sequences[index, :held], fork), dim=1)
     mask = torch.cat((first.attention_mask[index, :held], torch.ones_like(fork)), dim=1)
-    actual = model.generate(prompt, plan.more, cache=cache, attention_mask=mask)
+    actual = generate(model, prompt, plan.more, cache=cache, attention_mask=mask)
     expected = expected_generation(model, prompt, plan.more, mask, actual)
     expect_same(target, case, expected, actual,
                 f"after reorder_cache({list(plan.beam_idx)}), continuing differs from caches built for those rows",
