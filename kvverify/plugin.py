@@ -102,7 +102,7 @@ class _TargetSession:
     @classmethod
     def load(cls, config: pytest.Config, spec: str) -> _TargetSession:
         from kvverify.checks.devices import DeviceError, resolve_device
-        from kvverify.checks.loading import TargetError, load_factory
+        from kvverify.checks.loading import TargetError, resolve_target
         from kvverify.checks.watchdog import DEFAULT_TIME_LIMIT, parse_time_limit
         from kvverify.runs.database import DatabaseError, open_database
         from kvverify.runs.runner import describe_target
@@ -124,7 +124,7 @@ class _TargetSession:
         option = "--kv-device" if config.getoption("kv_device") else ENV_DEVICE + "="
         try:
             device = resolve_device(device_option, option=option)
-            factory = load_factory(spec)
+            factory = resolve_target(spec)
             target = describe_target(factory, spec, time_limit=time_limit, device=device,
                                      shapes=config.getoption("kv_shapes"))
         except (DeviceError, TargetError) as error:

@@ -54,7 +54,7 @@ def test_transformers_dynamic_cache_keeps_the_contract() -> None:
         ("float16", "returned keys of dtype torch.float16; expected the model's torch.float32"),
         ("meta_device", "returned keys on device meta; expected the model's cpu"),
         ("nans", "returned NaN or infinite values in the 4 slots holding tokens"),
-        ("raises_midway", "layer 0 (a 1-token update): update() raised IndexError: block table full (at "),
+        ("raises_midway", "layer 0 (a 1-token update): update() raised IndexError: block table full, at "),
         ("modifies_input", "update() modified the key_states or value_states passed to it"),
         ("counts_wrong", "get_seq_length(0) returned 6; expected 5, the tokens written to layer 0"),
     ],

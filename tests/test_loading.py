@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from kvverify.caches import BUILTIN_CACHES
 from kvverify.checks import make_target
-from kvverify.checks.loading import TargetError, load_factory
+from kvverify.checks.loading import TargetError, load_factory, resolve_target
 
 TESTS = Path(__file__).parent
 
@@ -22,6 +23,13 @@ def test_a_good_target_loads() -> None:
     factory = load_factory("targets.plain_cache:make_cache")
     assert callable(factory)
     assert make_target(factory, "plain").capabilities == {"crop", "reorder_cache", "reset"}
+
+
+def test_one_resolver_takes_a_built_in_name_or_module_factory() -> None:
+    assert resolve_target("paged") is BUILTIN_CACHES["paged"]
+    assert resolve_target("targets.plain_cache:make_cache") is load_factory("targets.plain_cache:make_cache")
+    with pytest.raises(TargetError, match=r"'pagd': expected a built-in cache \(contiguous, .*\) or MODULE:FACTORY"):
+        resolve_target("pagd")
 
 
 @pytest.mark.parametrize(

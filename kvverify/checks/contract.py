@@ -16,12 +16,12 @@ failed property.
 
 from __future__ import annotations
 
-import traceback
 from typing import Any, Protocol
 
 import torch
 
 from kvverify.checks.cropping import crop_convention, tokens_kept
+from kvverify.checks.loading import raised_at
 from kvverify.protocol.cache import OPTIONAL_METHODS, KVCache, written_slots
 from kvverify.protocol.config import ModelConfig
 
@@ -70,7 +70,7 @@ class CheckedCache:
             result = self.inner.update(key_states, value_states, layer_idx, cache_kwargs)
         except Exception as error:
             raise ContractViolation(
-                f"{where}: update() raised {type(error).__name__}: {error}{_where(error)}. Expected it to store "
+                f"{where}: update() raised {type(error).__name__}: {error}{raised_at(error)}. Expected it to store "
                 f"the new tokens and return (keys, values); {self._written[layer_idx]} tokens were written to "
                 "this layer before."
             ) from error
@@ -189,7 +189,7 @@ class CheckedCache:
                 reported = self.inner.get_seq_length(layer)
             except Exception as error:
                 raise ContractViolation(
-                    f"{when}: get_seq_length({layer}) raised {type(error).__name__}: {error}{_where(error)}; "
+                    f"{when}: get_seq_length({layer}) raised {type(error).__name__}: {error}{raised_at(error)}; "
                     f"expected {expected}, the tokens written to layer {layer}."
                 ) from error
             if not _int_like(reported) or int(reported) != expected:
@@ -213,8 +213,3 @@ def _int_like(value: object) -> bool:
 def _same_device(actual: torch.device, expected: str) -> bool:
     wanted = torch.device(expected)
     return actual.type == wanted.type and (wanted.index is None or actual.index == wanted.index)
-
-
-def _where(error: BaseException) -> str:
-    frames = traceback.extract_tb(error.__traceback__)
-    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""

@@ -14,9 +14,9 @@ so the same property checks both kinds.
 
 from __future__ import annotations
 
+import sys
 from typing import Literal
 
-from kvverify.adapters import transformers_version
 from kvverify.protocol.cache import declaration_of, resolve_crop
 
 CropConvention = Literal["keep", "remove"]
@@ -37,9 +37,9 @@ def crop_convention(cache: object) -> CropConvention:
     declared = declaration_of(inner).crop_argument
     if declared is not None:
         return declared
-    if type(inner).__module__.startswith("transformers."):
-        version = transformers_version()
-        if version is not None and int(version.split(".")[0]) >= 5:
+    if type(inner).__module__.startswith("transformers."):  # its class was imported, so transformers was too
+        version = str(getattr(sys.modules.get("transformers"), "__version__", "0"))
+        if int(version.split(".")[0]) >= 5:
             return "remove"
     return "keep"
 

@@ -1,4 +1,5 @@
-"""Resolving a ``MODULE:FACTORY`` target into a cache factory, with an error that says what to do.
+"""Resolving a target (a built-in cache's name or ``MODULE:FACTORY``) into a cache factory, with an error that
+says what to do. :func:`resolve_target` is the one resolver every command, the plugin and the repro scripts use.
 
 Everything that can be wrong with a target before the suite runs is answered here or in
 :func:`check_cache_object` with one :class:`TargetError` paragraph: what the target is, what was expected,
@@ -21,6 +22,20 @@ class TargetError(Exception):
     """The target cannot be used; the message is one paragraph naming the target, what was expected and what came."""
 
 
+def resolve_target(spec: str) -> CacheFactory:
+    """The factory of a built-in cache named ``spec`` (``contiguous``, ``paged``...), else :func:`load_factory`."""
+    from kvverify.caches import BUILTIN_CACHES
+
+    if spec in BUILTIN_CACHES:
+        return BUILTIN_CACHES[spec]
+    if ":" not in spec:
+        raise TargetError(
+            f"target {spec!r}: expected a built-in cache ({', '.join(BUILTIN_CACHES)}) or MODULE:FACTORY, e.g. "
+            f"mypkg.cache:make_cache, where {_FACTORY_HINT}."
+        )
+    return load_factory(spec)
+
+
 def load_factory(spec: str) -> CacheFactory:
     """The callable named by ``MODULE:FACTORY`` (``FACTORY`` may be dotted: ``module:Class.from_config``)."""
     module_name, _, attribute = spec.partition(":")
@@ -35,7 +50,7 @@ def load_factory(spec: str) -> CacheFactory:
     except Exception as error:
         raise TargetError(
             f"target {spec!r}: module {module_name!r} could not be imported ({type(error).__name__}: {error}"
-            f"{_where(error)}). It must be importable from the current directory or PYTHONPATH; check the "
+            f"{raised_at(error)}). It must be importable from the current directory or PYTHONPATH; check the "
             "spelling, run from the directory that holds it, or add its directory to PYTHONPATH."
         ) from error
     factory: object = module
@@ -79,13 +94,13 @@ def factory_failed(target: str, error: BaseException) -> TargetError:
     """The error for a factory that raised when called with a config."""
     return TargetError(
         f"target {target!r}: calling the factory with a ModelConfig raised {type(error).__name__}: {error}"
-        f"{_where(error)}; expected it to return a fresh, empty cache for any config (it may read n_layers, "
+        f"{raised_at(error)}; expected it to return a fresh, empty cache for any config (it may read n_layers, "
         "n_kv_heads, head_dim, max_seq_len, max_batch_size, dtype, device and sliding_window). Call it by hand "
         "with kvverify.ModelConfig() to see the error in full."
     )
 
 
-def _where(error: BaseException) -> str:
+def raised_at(error: BaseException) -> str:
     """`` at file:line`` of the innermost frame of the error's traceback, or nothing."""
     frames = traceback.extract_tb(error.__traceback__)
     return f", at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""

@@ -30,17 +30,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvverify.checks.loading import TargetError
+    from kvverify.checks.loading import TargetError, resolve_target
     from kvverify.checks.properties.long_context import LONG_CONTEXT, long_case
     from kvverify.checks.target import make_target
-    from kvverify.commands.verify import _factory
     from kvverify.runs.runner import run_property
 
     try:
         case = long_case(args.length, prompt=args.prompt, seed=args.seed, sliding_window=args.window,
                          dtype=args.dtype)
         name = args.target
-        target = make_target(_factory(name), name, time_limit=args.time_limit)
+        target = make_target(resolve_target(name), name, time_limit=args.time_limit)
     except (ValueError, TargetError) as error:
         print(f"kvverify long-context: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -29,7 +29,7 @@ from kvverify.caches import ContiguousCache
 from kvverify.checks.case import Case
 from kvverify.checks.devices import DeviceError, resolve_device
 from kvverify.checks.drift import compared_difference
-from kvverify.checks.loading import TargetError, load_factory
+from kvverify.checks.loading import TargetError, resolve_target
 from kvverify.checks.strategies import cases
 from kvverify.checks.target import Target, make_target
 from kvverify.engine.generation import generate
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         device = resolve_device(args.device, option="--device")
         if args.target:
-            target = make_target(load_factory(args.target), args.target, device=device, shapes=args.shapes)
+            target = make_target(resolve_target(args.target), args.target, device=device, shapes=args.shapes)
     except (DeviceError, TargetError) as error:
         parser.exit(2, f"{error}\n")
     if args.target:

@@ -78,7 +78,7 @@ class StepProgress:
 def run(args: argparse.Namespace) -> int:
 
     from kvverify.checks.devices import DeviceError, resolve_device
-    from kvverify.checks.loading import TargetError, _where, load_factory
+    from kvverify.checks.loading import TargetError, raised_at, resolve_target
     from kvverify.checks.target import make_target
     from kvverify.profiling import plan as plans
     from kvverify.profiling.folder import ReportFolderError, prepare, staged
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     specs = plans.builtin_specs()
     for target in args.target:
         try:  # refused before anything is measured, as `verify` does: the factory is called and its cache checked
-            factory = load_factory(target)
+            factory = resolve_target(target)
             make_target(factory, target, device=device)
         except (TargetError, DeviceError) as error:
             print(f"kvverify profile: {error}", file=sys.stderr)
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             profile = run_profile(chosen, specs, progress, stage)
             written = write_files(profile, stage)
     except Exception as error:
-        print(f"kvverify profile: the profile failed midway ({type(error).__name__}: {error}{_where(error)}); "
+        print(f"kvverify profile: the profile failed midway ({type(error).__name__}: {error}{raised_at(error)}); "
               f"{out_dir} was left as it was.", file=sys.stderr)
         return EXIT_FAILED
     print(f"wrote {len(written)} files to {out_dir} in {profile.seconds:.1f} s: report.html, report.md, results.json")

@@ -36,7 +36,6 @@ from kvverify.runs.settings import PROFILE_EXAMPLES
 if TYPE_CHECKING:
     import torch
 
-    from kvverify.protocol.cache import CacheFactory
     from kvverify.runs import SuiteResult
 
 
@@ -82,13 +81,6 @@ def _target_names(spec: str | None) -> list[str]:
     from kvverify.caches import BUILTIN_CACHES
 
     return list(BUILTIN_CACHES) if spec is None else [spec]
-
-
-def _factory(name: str) -> CacheFactory:
-    from kvverify.caches import BUILTIN_CACHES
-    from kvverify.checks.loading import load_factory
-
-    return BUILTIN_CACHES[name] if name in BUILTIN_CACHES else load_factory(name)
 
 
 def planned_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -176,9 +168,10 @@ def suite_for(args: argparse.Namespace, name: str, seed: int, device: torch.devi
               properties: list[str]) -> SuiteResult:
     """One target's suite with the command's options; where it runs, the target is loaded and run. An option
     that changes the run reaches run_suite here, and so the child process."""
+    from kvverify.checks.loading import resolve_target
     from kvverify.runs import run_suite
 
-    return run_suite(_factory(name), target=name, profile=args.profile, seed=seed, properties=properties,
+    return run_suite(resolve_target(name), target=name, profile=args.profile, seed=seed, properties=properties,
                      time_limit=_time_limit(args), reproduce=_reproduce_command(args, name, seed),
                      max_examples=args.max_examples, device=device, repro_script=args.repro_script,
                      shapes=args.shapes, database=getattr(args, "database", None))

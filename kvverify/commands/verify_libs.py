@@ -37,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvverify.checks.devices import DeviceError, resolve_device
-    from kvverify.checks.loading import TargetError, load_factory
+    from kvverify.checks.loading import TargetError, resolve_target
     from kvverify.runs import SuiteResult, run_suite
     from kvverify.runs.junit import write_junit
 
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             rows.add_row(library, entry.cache, "-", "n/a", "-", "-", why)
             continue
         try:
-            result = run_suite(load_factory(entry.target), target=entry.target, profile=args.profile,
+            result = run_suite(resolve_target(entry.target), target=entry.target, profile=args.profile,
                                seed=args.seed, device=device, max_examples=args.max_examples)
         except (TargetError, DeviceError) as error:
             rows.add_row(library, entry.cache, "-", Text("ERROR", style="bold red"), "-", "-", str(error))

@@ -22,9 +22,8 @@ import sys
 import torch  # noqa: F401  (the config's dtype is written as torch.<dtype>)
 
 import kvverify
-from kvverify.caches import BUILTIN_CACHES
 from kvverify.checks import make_target
-from kvverify.checks.loading import load_factory
+from kvverify.checks.loading import resolve_target
 from kvverify.checks.properties import ALL_PROPERTIES
 {imports}
 
@@ -34,8 +33,7 @@ CASE = {case}
 
 
 def main() -> int:
-    factory = BUILTIN_CACHES[TARGET] if TARGET in BUILTIN_CACHES else load_factory(TARGET)
-    target = make_target(factory, TARGET)
+    target = make_target(resolve_target(TARGET), TARGET)
     print(f"kvverify {{kvverify.__version__}}: {{PROPERTY}} against {{TARGET}}")
     print(CASE.describe() if hasattr(CASE, "describe") else repr(CASE))
     try:
