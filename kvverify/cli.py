@@ -23,7 +23,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("kvverify.commands.profile", "measure time and memory of every cache: report.html, .md, .json"),
 }
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ import time
 
 from hypothesis import strategies as st
 
-from kvverify.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from kvverify.commands.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

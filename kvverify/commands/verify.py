@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvverify.checks.shapes import SHAPES
-from kvverify.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from kvverify.commands.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from kvverify.commands.tables import print_results
 from kvverify.runs.database import DatabaseError, describe_database
 from kvverify.runs.settings import PROFILE_EXAMPLES

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from rich.text import Text
 
-from kvverify.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from kvverify.commands.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from kvverify.commands.tables import print_results, print_table, table
 from kvverify.commands.verify import _unwritable
 from kvverify.runs.settings import PROFILE_EXAMPLES

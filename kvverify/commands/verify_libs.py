@@ -19,7 +19,7 @@ from rich.text import Text
 from kvverify.adapters.known import registry
 from kvverify.adapters.known_failures import installed_version
 from kvverify.adapters.libraries import LIBRARY_CACHES
-from kvverify.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from kvverify.commands.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from kvverify.commands.known import known_failures_table
 from kvverify.commands.tables import print_table, table
 

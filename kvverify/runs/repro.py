@@ -8,6 +8,7 @@ the property's check once and exits 1 with the failure's message while the bug i
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 from pathlib import Path
 from typing import Any
 
@@ -61,16 +62,22 @@ def _classes(value: Any, found: dict[str, str]) -> None:
             _classes(item, found)
 
 
+def installed_version() -> str:
+    """kvverify's installed version, as its package metadata gives it ("?" when it is not installed)."""
+    try:
+        return importlib.metadata.version("kvverify")
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
 def script_for(target: str, prop: str, case: Any) -> str:
     """The script's text: ``case`` must be made of dataclasses, tuples, numbers, strings and torch dtypes (as
     every property's cases are)."""
-    import kvverify
-
     found: dict[str, str] = {}
     _classes(case, found)
     imports = "\n".join(f"from {module} import {name}" for name, module in sorted(found.items()))
     return _TEMPLATE.format(prop=prop, target=target, imports=imports, case=repr(case),
-                            version=getattr(kvverify, "__version__", "?"))
+                            version=installed_version())
 
 
 def write_repro_script(path: str | Path, target: str, prop: str, case: Any) -> Path:
