@@ -11,9 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kvverify.caches import BUILTIN_CACHES, ContiguousCache, PagedCache, SlidingWindowCache, StaticCache
-    from kvverify.checks.contract import CheckedCache, ContractViolation
-    from kvverify.checks.devices import DeviceError
-    from kvverify.checks.loading import TargetError, load_factory
+    from kvverify.checks import CheckedCache, ContractViolation, DeviceError, TargetError, load_factory
     from kvverify.protocol.cache import CacheDeclaration, CacheFactory, KVCache, Unsupported, capabilities
     from kvverify.protocol.config import ConfigError, ModelConfig
     from kvverify.protocol.declaration import DeclarationError

@@ -101,11 +101,15 @@ class _TargetSession:
 
     @classmethod
     def load(cls, config: pytest.Config, spec: str) -> _TargetSession:
-        from kvverify.checks.devices import DeviceError, resolve_device
-        from kvverify.checks.loading import TargetError, resolve_target
-        from kvverify.checks.watchdog import DEFAULT_TIME_LIMIT, parse_time_limit
-        from kvverify.runs.database import DatabaseError, open_database
-        from kvverify.runs.runner import describe_target
+        from kvverify.checks import (
+            DEFAULT_TIME_LIMIT,
+            DeviceError,
+            TargetError,
+            parse_time_limit,
+            resolve_device,
+            resolve_target,
+        )
+        from kvverify.runs import DatabaseError, describe_target, open_database
 
         max_examples = config.getoption("kv_max_examples")
         if max_examples is not None and max_examples < 1:
@@ -149,7 +153,7 @@ class _TargetSession:
         if self.target.shapes != "default":
             parts.append(f"--kv-shapes={self.target.shapes}")
         if self.database_option is not None:  # the failure may be a replay from the database, not the seed's
-            from kvverify.runs.database import describe_database
+            from kvverify.runs import describe_database
 
             parts.append(f"--kv-database={describe_database(self.database_option)}")
         return " ".join([*parts, f"-k {name}"])
@@ -293,7 +297,7 @@ def kv_target(request: pytest.FixtureRequest) -> Target:
 @pytest.fixture(scope="session")
 def kv_reference_model() -> Iterator[Callable[..., ReferenceModel]]:
     """``make(config, seed=0)``: the reference model for a :class:`~kvverify.ModelConfig` (memoised)."""
-    from kvverify.checks.case import build_model
+    from kvverify.checks import build_model
 
     def make(config: Any, seed: int = 0) -> ReferenceModel:
         return build_model(config, seed)
@@ -307,7 +311,7 @@ def kv_cases(request: pytest.FixtureRequest) -> Callable[..., Any]:
     target is named."""
     import functools
 
-    from kvverify.checks.strategies import cases
+    from kvverify.checks import cases
 
     state = _session(request.config)
     return functools.partial(cases, **state.target.config_constraints()) if state is not None else cases

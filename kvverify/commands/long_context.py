@@ -30,10 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvverify.checks.loading import TargetError, resolve_target
-    from kvverify.checks.properties.long_context import LONG_CONTEXT, long_case
-    from kvverify.checks.target import make_target
-    from kvverify.runs.runner import run_property
+    from kvverify.checks import LONG_CONTEXT, TargetError, long_case, make_target, resolve_target
+    from kvverify.runs import run_property
 
     try:
         case = long_case(args.length, prompt=args.prompt, seed=args.seed, sliding_window=args.window,

@@ -26,12 +26,17 @@ from hypothesis import seed as hypothesis_seed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvverify.caches import ContiguousCache
-from kvverify.checks.case import Case
-from kvverify.checks.devices import DeviceError, resolve_device
-from kvverify.checks.drift import compared_difference
-from kvverify.checks.loading import TargetError, resolve_target
-from kvverify.checks.strategies import cases
-from kvverify.checks.target import Target, make_target
+from kvverify.checks import (
+    Case,
+    DeviceError,
+    Target,
+    TargetError,
+    cases,
+    compared_difference,
+    make_target,
+    resolve_device,
+    resolve_target,
+)
 from kvverify.engine.generation import generate
 from kvverify.protocol.config import DTYPES
 from kvverify.reference.model import Generation

@@ -26,7 +26,7 @@ from kvverify.adapters.hf import CACHES
 from kvverify.commands.known import known_failures_table
 from kvverify.commands.tables import print_table, table
 from kvverify.protocol.cache import CacheFactory
-from kvverify.runs.runner import PropertyResult
+from kvverify.runs import PropertyResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: transformers' caches, by their name in kvverify.adapters.hf.CACHES, that run as controls: generate()'s
@@ -148,7 +148,7 @@ def _run_mutant_named(name: str, profile: str, seed: int, with_baseline: bool, d
 
 def _properties() -> list[str]:
     """The default properties, then the opt-in ones (the long context): bugs that show only there count too."""
-    from kvverify.checks.properties import OPT_IN_PROPERTIES, PROPERTIES
+    from kvverify.checks import OPT_IN_PROPERTIES, PROPERTIES
 
     return [*PROPERTIES, *OPT_IN_PROPERTIES]
 
@@ -176,7 +176,7 @@ def _print_table(rows: Sequence[Row], with_baseline: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvverify.checks.devices import DeviceError, describe_device, resolve_device
+    from kvverify.checks import DeviceError, describe_device, resolve_device
     from kvverify.mutants import MUTANTS
 
     try:

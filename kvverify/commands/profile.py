@@ -77,9 +77,7 @@ class StepProgress:
 
 def run(args: argparse.Namespace) -> int:
 
-    from kvverify.checks.devices import DeviceError, resolve_device
-    from kvverify.checks.loading import TargetError, raised_at, resolve_target
-    from kvverify.checks.target import make_target
+    from kvverify.checks import DeviceError, TargetError, make_target, raised_at, resolve_device, resolve_target
     from kvverify.profiling import plan as plans
     from kvverify.profiling.folder import ReportFolderError, prepare, staged
     from kvverify.profiling.report import is_report_file, write_files

@@ -12,6 +12,7 @@ import torch
 
 from kvverify.profiling.presets import PresetError, sweep_for
 from kvverify.profiling.sweep import SweepReport, run_sweep
+from kvverify.runs import markdown_table
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -31,11 +32,6 @@ def run_preset(args: argparse.Namespace, device: torch.device) -> int:
     print("\n".join(markdown(report)))
     print(f"wrote sweep.json and sweep.md to {out} in {report.seconds:.1f} s")
     return EXIT_OK
-
-
-def table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
-    """A markdown table."""
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def _gib(value: float | None) -> str:
@@ -60,11 +56,12 @@ def markdown(report: SweepReport) -> list[str]:
              _gib(r.kv_formula_bytes),
              "-" if r.kv_held_bytes is None else f"{r.kv_held_bytes / r.kv_formula_bytes:.3f}"]
             for r in report.decode]
-    lines += [*table(("batch", "context", "fits", "ms/step", "x weight floor", "KV GiB (formula)",
+    lines += [*markdown_table(("batch", "context", "fits", "ms/step", "x weight floor", "KV GiB (formula)",
                       "held / formula"), rows), ""]
     uncached = [[str(r.context), f"{1e3 * r.uncached_s:.2f}", f"{1e6 * r.per_token_s:.2f}", f"{r.attention_share:.2f}"]
                 for r in report.uncached]
-    lines += [*table(("context", "uncached forward ms", "µs per token", "attention share of FLOPs"), uncached), ""]
+    header = ("context", "uncached forward ms", "µs per token", "attention share of FLOPs")
+    lines += [*markdown_table(header, uncached), ""]
     batch_1 = [[name, f"{1e3 * s:.3f}", f"{s / floor:.2f}"] for name, s in report.batch_1.items()]
-    lines += [*table(("batch 1, prompt 512, greedy loop", "ms/token", "x weight floor"), batch_1)]
+    lines += [*markdown_table(("batch 1, prompt 512, greedy loop", "ms/token", "x weight floor"), batch_1)]
     return lines

@@ -27,11 +27,10 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvverify.checks.shapes import SHAPES
+from kvverify.checks import SHAPES
 from kvverify.commands.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from kvverify.commands.tables import print_results
-from kvverify.runs.database import DatabaseError, describe_database
-from kvverify.runs.settings import PROFILE_EXAMPLES
+from kvverify.runs import PROFILE_EXAMPLES, DatabaseError, describe_database
 
 if TYPE_CHECKING:
     import torch
@@ -86,7 +85,7 @@ def _target_names(spec: str | None) -> list[str]:
 def planned_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
     """The (target, property) pairs the command runs, before any ``--shard``: every target with the properties
     asked for, or the profile's own (thorough adds long_context)."""
-    from kvverify.runs.options import check_options
+    from kvverify.runs import check_options
 
     names = check_options(profile=args.profile, properties=args.properties, time_limit=None, max_examples=None)
     return [(target, name) for target in _target_names(args.target) for name in names]
@@ -95,7 +94,7 @@ def planned_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
 def shard_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
     """The pairs this command runs: :func:`planned_pairs`, or this ``--shard``'s part of them (each weighed by
     what its examples are expected to cost, so that the shards take about as long)."""
-    from kvverify.runs.shards import expected_cost, parse_shard
+    from kvverify.runs import expected_cost, parse_shard
 
     pairs = planned_pairs(args)
     if args.shard is None:
@@ -105,9 +104,7 @@ def shard_pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvverify.checks.devices import DeviceError, describe_device, resolve_device
-    from kvverify.checks.loading import TargetError
-    from kvverify.checks.properties import ALL_PROPERTIES
+    from kvverify.checks import ALL_PROPERTIES, DeviceError, TargetError, describe_device, resolve_device
 
     problem = _usage_problem(args, ALL_PROPERTIES)
     if problem:
@@ -142,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{sum(len(r.results) for r in results)} checks in {time.perf_counter() - started:.1f} s on {device}"
           + (f" (shard {_shard_label(args)})" if args.shard else ""), flush=True)
     if args.junitxml:
-        from kvverify.runs.junit import write_junit
+        from kvverify.runs import write_junit
 
         try:
             write_junit(results, args.junitxml, shard=_shard_label(args))
@@ -157,7 +154,7 @@ def _run_target(args: argparse.Namespace, name: str, seed: int, device: torch.de
     """The target's suite, in a child process unless ``--in-process``."""
     if args.in_process:
         return suite_for(args, name, seed, device, properties=properties)
-    from kvverify.runs.isolation import run_isolated
+    from kvverify.runs import run_isolated
 
     work = functools.partial(suite_for, args, name, seed, device)
     return run_isolated(work, target=name, properties=properties, time_limit=_time_limit(args),
@@ -168,7 +165,7 @@ def suite_for(args: argparse.Namespace, name: str, seed: int, device: torch.devi
               properties: list[str]) -> SuiteResult:
     """One target's suite with the command's options; where it runs, the target is loaded and run. An option
     that changes the run reaches run_suite here, and so the child process."""
-    from kvverify.checks.loading import resolve_target
+    from kvverify.checks import resolve_target
     from kvverify.runs import run_suite
 
     return run_suite(resolve_target(name), target=name, profile=args.profile, seed=seed, properties=properties,
@@ -179,9 +176,8 @@ def suite_for(args: argparse.Namespace, name: str, seed: int, device: torch.devi
 
 def _usage_problem(args: argparse.Namespace, properties: Collection[str]) -> str | None:
     """What is wrong with the command's options (checked before anything runs), or None."""
-    from kvverify.checks.watchdog import parse_time_limit
-    from kvverify.runs.database import open_database
-    from kvverify.runs.shards import ShardError, parse_shard
+    from kvverify.checks import parse_time_limit
+    from kvverify.runs import ShardError, open_database, parse_shard
 
     if args.max_examples is not None and args.max_examples < 1:
         return f"--max-examples must be >= 1; got {args.max_examples}"
@@ -207,7 +203,7 @@ def _usage_problem(args: argparse.Namespace, properties: Collection[str]) -> str
 
 
 def _shard_label(args: argparse.Namespace) -> str | None:
-    from kvverify.runs.shards import parse_shard
+    from kvverify.runs import parse_shard
 
     return str(parse_shard(args.shard)) if args.shard else None
 
@@ -232,7 +228,7 @@ def _unwritable(path: str) -> str | None:
 
 
 def _time_limit(args: argparse.Namespace) -> float | None:
-    from kvverify.checks.watchdog import DEFAULT_TIME_LIMIT, parse_time_limit
+    from kvverify.checks import DEFAULT_TIME_LIMIT, parse_time_limit
 
     return DEFAULT_TIME_LIMIT if args.time_limit is None else parse_time_limit(args.time_limit, "--time-limit")
 

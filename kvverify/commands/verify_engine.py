@@ -22,13 +22,13 @@ from rich.text import Text
 from kvverify.commands.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from kvverify.commands.tables import print_results, print_table, table
 from kvverify.commands.verify import _unwritable
-from kvverify.runs.settings import PROFILE_EXAMPLES
+from kvverify.runs import PROFILE_EXAMPLES
 
 if TYPE_CHECKING:
     from rich.table import Table
 
     from kvverify.engines.runner import EngineResult
-    from kvverify.runs.runner import SuiteResult
+    from kvverify.runs import SuiteResult
 
 #: Share of property 1's examples that must reach each hard path (the table marks a shortfall).
 MIN_SHARE = 0.10
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     print_table(_coverage_table(result))
     print(f"\n{len(suite.results)} properties in {time.perf_counter() - started:.1f} s on cpu", flush=True)
     if args.junitxml:
-        from kvverify.runs.junit import write_junit
+        from kvverify.runs import write_junit
 
         try:
             write_junit([suite], args.junitxml)
@@ -101,8 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _usage_problem(args: argparse.Namespace) -> str | None:
-    from kvverify.checks.devices import DeviceError, resolve_device
-    from kvverify.checks.watchdog import parse_time_limit
+    from kvverify.checks import DeviceError, parse_time_limit, resolve_device
     from kvverify.engines.mutants import MUTANTS
     from kvverify.engines.registry import ENGINES
 
@@ -150,7 +149,7 @@ def _coverage_table(result: EngineResult) -> Table:
 
 
 def _time_limit(args: argparse.Namespace) -> float | None:
-    from kvverify.checks.watchdog import DEFAULT_TIME_LIMIT, parse_time_limit
+    from kvverify.checks import DEFAULT_TIME_LIMIT, parse_time_limit
 
     return DEFAULT_TIME_LIMIT if args.time_limit is None else parse_time_limit(args.time_limit, "--time-limit")
 

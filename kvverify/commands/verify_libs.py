@@ -36,10 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvverify.checks.devices import DeviceError, resolve_device
-    from kvverify.checks.loading import TargetError, resolve_target
-    from kvverify.runs import SuiteResult, run_suite
-    from kvverify.runs.junit import write_junit
+    from kvverify.checks import DeviceError, TargetError, resolve_device, resolve_target
+    from kvverify.runs import SuiteResult, run_suite, write_junit
 
     try:
         device = resolve_device(args.device, option="--device")

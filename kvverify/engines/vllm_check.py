@@ -48,12 +48,12 @@ from hypothesis import strategies as st
 from rich.table import Table
 
 from kvverify.checks.compare import Tolerance, compare_generations
-from kvverify.commands.tables import print_table, table
 from kvverify.engines.llama_checkpoint import write_llama_checkpoint
 from kvverify.engines.vllm_engine import EngineError, EngineKnobs, EngineRequest, RequestResult, VllmEngine
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import Generation, ReferenceModel
 from kvverify.runs.settings import profile_settings, use_storage_directory
+from kvverify.runs.tables import print_table, table
 
 #: The served model: float32, strict numerics, 2 layers, GQA (4 query heads, 2 KV heads) with head_dim 32, the
 #: smallest head size vLLM's CPU attention takes (32 to 512; the reference's ``tiny`` preset has 8).

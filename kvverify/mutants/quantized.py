@@ -32,6 +32,7 @@ from kvverify.caches.kivi import GROUP_SIZE, KIVI2_ATOL, KIVI4_ATOL, RESIDUAL_LE
 from kvverify.protocol.cache import CacheDeclaration, CacheFactory, KVCache
 from kvverify.protocol.config import ModelConfig
 from kvverify.protocol.quantizers import INT8_PER_TOKEN, Quantizer, kivi
+from kvverify.runs.tables import markdown_row, markdown_table
 
 #: The planted relative error.
 ERROR = 0.01
@@ -172,8 +173,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"cached_equals_uncached, profile ci, seed {args.seed}, up to {args.max_examples} examples; "
           f"planted error {ERROR:.0%}\n")
-    print("| mutant | bug | within `lossy_atol` | replayed quantizer |")
-    print("|---|---|---|---|")
+    print("\n".join(markdown_table(("mutant", "bug", "within `lossy_atol`", "replayed quantizer"), [])))
     for mutant in MUTANTS:
         if args.only and mutant.name not in args.only:
             continue
@@ -186,7 +186,7 @@ def main() -> None:
             # examples: those run before the first failure, so the killing one is the next
             cells.append(f"killed at example {r.examples + 1}" if killed else f"survived {r.examples} examples")
         atol = mutant.declared()[0]
-        print(f"| {mutant.name} | {mutant.bug} | ({atol}) {cells[0]} | {cells[1]} |", flush=True)
+        print(markdown_row((mutant.name, mutant.bug, f"({atol}) {cells[0]}", cells[1])), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import jinja2
 from kvverify.profiling.folder import staged
 from kvverify.profiling.plots import FIGURES
 from kvverify.profiling.results import CacheRow, Profile
+from kvverify.runs.tables import markdown_table
 
 WITHOUT_CACHE_NOTE = (
     "The usual estimate puts the memory of generation without a cache at `2 * hidden_size * 1 * decoder_length` "
@@ -127,17 +128,12 @@ def render_figures(profile: Profile) -> list[tuple[str, str, bytes]]:
 
 
 def markdown(profile: Profile, figures: list[tuple[str, str, bytes]]) -> str:
-    def table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
-        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-            "| " + " | ".join(r) + " |" for r in rows
-        ]
-
     lines = ["# kvverify profile", "", *[f"- {line}" for line in _environment_lines(profile)], ""]
     lines += [f"Measured in {profile.seconds:.1f} s. Numerics: fast. Batch 1.", ""]
     lines += ["## Reference vs transformers, cached decode, alternating in one process", ""]
-    lines += [*table(RATIO_HEADER, ratio_cells(profile)), ""]
+    lines += [*markdown_table(RATIO_HEADER, ratio_cells(profile)), ""]
     lines += ["## Every cache at every length", ""]
-    lines += [*table(ROW_HEADER, [row_cells(row) for row in profile.rows]), ""]
+    lines += [*markdown_table(ROW_HEADER, [row_cells(row) for row in profile.rows]), ""]
     lines += [
         "held/formula: bytes the cache's tensors hold over `kvverify.profiling.analysis.kv_bytes` for the tokens "
         "it holds; held/layout: over the prediction for its layout (capacity for preallocated and paged "

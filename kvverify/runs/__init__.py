@@ -4,22 +4,46 @@ example database and shards.
 The front door for the commands, the plugin and :func:`check_cache`.
 """
 
+from kvverify.runs.database import DatabaseError, describe_database, open_database
+from kvverify.runs.isolation import run_isolated
+from kvverify.runs.junit import write_junit
+from kvverify.runs.options import check_options
 from kvverify.runs.runner import (
     CacheCheckFailed,
     PropertyResult,
     SuiteResult,
     check_cache,
+    describe_target,
     property_test,
     run_property,
     run_suite,
 )
+from kvverify.runs.settings import PROFILE_EXAMPLES, PROFILE_OPT_IN
+from kvverify.runs.shards import ShardError, expected_cost, parse_shard
+from kvverify.runs.tables import markdown_row, markdown_table, print_table, table
 
 __all__ = [
+    "PROFILE_EXAMPLES",
+    "PROFILE_OPT_IN",
     "CacheCheckFailed",
+    "DatabaseError",
     "PropertyResult",
+    "ShardError",
     "SuiteResult",
     "check_cache",
+    "check_options",
+    "describe_database",
+    "describe_target",
+    "expected_cost",
+    "markdown_row",
+    "markdown_table",
+    "open_database",
+    "parse_shard",
+    "print_table",
     "property_test",
+    "run_isolated",
     "run_property",
     "run_suite",
+    "table",
+    "write_junit",
 ]
