@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                       "run a serving engine's requests against each request alone, bit for bit"),
     "long-context": ("kvverify.commands.long_context", "one strict generation of thousands of tokens, bit for bit"),
     "mutants": ("kvverify.commands.mutants", "run the suite against the catalogue of buggy caches: a kill table"),
+    "measure-tolerance": ("kvverify.commands.measure_tolerance",
+                          "measure how far cached and uncached logits drift where a tolerance is used"),
     "profile": ("kvverify.commands.profile", "measure time and memory of every cache: report.html, .md, .json"),
 }
 

@@ -214,3 +214,12 @@ def test_measure_tolerance_measures_a_lossy_target(monkeypatch: pytest.MonkeyPat
     assert measure(["--target", "targets.declared:lossy", "--cases", "5"]) == 0
     out = capsys.readouterr().out
     assert "largest difference" in out and "declared lossy_atol 1.0" in out, out
+
+
+def test_measure_tolerance_is_a_subcommand(monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.syspath_prepend(str(TESTS))
+    assert main(["measure-tolerance", "--target", "targets.declared:lossy", "--cases", "3"]) == 0
+    assert "declared lossy_atol 1.0" in capsys.readouterr().out
+    assert main(["measure-tolerance", "--target", "no_such_module:factory", "--cases", "3"]) == 2
+    assert "kvverify measure-tolerance: target 'no_such_module:factory'" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from kvverify.protocol.config import ModelConfig
 from kvverify.protocol.quantizers import INT8_PER_TOKEN
 
 #: Logit tolerance for the properties compared with exact recomputation (not cached_equals_uncached, which
-#: replays): ``python -m kvverify.commands.measure_tolerance --target
+#: replays): ``kvverify measure-tolerance --target
 #: kvverify.caches.int8:Int8PerTokenCache.from_config --cases 200 --seed S`` for S in 0, 1 gave at most 0.084
 #: (bfloat16), logits up to |4.7|; about 3x that.
 INT8_ATOL = 0.25

@@ -27,7 +27,7 @@ from kvverify.protocol.config import ModelConfig
 from kvverify.protocol.quantizers import kivi
 
 #: Logit tolerances for the properties compared with exact recomputation (not cached_equals_uncached, which
-#: replays). ``python -m kvverify.commands.measure_tolerance --target kvverify.caches.kivi:kivi2_cache --cases 200
+#: replays). ``kvverify measure-tolerance --target kvverify.caches.kivi:kivi2_cache --cases 200
 #: --seed S`` (and kivi4_cache) for S in 0, 1 gave at most 1.02 (KIVI-2) and 0.375 (KIVI-4), logits up to |4.7|;
 #: ``kvverify verify kvverify.caches.kivi:kivi2_cache --profile ci --seed 0`` saw up to 2.07 (continuation; KIVI-4:
 #: 0.228). About 3x the largest.

@@ -2,7 +2,7 @@
 
 The front door for the rooms above (:mod:`kvverify.runs`, the commands, the plugin): the properties, a case and
 its model, the target a property runs against and how it is made from a built-in name or ``MODULE:FACTORY``,
-the device and time-limit options, and the protocol checker a cache runs inside.
+the device and time-limit options, the protocol checker a cache runs inside, and the tolerance measurements.
 """
 
 from kvverify.checks.case import Case, build_model
@@ -15,10 +15,12 @@ from kvverify.checks.properties.long_context import LONG_CONTEXT, long_case
 from kvverify.checks.shapes import SHAPES
 from kvverify.checks.strategies import cases
 from kvverify.checks.target import Target, make_target
+from kvverify.checks.tolerance import BACKENDS, measure, measure_target
 from kvverify.checks.watchdog import DEFAULT_TIME_LIMIT, parse_time_limit
 
 __all__ = [
     "ALL_PROPERTIES",
+    "BACKENDS",
     "DEFAULT_TIME_LIMIT",
     "LONG_CONTEXT",
     "OPT_IN_PROPERTIES",
@@ -38,6 +40,8 @@ __all__ = [
     "load_factory",
     "long_case",
     "make_target",
+    "measure",
+    "measure_target",
     "parse_time_limit",
     "raised_at",
     "resolve_device",

@@ -29,7 +29,7 @@ class Tolerance:
 
 
 #: Fast numerics (standard kernels), cached vs uncached logits on the reference model. Measured with
-#: ``python -m kvverify.commands.measure_tolerance --cases 500 --seed S`` for S in 0..3 (about 2,000 cases drawn by the
+#: ``kvverify measure-tolerance --cases 500 --seed S`` for S in 0..3 (about 2,000 cases drawn by the
 #: property suite's strategy: every positional scheme, norm, window, GQA shape, left padding; logits up to
 #: |5|): the largest max-abs difference seen per dtype, times about 4. Strict numerics needs none of this.
 FAST_TOLERANCES: dict[torch.dtype, Tolerance] = {

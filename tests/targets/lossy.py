@@ -1,7 +1,7 @@
 """A correct lossy cache: keys and values stored as symmetric int8 with one absmax scale per token and head.
 
 It returns what it stores, dequantized, so cached logits differ from uncached ones by the rounding only; it
-declares the tolerance ``python -m kvverify.commands.measure_tolerance --target tests.targets.lossy:int8_per_token``
+declares the tolerance ``kvverify measure-tolerance --target tests.targets.lossy:int8_per_token``
 measured for it (largest 0.085, float16, over 200 cases; 0.17 with its margin of 2), with room.
 """
 
