@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
 from kvverify.protocol.cache import KVCache
@@ -10,6 +12,20 @@ from kvverify.protocol.config import ModelConfig
 
 class InputError(ValueError):
     """An argument to the reference model is malformed; the message says what was expected and what came."""
+
+
+#: Reads what a cache holds: (keys, values) per layer, each pair read only if it is two 4-d tensors.
+LayoutReader = Callable[[object], Sequence[tuple[object, object]]]
+
+#: (accepts, read, exact) for the caches whose tensors a room above knows how to read, registered by that room
+#: (the built-in caches, the transformers bridge). ``exact``: the dtype and device are checked too (a cache
+#: that may quantize or offload a layer is read for its shapes only).
+_LAYOUT_READERS: list[tuple[Callable[[object], bool], LayoutReader, bool]] = []
+
+
+def register_layout_reader(accepts: Callable[[object], bool], read: LayoutReader, *, exact: bool) -> None:
+    """Let :func:`check_cache_layout` read the caches ``accepts`` says yes to, with ``read``."""
+    _LAYOUT_READERS.append((accepts, read, exact))
 
 
 def check_generate_inputs(
@@ -171,27 +187,17 @@ def _same_device(held: torch.device, model: torch.device) -> bool:
 
 
 def _held_layers(cache: object) -> tuple[list[tuple[torch.Tensor, torch.Tensor] | None], bool]:
-    """(keys, values) per layer (None where not allocated yet) of a cache whose tensors kvverify knows how to
-    read: its built-in caches and transformers' caches, also wrapped in the suite's contract check; else ``[]``.
-    The flag says whether the cache is one of kvverify's: transformers' may legitimately keep a layer in another
-    dtype (quantized) or on another device (offloaded), so only their shapes are read."""
-    while type(cache).__module__ == "kvverify.checks.contract" and hasattr(cache, "inner"):
-        cache = cache.inner
-    module = type(cache).__module__
-    layers = getattr(cache, "layers", None)
-    if module.startswith("transformers.") and isinstance(layers, list):
-        pairs = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in layers]
-    elif module.startswith("kvverify.caches."):
-        keys = getattr(cache, "key_pool", None) or getattr(cache, "keys", None)
-        values = getattr(cache, "value_pool", None) or getattr(cache, "values", None)
-        if not isinstance(keys, list) or not isinstance(values, list) or len(keys) != len(values):
-            return [], True
-        pairs = list(zip(keys, values, strict=True))
-    else:
-        return [], True
-    held: list[tuple[torch.Tensor, torch.Tensor] | None] = [
-        (k, v) if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == v.dim() == 4 else None
-        for k, v in pairs
-    ]  # transformers' quantized layers keep an empty 1-d placeholder between flushes: not a layout to read
-    return held, module.startswith("kvverify.")
-
+    """(keys, values) per layer (None where not allocated yet) of a cache a registered reader can read, also
+    inside a wrapper that keeps it as ``inner`` (the suite's contract check); else ``[]``. The flag is the
+    reader's ``exact``."""
+    while cache is not None:
+        for accepts, read, exact in _LAYOUT_READERS:
+            if accepts(cache):
+                held: list[tuple[torch.Tensor, torch.Tensor] | None] = [
+                    (k, v) if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == v.dim() == 4
+                    else None
+                    for k, v in read(cache)
+                ]  # transformers' quantized layers keep an empty 1-d placeholder between flushes: not a layout
+                return held, exact
+        cache = getattr(cache, "inner", None)
+    return [], True

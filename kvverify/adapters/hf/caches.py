@@ -31,6 +31,7 @@ crops silently and wrongly (its ``is_croppable`` is False); the fp8 cache's ``cr
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,7 @@ from kvverify.adapters import INSTALL_HINT, import_transformers
 from kvverify.protocol.cache import CacheDeclaration, CacheFactory, KVCache
 from kvverify.protocol.config import ModelConfig
 from kvverify.protocol.quantizers import Quantizer
+from kvverify.reference.inputs import register_layout_reader
 
 #: The window the sliding-window targets declare, so the suite builds models with it: small, so that
 #: generations run well past it.
@@ -285,3 +287,18 @@ CACHES: dict[str, TransformersCache] = {
 
 #: The targets of :data:`CACHES` by short name: the caches a kvverify target can name.
 FACTORIES: dict[str, CacheFactory] = {name: entry.target for name, entry in CACHES.items() if entry.target}
+
+
+def _is_transformers_cache(cache: object) -> bool:
+    transformers = sys.modules.get("transformers")  # a transformers cache exists only once transformers is imported
+    return transformers is not None and isinstance(cache, transformers.Cache) and isinstance(
+        getattr(cache, "layers", None), list)
+
+
+def _held(cache: object) -> list[tuple[object, object]]:
+    return [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers]  # type: ignore[attr-defined]
+
+
+#: transformers' caches may keep a layer in another dtype (quantized) or on another device (offloaded): read for
+#: their shapes only.
+register_layout_reader(_is_transformers_cache, _held, exact=False)
