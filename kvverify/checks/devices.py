@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from kvverify.protocol.config import device_name
+
 #: What :func:`resolve_device` accepts, as the messages spell it.
 ACCEPTED = "cpu, cuda or cuda:N (N the index of a GPU, e.g. cuda:0)"
 
@@ -28,17 +30,13 @@ def parse_device(value: str | torch.device, *, option: str = "--device") -> torc
 
     ``option`` names where the value came from, as the messages spell it: ``--device``, ``--kv-device``,
     ``device=`` (a keyword argument)."""
-    if isinstance(value, torch.device):
-        device = value
-    else:
-        text = str(value).strip().lower()
-        try:
-            device = torch.device(text)
-        except (RuntimeError, ValueError):
-            raise DeviceError(
-                f"{_spelled(option, str(value))} is not a device kvverify runs on; expected {ACCEPTED}. "
-                f"Use {_spelled(option, 'cpu')}, or {_spelled(option, 'cuda')} on a machine with an NVIDIA GPU."
-            ) from None
+    name = device_name(value if isinstance(value, torch.device) else str(value).strip().lower())
+    if name is None:
+        raise DeviceError(
+            f"{_spelled(option, str(value))} is not a device kvverify runs on; expected {ACCEPTED}. "
+            f"Use {_spelled(option, 'cpu')}, or {_spelled(option, 'cuda')} on a machine with an NVIDIA GPU."
+        )
+    device = torch.device(name)
     if device.type == "cpu":
         return torch.device("cpu")
     if device.type != "cuda":

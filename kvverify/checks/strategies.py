@@ -23,7 +23,7 @@ from hypothesis.errors import InvalidArgument
 
 from kvverify.checks.case import Case
 from kvverify.checks.shapes import DEFAULT, ShapeSpace, shape_space
-from kvverify.protocol.config import DTYPES, NORMS, POSITIONALS, ModelConfig
+from kvverify.protocol.config import DTYPES, NORMS, POSITIONALS, ModelConfig, device_name
 
 T = TypeVar("T")
 
@@ -43,12 +43,10 @@ def _strategy(value: T | Collection[T] | st.SearchStrategy[T], name: str) -> st.
 
 
 def _device(value: Any) -> str:
-    try:
-        return str(torch.device(value))
-    except (RuntimeError, TypeError, ValueError):
-        raise InvalidArgument(
-            f"device must be a torch.device or a name such as 'cpu' or 'cuda:0'; got {value!r}"
-        ) from None
+    name = device_name(value)
+    if name is None:
+        raise InvalidArgument(f"device must be a torch.device or a name such as 'cpu' or 'cuda:0'; got {value!r}")
+    return name
 
 
 def _dtype(value: Any) -> torch.dtype:

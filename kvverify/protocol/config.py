@@ -69,16 +69,27 @@ def _as_dtype(value: object) -> torch.dtype:
     return DTYPES[str(value).removeprefix("torch.")]
 
 
-def _as_device(value: object) -> str:
+def device_name(value: object) -> str | None:
+    """The one normalisation of a device: the name (``cpu``, ``cuda``, ``cuda:0``) of the device ``value`` names,
+    a str or a torch.device; None when it names none. Each caller raises its own error for None."""
+    if isinstance(value, torch.device):
+        return str(value)
+    if not isinstance(value, str):
+        return None
     try:
-        if isinstance(value, (str, torch.device)):
-            return str(torch.device(value))
+        return str(torch.device(value))
     except (RuntimeError, ValueError):
-        pass
-    raise ConfigError(
-        f"ModelConfig.device must be a torch device name such as 'cpu', 'cuda' or 'cuda:0' (a str or a "
-        f"torch.device); got {_got(value)}."
-    )
+        return None
+
+
+def _as_device(value: object) -> str:
+    name = device_name(value)
+    if name is None:
+        raise ConfigError(
+            f"ModelConfig.device must be a torch device name such as 'cpu', 'cuda' or 'cuda:0' (a str or a "
+            f"torch.device); got {_got(value)}."
+        )
+    return name
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kvverify.protocol.config import DTYPES
+from kvverify.protocol.config import DTYPES, device_name
 from kvverify.protocol.quantizers import Quantizer
 
 
@@ -91,12 +91,10 @@ def _tuple_of(item: Callable[[Any], Any], lone: type | tuple[type, ...]) -> Call
 
 
 def _device(value: Any) -> str:
-    if not isinstance(value, (str, torch.device)):
+    name = device_name(value)
+    if name is None:
         raise _Bad
-    try:
-        return str(torch.device(value))
-    except (RuntimeError, TypeError, ValueError):
-        raise _Bad from None
+    return name
 
 
 def _dtype(value: Any) -> torch.dtype:
