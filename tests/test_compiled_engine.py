@@ -119,6 +119,6 @@ def test_graph_replay_equals_eager_on_cuda() -> None:
     expected = model.generate(prompt, 16)
     decoder = CompiledDecoder(model, max_len=24, batch_size=2)  # inductor, then a CUDA graph
     tokens, logits = decoder.generate(prompt, 16)
-    assert decoder._graphed, "no CUDA graph was captured"
+    assert decoder.compiled.graphed, "no CUDA graph was captured"
     assert torch.equal(tokens, expected.tokens)
     torch.testing.assert_close(logits, expected.logits, rtol=0, atol=1e-4)

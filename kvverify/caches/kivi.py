@@ -41,7 +41,7 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass
-class _Codes:
+class KiviCodes:
     """Quantized states: uint8 codes (B, Hkv, S, D), and the step and zero point of each scale group as float32:
     (B, Hkv, S/G, 1, D) per channel, (B, Hkv, S, 1) per token."""
 
@@ -54,8 +54,8 @@ class _Codes:
 class _Layer:
     """One layer: quantized keys and values, then the newest ones in full precision."""
 
-    keys: _Codes
-    values: _Codes
+    keys: KiviCodes
+    values: KiviCodes
     key_residual: torch.Tensor  # (B, Hkv, <residual_length, D), the model's dtype
     value_residual: torch.Tensor  # (B, Hkv, <=residual_length, D)
     dtype: torch.dtype  # the model's, for the dequantized part
@@ -77,32 +77,32 @@ class KiviCache:
 
     # -- quantization ----------------------------------------------------------------------------------------
 
-    def _asymmetric(self, x: torch.Tensor, dim: int) -> _Codes:
+    def _asymmetric(self, x: torch.Tensor, dim: int) -> KiviCodes:
         low, high = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
         step = ((high - low) / self.levels).clamp(min=_TINY)
         codes = ((x - low) / step).round().clamp(0, self.levels).to(torch.uint8)
-        return _Codes(codes, step, low)
+        return KiviCodes(codes, step, low)
 
-    def _keys_per_channel(self, keys: torch.Tensor, layer_idx: int) -> _Codes:
+    def _keys_per_channel(self, keys: torch.Tensor, layer_idx: int) -> KiviCodes:
         b, h, t, d = keys.shape
         quantized = self._asymmetric(keys.float().reshape(b, h, t // self.group_size, self.group_size, d), -2)
-        return _Codes(quantized.codes.reshape(b, h, t, d), quantized.step, quantized.low)
+        return KiviCodes(quantized.codes.reshape(b, h, t, d), quantized.step, quantized.low)
 
-    def _values_per_token(self, values: torch.Tensor, layer_idx: int) -> _Codes:
+    def _values_per_token(self, values: torch.Tensor, layer_idx: int) -> KiviCodes:
         return self._asymmetric(values.float(), -1)
 
-    def _dequantized_keys(self, keys: _Codes, dtype: torch.dtype) -> torch.Tensor:
+    def _dequantized_keys(self, keys: KiviCodes, dtype: torch.dtype) -> torch.Tensor:
         b, h, s, d = keys.codes.shape
         grouped = keys.codes.float().reshape(b, h, s // self.group_size, self.group_size, d)
         return (grouped * keys.step + keys.low).reshape(b, h, s, d).to(dtype)
 
     @staticmethod
-    def _dequantized_values(values: _Codes, dtype: torch.dtype) -> torch.Tensor:
+    def _dequantized_values(values: KiviCodes, dtype: torch.dtype) -> torch.Tensor:
         return (values.codes.float() * values.step + values.low).to(dtype)
 
     @staticmethod
-    def _joined(old: _Codes, new: _Codes, dim: int) -> _Codes:
-        return _Codes(torch.cat((old.codes, new.codes), dim=-2), torch.cat((old.step, new.step), dim=dim),
+    def _joined(old: KiviCodes, new: KiviCodes, dim: int) -> KiviCodes:
+        return KiviCodes(torch.cat((old.codes, new.codes), dim=-2), torch.cat((old.step, new.step), dim=dim),
                       torch.cat((old.low, new.low), dim=dim))
 
     # -- the protocol ----------------------------------------------------------------------------------------

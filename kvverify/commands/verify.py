@@ -199,7 +199,7 @@ def _usage_problem(args: argparse.Namespace, properties: Collection[str]) -> str
             open_database(args.database)  # a directory is created, a Redis server asked for a PING
         except DatabaseError as error:
             return f"--{error}"
-    return _unwritable(args.junitxml) if args.junitxml else None
+    return unwritable(args.junitxml) if args.junitxml else None
 
 
 def _shard_label(args: argparse.Namespace) -> str | None:
@@ -208,7 +208,7 @@ def _shard_label(args: argparse.Namespace) -> str | None:
     return str(parse_shard(args.shard)) if args.shard else None
 
 
-def _unwritable(path: str) -> str | None:
+def unwritable(path: str) -> str | None:
     """Why a report cannot be written at ``path``, or None (a file it creates to find out is removed)."""
     report = Path(path)
     if report.is_dir():

@@ -21,7 +21,7 @@ from rich.text import Text
 
 from kvverify.commands.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from kvverify.commands.tables import print_results, print_table, table
-from kvverify.commands.verify import _unwritable
+from kvverify.commands.verify import unwritable
 from kvverify.runs import PROFILE_EXAMPLES
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
     if device.type != "cpu":
         return (f"--device {args.device}: verify-engine runs the engine under batch-invariant CPU kernels, so on "
                 "the CPU only for now; use --device cpu")
-    return _unwritable(args.junitxml) if args.junitxml else None
+    return unwritable(args.junitxml) if args.junitxml else None
 
 
 def _with_repro(suite: SuiteResult, args: argparse.Namespace) -> SuiteResult:

@@ -7,7 +7,9 @@ then captured once and replayed every step (:mod:`kvverify.engine.graphs`).
 Python int would be a constant of the graph, and a new graph every step. It masks by slot (slot i holds token i,
 as a static buffer does) instead of cutting the returned keys, so the shapes stay those of the buffer.
 :class:`CompileCounter` is a backend that counts the graphs it is handed (a recompile is a new graph).
-:class:`CompiledDecoder` is the engine: prefill through the eager model, decode through the compiled step.
+:class:`CompiledStep` is that step assembled once: compiled, and replayed from a CUDA graph per cache and batch on
+CUDA; the profiles drive it with caches of their own. :class:`CompiledDecoder` is the engine: prefill through the
+eager model, decode through a :class:`CompiledStep` over its own static cache.
 The eager :class:`~kvverify.engine.decode.DecodeStep` stays the reference these are compared with.
 """
 
@@ -89,11 +91,39 @@ def own_code(step: PositionStep) -> PositionFn:
     return types.MethodType(copy, step)
 
 
+class CompiledStep:
+    """The compiled one-token decode of ``model`` (a :class:`PositionStep` for ``max_len`` slots through
+    :func:`compile_step` with ``backend``, a compiler's name or a :class:`CompileCounter`), replayed from a CUDA
+    graph when ``cuda_graphs`` (default: on CUDA). A graph replays on the buffers it was captured with, so graphs
+    are kept per batch for one cache at a time: a new cache drops the old one's.
+
+    ``step(tokens (B, 1), cache, input_pos (1,) long) -> logits (B, vocab)``, cache a static one of ``max_len``
+    slots."""
+
+    def __init__(self, model: ReferenceModel, max_len: int, *, backend: CompileCounter | str = "inductor",
+                 cuda_graphs: bool | None = None) -> None:
+        self.step = PositionStep(model.weights(), max_len)  # raises for strict numerics or ALiBi
+        self.counter = backend if isinstance(backend, CompileCounter) else CompileCounter(backend)
+        self.use_graphs = torch.device(model.config.device).type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.graphed: dict[tuple[int, int], GraphedStep] = {}  # by (cache, batch): a capture has fixed buffers
+        self._decode = compile_step(own_code(self.step), self.counter)
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, input_pos: torch.Tensor) -> torch.Tensor:
+        if not self.use_graphs:
+            return self._decode(tokens, cache, input_pos)
+        key = (id(cache), tokens.shape[0])
+        if key not in self.graphed:
+            if any(held != id(cache) for held, _ in self.graphed):
+                self.graphed.clear()  # one cache at a time: a loop that builds a fresh cache per round
+            self.graphed[key] = GraphedStep(self._decode, cache, tokens, input_pos)
+        return self.graphed[key](tokens, input_pos)
+
+
 class CompiledDecoder:
     """gpt-fast's decode loop over a reference model (fast numerics): a :class:`~kvverify.caches.StaticCache`
-    of ``batch_size`` rows and ``max_len`` slots, filled by the eager model's prefill; then one compiled
-    :class:`PositionStep` per token, captured in a CUDA graph and replayed on CUDA (``cuda_graphs``, default:
-    on CUDA). ``backend``: the compiler (default inductor), e.g. ``"eager"`` to test without C++ compilation.
+    of ``batch_size`` rows and ``max_len`` slots, filled by the eager model's prefill; then one
+    :class:`CompiledStep` per token (captured in a CUDA graph and replayed on CUDA: ``cuda_graphs``, default: on
+    CUDA). ``backend``: the compiler (default inductor), e.g. ``"eager"`` to test without C++ compilation.
 
     Build it once and call :meth:`generate` many times: the first calls compile (seconds), the rest reuse.
     """
@@ -112,26 +142,16 @@ class CompiledDecoder:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {config.max_seq_len}; expected at "
                              "most that (build the model with a larger max_seq_len).")
         self.model, self.max_len, self.batch_size = model, max_len, batch_size
-        self.step = PositionStep(model.weights(), max_len)  # raises for strict numerics or ALiBi
+        self.compiled = CompiledStep(model, max_len, backend=backend, cuda_graphs=cuda_graphs)
+        self.counter = self.compiled.counter
         self.cache = StaticCache(
             n_layers=config.n_layers, max_batch_size=batch_size, n_kv_heads=config.n_kv_heads, max_seq_len=max_len,
             head_dim=config.head_dim, dtype=config.dtype, device=config.device,
         )  # fmt: skip
-        self.counter = CompileCounter(backend)
-        self.device = torch.device(config.device)
-        graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._decode = compile_step(own_code(self.step), self.counter)
-        self._graphed: dict[int, GraphedStep] = {}  # by batch: a capture has fixed shapes
-        self._use_graphs = graphs
 
     def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """One token per row at slot ``input_pos`` (1,): logits (B, vocab), through the CUDA graph when on."""
-        if not self._use_graphs:
-            return self._decode(tokens, self.cache, input_pos)
-        batch = tokens.shape[0]
-        if batch not in self._graphed:
-            self._graphed[batch] = GraphedStep(self._decode, self.cache, tokens, input_pos)
-        return self._graphed[batch](tokens, input_pos)
+        return self.compiled(tokens, self.cache, input_pos)
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ from kvverify.engines.adapter import COVERAGE, EngineAdapter, EngineRun
 from kvverify.engines.properties import check_independent_of_neighbours, check_matches_alone
 from kvverify.engines.strategies import neighbour_cases, schedules
 from kvverify.reference.threads import torch_threads
-from kvverify.runs.runner import PropertyResult, SuiteResult, _failure_report
+from kvverify.runs.runner import PropertyResult, SuiteResult, failure_report
 from kvverify.runs.settings import PROFILE_EXAMPLES, profile_settings, use_storage_directory
 
 #: Examples of property 1 per profile; an engine example is a whole serving run plus its oracle, so far fewer
@@ -125,14 +125,14 @@ def _run_property(engine: EngineAdapter, name: str, result: EngineResult, *, pro
         test()
     except ExampleTimeout as timeout:  # not shrunk: every shrinking step could hang as long again
         return PropertyResult(name, "failed", progress.passed, time.perf_counter() - progress.start,
-                              _failure_report(timeout, progress.last_case, label="schedule (not shrunk)"),
+                              failure_report(timeout, progress.last_case, label="schedule (not shrunk)"),
                               first_failure_seconds=progress.first_failure, case=progress.last_case)
     except HypothesisException as error:  # the strategy or settings, not the engine
         return PropertyResult(name, "error", progress.passed, time.perf_counter() - progress.start,
                               f"{type(error).__name__}: {error}")
     except Exception as error:  # the minimal failing case's error, after shrinking
         return PropertyResult(name, "failed", progress.passed, time.perf_counter() - progress.start,
-                              _failure_report(error, progress.last_case,
+                              failure_report(error, progress.last_case,
                                               label="minimal schedule" if shrink else "schedule (not shrunk)"),
                               first_failure_seconds=progress.first_failure, case=progress.last_case)
     return PropertyResult(name, "passed", progress.passed, time.perf_counter() - progress.start)

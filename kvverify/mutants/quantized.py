@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from kvverify.caches.int8 import INT8_ATOL, Int8PerTokenCache
-from kvverify.caches.kivi import GROUP_SIZE, KIVI2_ATOL, KIVI4_ATOL, RESIDUAL_LENGTH, KiviCache, _Codes
+from kvverify.caches.kivi import GROUP_SIZE, KIVI2_ATOL, KIVI4_ATOL, RESIDUAL_LENGTH, KiviCache, KiviCodes
 from kvverify.protocol.cache import CacheDeclaration, CacheFactory, KVCache
 from kvverify.protocol.config import ModelConfig
 from kvverify.protocol.quantizers import INT8_PER_TOKEN, Quantizer, kivi
@@ -82,13 +82,13 @@ class KiviScaleOff(KiviCache):
         super().__init__(bits, GROUP_SIZE, RESIDUAL_LENGTH)
         self.what = what
 
-    def _keys_per_channel(self, keys: torch.Tensor, layer_idx: int) -> _Codes:
+    def _keys_per_channel(self, keys: torch.Tensor, layer_idx: int) -> KiviCodes:
         quantized = super()._keys_per_channel(keys, layer_idx)
         if layer_idx == 0 and self.what == "key" and quantized.step.shape[2]:
             quantized.step[:, :, -1, :, 0] *= 1 + ERROR  # (B, Hkv, groups, 1, D): channel 0 of the newest group
         return quantized
 
-    def _values_per_token(self, values: torch.Tensor, layer_idx: int) -> _Codes:
+    def _values_per_token(self, values: torch.Tensor, layer_idx: int) -> KiviCodes:
         quantized = super()._values_per_token(values, layer_idx)
         if layer_idx == 0 and self.what == "value" and quantized.step.shape[2]:
             quantized.step[:, :, -1] *= 1 + ERROR  # (B, Hkv, T, 1): the newest value quantized

@@ -16,8 +16,7 @@ import torch
 
 from kvverify.adapters.hf.generation import cache_keyword, library_generate
 from kvverify.caches import StaticCache
-from kvverify.engine.compiled import CompiledDecoder, PositionStep, compile_step, own_code
-from kvverify.engine.graphs import GraphedStep
+from kvverify.engine.compiled import CompiledDecoder, CompiledStep
 from kvverify.profiling import timing
 from kvverify.reference.model import ReferenceModel
 
@@ -37,14 +36,11 @@ def generation_cache(model: ReferenceModel, batch: int, length: int) -> StaticCa
 
 
 def compiled_step(model: ReferenceModel, max_len: int) -> timing.StepFn:
-    """A step function (see :mod:`~kvverify.profiling.timing`) whose one-token decode runs the compiled
-    :class:`~kvverify.engine.compiled.PositionStep` (inductor; replayed from a CUDA graph per cache on CUDA);
+    """A step function (see :mod:`~kvverify.profiling.timing`) whose one-token decode runs the engine's
+    :class:`~kvverify.engine.compiled.CompiledStep` (inductor; replayed from a CUDA graph per cache on CUDA);
     prefill runs the eager model. Its caches must be static ones of ``max_len`` slots."""
-    step = PositionStep(model.weights(), max_len)
-    decode = compile_step(own_code(step), "inductor")
+    decode = CompiledStep(model, max_len)
     position = torch.zeros(1, dtype=torch.long, device=model.config.device)
-    graphed: dict[int, GraphedStep] = {}  # by cache: a graph replays on the buffers it was captured with
-    cuda = torch.device(model.config.device).type == "cuda"
 
     @torch.no_grad()
     def run(tokens: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
@@ -52,12 +48,7 @@ def compiled_step(model: ReferenceModel, max_len: int) -> timing.StepFn:
             logits: torch.Tensor = model(tokens, cache=cache, start=start, last_only=True)[:, -1]
             return logits
         position.fill_(start)
-        if not cuda:
-            return decode(tokens, cache, position)
-        if id(cache) not in graphed:
-            graphed.clear()  # one cache at a time: the loop builds a fresh one per round
-            graphed[id(cache)] = GraphedStep(decode, cache, tokens, position)
-        return graphed[id(cache)](tokens, position)
+        return decode(tokens, cache, position)
 
     return run
 

@@ -90,7 +90,7 @@ class CacheCheckFailed(AssertionError):
         super().__init__(f"{len(result.failures)} propert(y/ies) failed for {result.target}:\n\n{reports}")
 
 
-def _failure_report(error: BaseException, case: Any, where: str = "", label: str = "minimal case") -> str:
+def failure_report(error: BaseException, case: Any, where: str = "", label: str = "minimal case") -> str:
     """The error, the case (its config, prompt and length), where the cache went wrong, the reproduction blob."""
     lines = [f"{type(error).__name__}: {error}" if not isinstance(error, AssertionError) else str(error)]
     if where:
@@ -199,7 +199,7 @@ def _run_watched(
     try:
         test()
     except ExampleTimeout as timeout:  # not shrunk: every shrinking step could hang as long again
-        detail = _failure_report(timeout, progress.last_case, label="case (not shrunk)")
+        detail = failure_report(timeout, progress.last_case, label="case (not shrunk)")
         return _failed(prop, progress, detail)
     except Unsatisfiable:  # no example ran: every one was Unsupported, or none fits the declaration
         return PropertyResult(prop.name, "skipped", 0, time.perf_counter() - progress.start,
@@ -210,7 +210,7 @@ def _run_watched(
                               f"{type(error).__name__}: {error}")
     except Exception as error:  # the minimal failing case's error, after shrinking
         where = _locate(prop, target, progress.last_case, time_limit) if locate else ""
-        return _failed(prop, progress, _failure_report(error, progress.last_case, where))
+        return _failed(prop, progress, failure_report(error, progress.last_case, where))
     return PropertyResult(prop.name, "passed", progress.passed, time.perf_counter() - progress.start,
                           unsupported=progress.blind.count, unsupported_why=progress.blind.summary())
 
