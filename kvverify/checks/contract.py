@@ -22,7 +22,7 @@ import torch
 
 from kvverify.checks.cropping import crop_convention, tokens_kept
 from kvverify.checks.loading import raised_at
-from kvverify.protocol.cache import OPTIONAL_METHODS, KVCache, written_slots
+from kvverify.protocol.cache import OPTIONAL_METHODS, KVCache, kv_mismatch, written_slots
 from kvverify.protocol.config import ModelConfig
 
 
@@ -136,22 +136,18 @@ class CheckedCache:
         keys, values = result
         c = self.config
         for name, tensor in (("keys", keys), ("values", values)):
-            shape = tuple(tensor.shape)
-            if len(shape) != 4 or shape[0] != batch or shape[1] != c.n_kv_heads or shape[3] != c.head_dim:
+            wrong = kv_mismatch(c, tensor, batch=batch)
+            if wrong is None:
+                continue
+            if wrong.kind == "shape":
+                shape = tuple(tensor.shape)
                 raise ContractViolation(
-                    f"{where}: update() returned {name} of shape {shape}; expected (batch={batch}, "
-                    f"n_kv_heads={c.n_kv_heads}, seq, head_dim={c.head_dim})"
+                    f"{where}: update() returned {name} of shape {wrong.got}; expected {wrong.expected}"
                     + (" (grouped-query heads repeated before caching?)" if len(shape) == 4
                        and shape[1] == c.n_heads != c.n_kv_heads else "") + "."
                 )
-            if tensor.dtype != c.dtype:
-                raise ContractViolation(
-                    f"{where}: update() returned {name} of dtype {tensor.dtype}; expected the model's {c.dtype}."
-                )
-            if not _same_device(tensor.device, c.device):
-                raise ContractViolation(
-                    f"{where}: update() returned {name} on device {tensor.device}; expected the model's {c.device}."
-                )
+            held = f"of dtype {wrong.got}" if wrong.kind == "dtype" else f"on device {wrong.got}"
+            raise ContractViolation(f"{where}: update() returned {name} {held}; expected the model's {wrong.expected}.")
         if keys.shape[2] != values.shape[2]:
             raise ContractViolation(
                 f"{where}: update() returned {keys.shape[2]} key slots but {values.shape[2]} value slots; "
@@ -208,8 +204,3 @@ def _int_like(value: object) -> bool:
     if isinstance(value, torch.Tensor):
         return value.dim() == 0 and not value.dtype.is_floating_point
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _same_device(actual: torch.device, expected: str) -> bool:
-    wanted = torch.device(expected)
-    return actual.type == wanted.type and (wanted.index is None or actual.index == wanted.index)

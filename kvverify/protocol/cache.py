@@ -30,6 +30,41 @@ def written_slots(keys: torch.Tensor, values: torch.Tensor, total: int) -> tuple
     return keys, values
 
 
+@dataclass(frozen=True)
+class KVMismatch:
+    """How keys or values a cache returns or holds differ from what a model of the config writes: ``kind`` is
+    ``shape``, ``dtype`` or ``device``; ``got`` and ``expected`` are spelled for a message."""
+
+    kind: Literal["shape", "dtype", "device"]
+    got: str
+    expected: str
+
+
+def kv_mismatch(config: ModelConfig, tensor: torch.Tensor, *, batch: int | None = None, any_group: bool = False,
+                dtype_and_device: bool = True) -> KVMismatch | None:
+    """The one check of a cache's keys or values against the model: (batch, n_kv_heads, seq, head_dim) (with
+    ``any_group``, any head count dividing n_heads), the model's dtype and device; None when they match."""
+    shape = tuple(tensor.shape)
+    if len(shape) == 4:
+        heads_ok = config.n_heads % shape[1] == 0 if any_group and shape[1] > 0 else shape[1] == config.n_kv_heads
+        shape_ok = heads_ok and shape[3] == config.head_dim and (batch is None or shape[0] == batch)
+    else:
+        shape_ok = False
+    if not shape_ok:
+        rows = "batch" if batch is None else f"batch={batch}"
+        return KVMismatch("shape", str(shape), f"({rows}, n_kv_heads={config.n_kv_heads}, seq, "
+                                               f"head_dim={config.head_dim})")
+    if not dtype_and_device:
+        return None
+    if tensor.dtype != config.dtype:
+        return KVMismatch("dtype", str(tensor.dtype), str(config.dtype))
+    model = torch.device(config.device)
+    held = tensor.device
+    if not (held.type == model.type and (held.index is None or model.index is None or held.index == model.index)):
+        return KVMismatch("device", str(held), str(config.device))
+    return None
+
+
 def resolve_crop(max_length: int, length: int) -> int:
     """The crop rule (transformers'): ``crop(max_length)`` of a cache holding ``length`` tokens keeps
     ``max_length`` tokens, or drops ``-max_length`` from the end when negative, clamped to ``0 .. length``."""

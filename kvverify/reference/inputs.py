@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kvverify.protocol.cache import KVCache
+from kvverify.protocol.cache import KVCache, kv_mismatch
 from kvverify.protocol.config import ModelConfig
 
 
@@ -163,27 +163,18 @@ def _check_kv(config: ModelConfig, keys: torch.Tensor, values: torch.Tensor, wha
               dtype_and_device: bool = True, any_group: bool = False) -> None:
     """any_group: accept any head count that divides n_heads (what attention can read; repeating KV heads before
     caching wastes memory but gives the same logits, which the suite's contract reports, not the model)."""
-    device = torch.device(config.device)
-    expected = f"(batch, n_kv_heads={config.n_kv_heads}, seq, head_dim={config.head_dim})"
     for name, tensor in (("keys", keys), ("values", values)):
-        shape = tuple(tensor.shape)
-        heads_ok = len(shape) == 4 and (config.n_heads % shape[1] == 0 if any_group and shape[1] > 0
-                                        else shape[1] == config.n_kv_heads)
-        if not heads_ok or shape[3] != config.head_dim:
-            raise InputError(f"{what} {name} of shape {shape}, but the model expects {expected}: the cache was "
-                             "built for another model. Pass a cache built for this model's config.")
-        if not dtype_and_device:
+        wrong = kv_mismatch(config, tensor, any_group=any_group, dtype_and_device=dtype_and_device)
+        if wrong is None:
             continue
-        if tensor.dtype != config.dtype:
-            raise InputError(f"{what} {name} of dtype {tensor.dtype}, but the model computes in {config.dtype}. "
+        if wrong.kind == "shape":
+            raise InputError(f"{what} {name} of shape {wrong.got}, but the model expects {wrong.expected}: the cache "
+                             "was built for another model. Pass a cache built for this model's config.")
+        if wrong.kind == "dtype":
+            raise InputError(f"{what} {name} of dtype {wrong.got}, but the model computes in {wrong.expected}. "
                              "Pass a cache built for this model's config (its dtype).")
-        if not _same_device(tensor.device, device):
-            raise InputError(f"{what} {name} on {tensor.device}, but the model is on {device}. Pass a cache "
-                             "built on the model's device.")
-
-
-def _same_device(held: torch.device, model: torch.device) -> bool:
-    return held.type == model.type and (held.index is None or model.index is None or held.index == model.index)
+        raise InputError(f"{what} {name} on {wrong.got}, but the model is on {wrong.expected}. Pass a cache "
+                         "built on the model's device.")
 
 
 def _held_layers(cache: object) -> tuple[list[tuple[torch.Tensor, torch.Tensor] | None], bool]:
