@@ -29,12 +29,12 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("checks",),  # what is checked
     ("runs",),  # how a run is carried out
     ("adapters", "mutants", "profiling", "engines"),  # other libraries; what drives them
-    ("commands", "cli", "plugin", "__main__", ""),  # the front: "" is kvverify/__init__.py
+    ("quantizers", "commands", "cli", "plugin", "__main__", ""),  # the front: "" is kvverify/__init__.py
 )
 #: Rooms whose own modules the front (commands, cli, plugin, kvverify/__init__) reaches only through the room's
 #: ``__init__``.
 FRONT_DOORS = ("checks", "runs")
-FRONT = ("commands", "cli", "plugin", "__main__", "")
+FRONT = ("quantizers", "commands", "cli", "plugin", "__main__", "")
 
 
 def _room(module: str) -> str:
