@@ -14,6 +14,9 @@ Fixtures, for tests of your own: ``kv_cache_factory`` (the target's factory), ``
 ``kv_cases`` (:func:`kvverify.checks.strategies.cases` bound to the target's declared constraints and device).
 ``--kv-device`` (or ``KVVERIFY_DEVICE``) puts the models, prompts and caches on ``cpu``, ``cuda`` or ``cuda:N``.
 ``--kv-database DIR|redis://HOST:PORT[/DB]`` keeps failing examples there; the next run replays them first.
+``--kv-isolate`` runs each property in a child process, as ``kvverify verify`` does (its own process group, killed
+whole): a cache that ends the process, crashes or swallows the time limit's interrupt fails that item, naming
+the cause, and the pytest run goes on. Without it the cache runs in pytest's process.
 Markers: ``kvverify`` (on the generated items) and ``kv_needs(*methods)`` (skip unless the target has them).
 """
 
@@ -64,6 +67,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kv-database", metavar="DIR|URL", default=None,
                     help="keep failing examples in this directory, or in redis://HOST:PORT[/DB] (kvverify[redis]); "
                     "the next run replays them first, whatever its seed (default: no database)")
+    group.addoption("--kv-isolate", action="store_true", default=False,
+                    help="run each property in a child process, as kvverify verify does: a cache that ends the "
+                    "process, crashes or hangs fails that item (default: in pytest's process)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -93,8 +99,9 @@ class _TargetSession:
 
     def __init__(self, spec: str, factory: CacheFactory, target: Target, profile: str, seed: int,
                  max_examples: int | None, time_limit: float | None, device_option: str | None = None,
-                 database: tuple[str, ExampleDatabase] | None = None) -> None:
+                 database: tuple[str, ExampleDatabase] | None = None, isolate: bool = False) -> None:
         self.spec, self.factory, self.target, self.device_option = spec, factory, target, device_option
+        self.isolate = isolate
         self.profile, self.seed, self.max_examples, self.time_limit = profile, seed, max_examples, time_limit
         self.database_option: str | None = database[0] if database else None  # as given, for the reproduce line
         self.database: ExampleDatabase | None = database[1] if database else None
@@ -138,7 +145,7 @@ class _TargetSession:
             seed = getattr(config, "workerinput", {}).get(_SEED_KEY)
         return cls(spec, factory, target, config.getoption("kv_profile"),
                    random.randrange(2**32) if seed is None else seed, max_examples, time_limit, device_option,
-                   database)
+                   database, isolate=config.getoption("kv_isolate"))
 
     @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook, on the controller: every worker gets its seed
     def pytest_configure_node(self, node: Any) -> None:
@@ -152,17 +159,33 @@ class _TargetSession:
             parts.append(f"--kv-device={self.device_option}")
         if self.target.shapes != "default":
             parts.append(f"--kv-shapes={self.target.shapes}")
+        if self.isolate:
+            parts.append("--kv-isolate")
         if self.database_option is not None:  # the failure may be a replay from the database, not the seed's
             from kvverify.runs import describe_database
 
             parts.append(f"--kv-database={describe_database(self.database_option)}")
         return " ".join([*parts, f"-k {name}"])
 
+    def run_isolated(self, name: str) -> PropertyResult:
+        """Property ``name`` in a child process (:func:`kvverify.runs.run_isolated`), with this run's options."""
+        import functools
+
+        from kvverify.runs import run_isolated, suite_in_child
+
+        work = functools.partial(suite_in_child, self.spec, target=self.spec, profile=self.profile, seed=self.seed,
+                                 time_limit=self.time_limit, device=str(self.target.device),
+                                 max_examples=self.max_examples, shapes=self.target.shapes,
+                                 database=self.database_option)
+        (result,) = run_isolated(work, target=self.spec, properties=[name], time_limit=self.time_limit).results
+        return result
+
     def pytest_report_header(self, config: pytest.Config) -> str:
         capabilities = ", ".join(sorted(self.target.capabilities)) or "none"
         return (f"kvverify: target {self.spec}, profile {self.profile}, seed {self.seed}, "
                 f"device {self.target.device}, shapes {self.target.shapes}, optional methods: {capabilities}, "
-                f"{self.target.declaration.describe()}")
+                f"{self.target.declaration.describe()}"
+                + (", each property in a child process" if self.isolate else ""))
 
     @pytest.hookimpl(tryfirst=True)  # before -k and -m deselect
     def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
@@ -213,8 +236,14 @@ class PropertyItem(pytest.Item):
         reason = self.prop.skip_reason(state.target)
         if reason is not None:
             pytest.skip(f"{state.spec}: {reason}")
-        result = run_property(self.prop, state.target, profile=state.profile, seed=state.seed,
-                              time_limit=state.time_limit, max_examples=state.max_examples, database=state.database)
+        if state.isolate:
+            result = state.run_isolated(self.prop.name)
+        else:
+            result = run_property(self.prop, state.target, profile=state.profile, seed=state.seed,
+                                  time_limit=state.time_limit, max_examples=state.max_examples,
+                                  database=state.database)
+        if result.verdict == "skipped":
+            pytest.skip(f"{state.spec}: {result.detail}")
         if result.verdict in ("failed", "error"):
             raise PropertyFailed(result, state.reproduce(self.prop.name))
 

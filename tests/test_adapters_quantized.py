@@ -72,6 +72,6 @@ def test_a_one_percent_error_survives_the_tolerance_and_not_the_replay() -> None
 def test_group_wise_backends_pass_at_the_suites_head_dims(backend: str, module: str) -> None:
     pytest.importorskip(module, reason=f"{module} is not installed: pip install 'kvverify[{backend}]'")
     from kvverify.adapters.hf.caches import FACTORIES
-    from kvverify.runs.runner import check_cache
+    from kvverify.runs import check_cache
 
     check_cache(FACTORIES[backend], profile="dev", seed=0, max_examples=8, properties=["cached_equals_uncached"])

@@ -16,7 +16,7 @@ from kvverify.checks.target import make_target
 from kvverify.protocol.cache import declaration_of
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
-from kvverify.runs.runner import CacheCheckFailed, check_cache
+from kvverify.runs import CacheCheckFailed, check_cache
 
 CONFIG = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=24,
                      max_batch_size=1, dtype=torch.float32)

@@ -1,18 +1,17 @@
 """``kvverify long-context [TARGET] [--length N] [--prompt N] [--seed N]``: one strict generation of N tokens
 through the cache, compared bit for bit with the uncached logits of every step (one teacher-forced forward).
 
-Exit 0 when the logits are identical, 1 when they differ (with the report: where the cache went wrong),
-2 when the command is wrong or the target unusable.
+Exit 0 when the logits are identical, 1 when they differ (with the report: where the cache went wrong) or the
+cache ended, crashed or hung the process running it, 2 when the command is wrong or the target unusable. The
+target runs in a child process, as ``kvverify verify`` runs it (``--in-process``: in this one).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import sys
 import time
-
-from hypothesis import strategies as st
 
 from kvverify.commands.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
@@ -27,25 +26,38 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
     parser.add_argument("--time-limit", type=float, default=600.0, metavar="SECONDS",
                         help="seconds the run may take before the cache is reported as hanging (default: 600)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the target in this process instead of a child (a crash then ends the command)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvverify.checks import LONG_CONTEXT, TargetError, long_case, make_target, resolve_target
-    from kvverify.runs import run_property
+    from kvverify.checks import TargetError, long_case, make_target, resolve_target
+    from kvverify.runs import long_context_in_child, run_isolated
 
     try:
         case = long_case(args.length, prompt=args.prompt, seed=args.seed, sliding_window=args.window,
                          dtype=args.dtype)
         name = args.target
-        target = make_target(resolve_target(name), name, time_limit=args.time_limit)
+        if args.in_process:
+            make_target(resolve_target(name), name, time_limit=args.time_limit)
+        else:
+            resolve_target(name)  # a name that cannot be resolved is a usage error before any child starts
     except (ValueError, TargetError) as error:
         print(f"kvverify long-context: {error}", file=sys.stderr)
         return EXIT_USAGE
-    prop = dataclasses.replace(LONG_CONTEXT, strategy=lambda _target: st.just(case))
     print(f"kvverify long-context: {name}, {args.length} tokens ({args.prompt} prompt), {args.dtype}, "
-          f"seed {args.seed}", flush=True)
+          f"seed {args.seed}" + ("" if args.in_process else ", in a child process"), flush=True)
     started = time.perf_counter()
-    result = run_property(prop, target, profile="dev", seed=args.seed, time_limit=args.time_limit)
+    work = functools.partial(long_context_in_child, name, case, args.seed, args.time_limit)
+    try:
+        if args.in_process:
+            (result,) = work(properties=["long_context"]).results
+        else:
+            (result,) = run_isolated(work, target=name, properties=["long_context"],
+                                     time_limit=args.time_limit).results
+    except TargetError as error:
+        print(f"kvverify long-context: {error}", file=sys.stderr)
+        return EXIT_USAGE
     seconds = time.perf_counter() - started
     print(f"{result.verdict.upper()} in {seconds:.1f} s")
     if result.verdict != "passed":

@@ -4,6 +4,7 @@ example database and shards.
 The front door for the commands, the plugin and :func:`check_cache`.
 """
 
+from kvverify.runs.check import check_cache, factory_spec, long_context_in_child, suite_in_child
 from kvverify.runs.database import DatabaseError, describe_database, open_database
 from kvverify.runs.isolation import run_isolated
 from kvverify.runs.junit import write_junit
@@ -12,7 +13,6 @@ from kvverify.runs.runner import (
     CacheCheckFailed,
     PropertyResult,
     SuiteResult,
-    check_cache,
     describe_target,
     property_test,
     run_property,
@@ -35,6 +35,8 @@ __all__ = [
     "describe_database",
     "describe_target",
     "expected_cost",
+    "factory_spec",
+    "long_context_in_child",
     "markdown_row",
     "markdown_table",
     "open_database",
@@ -44,6 +46,7 @@ __all__ = [
     "run_isolated",
     "run_property",
     "run_suite",
+    "suite_in_child",
     "table",
     "write_junit",
 ]

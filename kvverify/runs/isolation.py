@@ -9,11 +9,14 @@ A child that dies (``os._exit()``, ``sys.exit()`` from a thread, a segfault, the
 becomes a failed property naming the exit code or signal, the call and the last case it ran; the remaining
 properties run in a new child. The child ends with ``os._exit`` once it has sent its last message, so a
 non-daemon thread the cache left behind cannot keep it alive, and it ignores SIGINT: a ``KeyboardInterrupt``
-in it comes from the cache, while the user's Ctrl-C stops the parent, which kills the child.
+in it comes from the cache, while the user's Ctrl-C stops the parent, which kills the child. On POSIX the child
+leads a process group of its own, and the parent kills the whole group when the child ends, dies or is
+stopped, so a process the cache started (a worker, a server) does not outlive the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -82,6 +85,8 @@ def run_isolated(work: Work, *, target: str, properties: Sequence[str], time_lim
 
 def _child(connection: Connection, work: Work, properties: list[str]) -> None:
     """The child's whole life: run the work, say how it went, and end whatever the cache left running."""
+    if hasattr(os, "setpgrp"):  # POSIX: a group of its own, which the parent kills whole
+        os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: a KeyboardInterrupt here is the cache's
     message: tuple[Any, ...]
     try:
@@ -126,8 +131,7 @@ class _Watch:
             return self._follow(process, reader)
         finally:
             reader.close()
-            if process.is_alive():
-                process.kill()
+            _kill_group(process)
             process.join(5)
 
     def _follow(self, process: Any, reader: Connection) -> SuiteResult | None:
@@ -135,7 +139,7 @@ class _Watch:
             deadline, call = self._deadline()
             now = time.monotonic()
             if deadline is not None and now >= deadline and not reader.poll(0):
-                process.kill()
+                _kill_group(process)
                 process.join(5)
                 self.death = self._with_case(_hang(call, now - (call[1] if call else self.last_word)))
                 return None
@@ -209,6 +213,15 @@ class _Watch:
         if self.last_case:
             text += "\n\nlast case (not shrunk):\n" + "\n".join("  " + line for line in self.last_case.splitlines())
         return text
+
+
+def _kill_group(process: Any) -> None:
+    """Kill the child and, on POSIX, every process left in its group (what the cache started)."""
+    if process.is_alive():
+        process.kill()
+    if hasattr(os, "killpg") and process.pid is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing left in the group
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def _hang(call: tuple[float | None, float, str, str | None] | None, elapsed: float) -> str:

@@ -92,3 +92,32 @@ def thread_in_factory(config: Any) -> PlainCache:
     """A correct cache whose factory leaves a non-daemon thread running forever."""
     threading.Thread(target=time.sleep, args=(3600,), name="left-behind", daemon=False).start()
     return PlainCache()
+
+
+class _StartsAGrandchildThenHangs(_RetriesForever):
+    """Starts a process of its own (its pid written where ``KVVERIFY_TEST_PIDFILE`` says), then hangs."""
+
+    def misbehave(self) -> None:
+        import subprocess
+
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        with open(os.environ["KVVERIFY_TEST_PIDFILE"], "w", encoding="utf-8") as pidfile:
+            pidfile.write(str(child.pid))
+        super().misbehave()
+
+
+class _ExitsInReset(PlainCache):
+    """Correct until ``reset()`` of a cache holding more than the probe's tokens: then it ends the process."""
+
+    def reset(self) -> None:
+        if self.get_seq_length() > _PROBE_TOKENS:
+            os._exit(0)
+        super().reset()
+
+
+def grandchild_then_hang(config: Any) -> PlainCache:
+    return _StartsAGrandchildThenHangs()
+
+
+def os_exit_in_reset(config: Any) -> PlainCache:
+    return _ExitsInReset()
