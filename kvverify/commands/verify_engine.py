@@ -6,6 +6,10 @@ Hypothesis draws schedules of requests, runs them through the serving engine and
 tokens and per-step logits equal the request generated alone with no cache, bit for bit (and that a request does
 not depend on its neighbours). Exit codes, the table, ``--junitxml`` and ``--repro-script`` are those of
 ``kvverify verify``; a second table counts the examples that reached each hard path of the engine.
+
+Engines whose kernels kvverify cannot reach (``vllm``: its own C++ attention) are checked within a measured
+tolerance instead (:data:`kvverify.engines.registry.TOLERANCE_ENGINES`), with ``--profile``, ``--seed``,
+``--max-examples`` and ``--junitxml``; they run in a tox env of their own (``tox -e engine-vllm``).
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ MIN_SHARE = 0.10
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from kvverify.engines.registry import ENGINES
+    from kvverify.engines.registry import ENGINES, TOLERANCE_ENGINES
     from kvverify.engines.runner import ENGINE_EXAMPLES, PROPERTIES
 
-    parser.add_argument("engine", metavar="ENGINE", help=f"the engine to verify: {', '.join(ENGINES)}")
+    parser.add_argument("engine", metavar="ENGINE",
+                        help=f"the engine to verify: {', '.join([*ENGINES, *TOLERANCE_ENGINES])}")
     parser.add_argument("--profile", choices=sorted(PROFILE_EXAMPLES), default="ci",
                         help="schedules drawn: " + ", ".join(f"{k} {v}" for k, v in ENGINE_EXAMPLES.items())
                         + " (a third as many pairs for independent_of_neighbours)")
@@ -67,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"kvverify verify-engine: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    from kvverify.engines.registry import TOLERANCE_ENGINES
+
+    if args.engine in TOLERANCE_ENGINES:
+        return _run_within_tolerance(args)
     from kvverify.engines.mutants import get_mutant
     from kvverify.engines.registry import get_engine
     from kvverify.engines.runner import PROPERTIES, run_engine_suite
@@ -100,13 +109,57 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK if suite.ok else EXIT_FAILED
 
 
+def _run_within_tolerance(args: argparse.Namespace) -> int:
+    """An engine of :data:`~kvverify.engines.registry.TOLERANCE_ENGINES`: its own check, the suite's table,
+    JUnit and exit codes."""
+    import importlib
+
+    from kvverify.engines.registry import TOLERANCE_ENGINES
+
+    module_name, tox_env = TOLERANCE_ENGINES[args.engine]
+    check = importlib.import_module(module_name)
+    try:
+        version = check.engine_version()
+    except Exception as error:  # ImportError saying where the engine lives, or the engine's own refusal
+        hint = "" if f"tox -e {tox_env}" in str(error) else f" (run it from its tox env: tox -e {tox_env})"
+        print(f"kvverify verify-engine: {error}{hint}", file=sys.stderr)
+        return EXIT_USAGE
+    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    print(f"kvverify verify-engine: {version}, profile {args.profile}, seed {seed}, device cpu, within a "
+          "measured tolerance", flush=True)
+    result = check.run_check(profile=args.profile, seed=seed, max_examples=args.max_examples,
+                             on_example=check.progress)
+    suite = check.as_suite(result, profile=args.profile, seed=seed, reproduce=_reproduce_command(args, seed))
+    print_table(check.format_table(result.rows))
+    print_results(suite)
+    print(check.summary(result), flush=True)
+    if args.junitxml:
+        from kvverify.runs import write_junit
+
+        try:
+            write_junit([suite], args.junitxml)
+        except OSError as error:
+            print(f"kvverify verify-engine: --junitxml {args.junitxml!r} could not be written: {error}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+    return EXIT_OK if suite.ok else EXIT_FAILED
+
+
 def _usage_problem(args: argparse.Namespace) -> str | None:
     from kvverify.checks import DeviceError, parse_time_limit, resolve_device
     from kvverify.engines.mutants import MUTANTS
-    from kvverify.engines.registry import ENGINES
+    from kvverify.engines.registry import ENGINES, TOLERANCE_ENGINES
 
-    if args.engine not in ENGINES:
-        return f"unknown engine {args.engine!r}; expected one of: {', '.join(ENGINES)}"
+    if args.engine not in ENGINES and args.engine not in TOLERANCE_ENGINES:
+        return f"unknown engine {args.engine!r}; expected one of: {', '.join([*ENGINES, *TOLERANCE_ENGINES])}"
+    if args.engine in TOLERANCE_ENGINES:
+        unsupported = [option for option, given in (("--property", args.properties), ("--mutant", args.mutant),
+                                                    ("--repro-script", args.repro_script),
+                                                    ("--time-limit", args.time_limit), ("--no-shrink", not args.shrink))
+                       if given]
+        if unsupported:
+            return (f"{', '.join(unsupported)}: not available for {args.engine}, which is checked within a tolerance "
+                    "by a check of its own; it takes --profile, --seed, --max-examples and --junitxml")
     if args.mutant is not None and args.mutant not in MUTANTS:
         return f"unknown --mutant {args.mutant!r}; expected one of: {', '.join(MUTANTS)}"
     if args.max_examples is not None and args.max_examples < 1:

@@ -9,7 +9,7 @@ alone, with no cache.
 - :mod:`~kvverify.engines.oracle`: each request alone, no cache, under :mod:`~kvverify.engines.kernels`;
 - :mod:`~kvverify.engines.properties` and :mod:`~kvverify.engines.runner`: the properties and their run;
 - :mod:`~kvverify.engines.mutants`: bugs planted into an engine at run time, to show the search bites;
-- :mod:`~kvverify.engines.vllm_engine` and :mod:`~kvverify.engines.vllm_check`: vLLM's CPU engine (its own
-  environment, ``tox -e engine-vllm``) against the reference model within a measured tolerance, serving the
-  reference weights written as a Llama checkpoint (:mod:`~kvverify.engines.llama_checkpoint`).
+- :mod:`~kvverify.engines.vllm_engine` and :mod:`~kvverify.engines.vllm_check` (``kvverify verify-engine vllm``):
+  vLLM's CPU engine (its own environment, ``tox -e engine-vllm``) against the reference model within a measured
+  tolerance, serving the reference weights written as a Llama checkpoint (:mod:`~kvverify.engines.llama_checkpoint`).
 """

@@ -1,5 +1,5 @@
-"""``python -m kvverify.engines.vllm_check``: vLLM's CPU engine, request by request, against the reference model
-generating each request alone without a cache.
+"""``kvverify verify-engine vllm``: vLLM's CPU engine, request by request, against the reference model generating
+each request alone without a cache, within a measured tolerance (run in the engine-vllm tox env).
 
 Hypothesis draws schedules (:func:`schedules`): 1 to 8 requests with prompts of 1 to 160 tokens (half of them
 moved up to end 0 to 2 tokens short of a block boundary, so that decoding soon needs a new block), many sharing
@@ -26,15 +26,13 @@ and 1 and four dev runs, 152 examples, 618 requests; ``--atol inf`` reports the 
 as the reference's own fast-numerics tolerance in float32. It is far below what a wrong cache entry does: one
 prompt token changed moves the last logits by at least 0.038 (median 0.13, over 20 random prompts of this model).
 
-Exit codes: 0 every request of every example held, 1 one failed (its report printed), 2 vLLM is missing or the
-arguments are wrong.
+Exit codes (``kvverify verify-engine``'s): 0 every request of every example held, 1 one failed (its report
+printed), 2 vLLM is missing or the arguments are wrong.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -52,8 +50,9 @@ from kvverify.engines.llama_checkpoint import write_llama_checkpoint
 from kvverify.engines.vllm_engine import EngineError, EngineKnobs, EngineRequest, RequestResult, VllmEngine
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import Generation, ReferenceModel
+from kvverify.runs.runner import PropertyResult, SuiteResult
 from kvverify.runs.settings import profile_settings, use_storage_directory
-from kvverify.runs.tables import print_table, table
+from kvverify.runs.tables import table
 
 #: The served model: float32, strict numerics, 2 layers, GQA (4 query heads, 2 KV heads) with head_dim 32, the
 #: smallest head size vLLM's CPU attention takes (32 to 512; the reference's ``tiny`` preset has 8).
@@ -307,57 +306,33 @@ def summary(result: CheckResult) -> str:
             f"{sum(r.near_ties for r in rows)}.")
 
 
-def _progress(row: ExampleRow) -> None:
+def engine_version() -> str:
+    """vLLM's version and torch's, for the run's header; ImportError (saying where vLLM lives) or EngineError
+    when it cannot run here."""
+    from kvverify.engines.vllm_engine import import_vllm
+
+    return (f"vLLM {import_vllm().__version__}, torch {torch.__version__}, model {MODEL.n_layers} layers d_model "
+            f"{MODEL.d_model} head_dim {MODEL.head_dim} vocab {MODEL.vocab_size} float32")
+
+
+def progress(row: ExampleRow) -> None:
+    """One line per example that held, as it holds."""
     print(f"example held: {len(row.schedule.requests)} requests, {row.schedule.knobs.describe()}, "
           f"max |Δ| {row.max_abs:.2g}, {row.seconds:.1f} s", flush=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m kvverify.engines.vllm_check",
-        description="vLLM's engine, request by request, against the reference model generating each request alone "
-                    "without a cache (run in the engine-vllm tox env).",
-        epilog="Exit codes: 0 every request held, 1 one failed, 2 vLLM missing or usage error.",
-    )
-    parser.add_argument("--profile", default="ci", choices=sorted(EXAMPLES),
-                        help="examples: " + ", ".join(f"{k} {v}" for k, v in EXAMPLES.items()) + " (default: ci)")
-    parser.add_argument("--seed", type=int, default=0, help="draws the schedules and the model's weights (default 0)")
-    parser.add_argument("--atol", type=float, default=ATOL,
-                        help=f"logit tolerance (default {ATOL:g}); inf reports the differences without judging")
-    parser.add_argument("--max-examples", type=int, default=None, help="examples in place of the profile's count")
-    return parser
+#: The property's name in the table and in JUnit.
+PROPERTY = "matches_alone_within_tolerance"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.max_examples is not None and args.max_examples < 1:
-        print(f"vllm_check: --max-examples must be at least 1; got {args.max_examples}", file=sys.stderr)
-        return 2
-    try:
-        from kvverify.engines.vllm_engine import import_vllm
-
-        vllm = import_vllm()
-    except (ImportError, EngineError) as error:
-        print(f"vllm_check: {error}", file=sys.stderr)
-        return 2
-    print(f"vLLM {vllm.__version__}, torch {torch.__version__}, model {MODEL.n_layers} layers d_model {MODEL.d_model} "
-          f"head_dim {MODEL.head_dim} vocab {MODEL.vocab_size} float32, profile {args.profile}, seed {args.seed}",
-          flush=True)
-    try:
-        result = run_check(profile=args.profile, seed=args.seed, atol=args.atol, max_examples=args.max_examples,
-                           on_example=_progress)
-    except ValueError as error:
-        print(f"vllm_check: {error}", file=sys.stderr)
-        return 2
-    print_table(format_table(result.rows))
-    print(summary(result))
-    if result.failure is not None:
-        print(f"\nFAIL (minimal schedule after shrinking):\n{result.failure}")
-        print(f"reproduce: python -m kvverify.engines.vllm_check --profile {args.profile} --seed {args.seed}")
-        return 1
-    print("PASS")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def as_suite(result: CheckResult, *, profile: str, seed: int, reproduce: str) -> SuiteResult:
+    """The check as the suite's own result (one property), for ``verify-engine``'s table, JUnit and exit code."""
+    largest = max((row.max_abs for row in result.rows), default=0.0)
+    if result.failure is None:
+        outcome = PropertyResult(PROPERTY, "passed", len(result.rows), result.seconds, largest_difference=largest)
+    else:
+        outcome = PropertyResult(PROPERTY, "failed", len(result.rows), result.seconds,
+                                 f"minimal schedule after shrinking:\n{result.failure}", reproduce=reproduce)
+    return SuiteResult("vllm", seed, profile, [outcome], device="cpu", shapes=f"{MODEL.n_layers} layers, d_model "
+                       f"{MODEL.d_model}, head_dim {MODEL.head_dim}, float32",
+                       declaration=f"within {result.atol:g} of the strict reference, near ties as verify-hf")

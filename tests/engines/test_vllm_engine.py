@@ -13,8 +13,9 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM lives in its own environment: tox -e engine-vllm")
 
+from kvverify.cli import main
 from kvverify.engines.llama_checkpoint import write_llama_checkpoint
-from kvverify.engines.vllm_check import ATOL, MODEL, RequestMismatch, Schedule, check_schedule, main, run_check
+from kvverify.engines.vllm_check import ATOL, MODEL, RequestMismatch, Schedule, check_schedule, run_check
 from kvverify.engines.vllm_engine import EngineError, EngineKnobs, EngineRequest, VllmEngine
 from kvverify.reference.model import ReferenceModel
 
@@ -160,5 +161,5 @@ def test_a_missing_checkpoint_is_an_engine_error(tmp_path: Path) -> None:
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--max-examples", "0"]) == 2
-    assert "--max-examples must be at least 1" in capsys.readouterr().err
+    assert main(["verify-engine", "vllm", "--max-examples", "0"]) == 2
+    assert "--max-examples must be >= 1" in capsys.readouterr().err
