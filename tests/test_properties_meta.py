@@ -9,10 +9,10 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from kvverify.caches import BUILTIN_CACHES, ContiguousCache
 from kvverify.checks import PROPERTIES, make_target
-from kvverify.checks.properties.session import ListCache
 from kvverify.checks.properties.stateful import machine_for
 from kvverify.mutants import MUTANTS
 from kvverify.protocol.config import ModelConfig
+from kvverify.reference.default_cache import ReferenceCache
 from kvverify.runs import run_property
 from kvverify.runs.settings import PROFILE_EXAMPLES, examples_for
 
@@ -82,7 +82,7 @@ def test_state_machine_catches_a_broken_crop() -> None:
 
 
 def test_list_cache_concatenates() -> None:
-    cache = ListCache()
+    cache = ReferenceCache()
     first = torch.ones(1, 1, 2, 2)
     cache.update(first, first, 0)
     keys, _ = cache.update(2 * first[:, :, :1], first[:, :, :1], 0)

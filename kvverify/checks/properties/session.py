@@ -1,8 +1,9 @@
 """A cache under test driven side by side with a trivially correct model of it.
 
 The model is the token sequence itself: after every append the expected keys, values and logits come from one
-uncached-style prefill of the whole sequence into :class:`ListCache`. Contents are compared by the protocol's
-S vs N rule (:class:`kvverify.protocol.KVCache`); lengths after every operation; logits after every append.
+uncached-style prefill of the whole sequence into the oracle's own cache
+(:class:`~kvverify.reference.default_cache.ReferenceCache`). Contents are compared by the protocol's S vs N rule
+(:class:`kvverify.protocol.KVCache`); lengths after every operation; logits after every append.
 """
 
 from __future__ import annotations
@@ -16,32 +17,10 @@ from kvverify.checks.cropping import CROP_REFUSALS, crop_argument, crop_conventi
 from kvverify.checks.property import as_generation, expect_same_for
 from kvverify.checks.target import Target
 from kvverify.protocol.cache import KVCache, resolve_crop, written_slots
+from kvverify.reference.default_cache import ReferenceCache
 from kvverify.reference.model import ReferenceModel
 
 KeysValues = tuple[torch.Tensor, torch.Tensor]
-
-
-class ListCache:
-    """The trivially correct cache: per layer, keys and values concatenated."""
-
-    def __init__(self) -> None:
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-        cache_kwargs: dict[str, Any] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer_idx == len(self.keys):
-            self.keys.append(key_states)
-            self.values.append(value_states)
-        else:
-            self.keys[layer_idx] = torch.cat((self.keys[layer_idx], key_states), dim=-2)
-            self.values[layer_idx] = torch.cat((self.values[layer_idx], value_states), dim=-2)
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.keys[layer_idx].shape[-2] if layer_idx < len(self.keys) else 0
 
 
 class RecordingCache:
@@ -101,7 +80,7 @@ class Session:
         self.log.append(f"append {tokens.shape[1]} tokens at {start}")
         recording = RecordingCache(self.cache)
         logits = self.model(tokens, cache=recording, start=start, attention_mask=full_mask)
-        expected_cache = ListCache()
+        expected_cache = ReferenceCache()
         expected = self.model(sequence, cache=expected_cache, attention_mask=full_mask)[:, start:]
         what = f"before this append: {before}"
         exact = self.target.tolerance(self.config) is None  # a lossy cache's contents are only judged by logits
