@@ -4,16 +4,19 @@ verdicts reached before a child dies (hostile targets in tests/targets/hostile.p
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kvverify.caches import ContiguousCache
-from kvverify.runs import CacheCheckFailed, check_cache, factory_spec
+from kvverify.checks import TargetError
+from kvverify.runs import CacheCheckFailed, SuiteResult, check_cache, factory_spec, run_isolated
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -39,6 +42,96 @@ def test_isolate_takes_no_database_object() -> None:
 
     with pytest.raises(ValueError, match="pass it as a directory or redis:// URL"):
         check_cache("contiguous", isolate=True, database=InMemoryExampleDatabase(), properties="reset")
+
+
+FOUR = ["first", "second", "third", "fourth"]
+
+
+def _dying(properties: list[str] = FOUR, time_limit: float | None = 5.0, **how: Any) -> SuiteResult:
+    """run_isolated over a child that speaks as the suite does and dies as ``how`` says (targets/dying_work.py)."""
+    from targets.dying_work import work
+
+    return run_isolated(functools.partial(work, **how), target="dying", properties=properties,
+                        time_limit=time_limit, reproduce="kvverify verify dying")
+
+
+def _verdicts(result: SuiteResult) -> dict[str, str]:
+    return {r.name: r.verdict for r in result.results}
+
+
+def test_a_death_in_the_third_property_keeps_the_two_verdicts_before_it(targets_importable: None) -> None:
+    result = _dying(die=("in:third",), properties=FOUR[:3])
+    assert _verdicts(result) == {"first": "passed", "second": "passed", "third": "failed"}
+    third = result.results[2]
+    assert "ended with exit code 3 during property third" in third.detail, third.detail
+    assert third.reproduce == "kvverify verify dying --property third"
+
+
+@pytest.mark.slow
+def test_a_death_in_the_third_property_leaves_the_fourth_to_a_new_child(targets_importable: None) -> None:
+    result = _dying(die=("in:third",), how="kill")
+    assert _verdicts(result) == {"first": "passed", "second": "passed", "third": "failed", "fourth": "passed"}
+    assert "was killed by signal 9 (SIGKILL) during property third" in result.results[2].detail
+
+
+def test_a_death_between_two_properties_fails_the_next_and_keeps_the_rest(targets_importable: None) -> None:
+    result = _dying(die=("after:second",), properties=FOUR[:3])
+    assert _verdicts(result) == {"first": "passed", "second": "passed", "third": "failed"}
+    detail = result.results[2].detail
+    assert "during the suite's own work after property second finished" in detail, detail
+    assert "Property third had not begun" in detail
+
+
+@pytest.mark.slow
+def test_a_death_after_the_last_verdict_changes_no_verdict(targets_importable: None) -> None:
+    result = _dying(die=("after:third",), properties=FOUR[:3])
+    assert _verdicts(result) == {"first": "passed", "second": "passed", "third": "passed"}
+
+
+@pytest.mark.slow
+def test_a_new_child_that_dies_before_its_first_property_fails_the_rest(targets_importable: None,
+                                                                       tmp_path: Path) -> None:
+    result = _dying(die=("in:second", "setup"), marker=str(tmp_path / "started"))
+    assert _verdicts(result) == {"first": "passed", "second": "failed", "third": "failed", "fourth": "failed"}
+    assert "during the suite's setup" in result.results[3].detail
+    assert "Property fourth had not begun" in result.results[3].detail
+
+
+def test_a_first_child_that_dies_before_any_property_is_an_unusable_target(targets_importable: None,
+                                                                          tmp_path: Path) -> None:
+    (tmp_path / "started").touch()
+    with pytest.raises(TargetError, match="ended with exit code 3 during the suite's setup"):
+        _dying(die=("setup",), marker=str(tmp_path / "started"))
+
+
+def test_a_process_started_by_a_child_that_hangs_dies_with_it(targets_importable: None, tmp_path: Path) -> None:
+    pidfile = tmp_path / "grandchild.pid"
+    result = _dying(die=("in:second",), how="hang", properties=FOUR[:2], time_limit=0.1, pidfile=str(pidfile))
+    assert _verdicts(result) == {"first": "passed", "second": "failed"}
+    assert "did not finish within the time limit of 0.1 s" in result.results[1].detail
+    _assert_gone(int(pidfile.read_text()))
+
+
+@pytest.mark.slow
+def test_a_process_started_by_a_child_that_ends_well_dies_with_it(targets_importable: None, tmp_path: Path) -> None:
+    pidfile = tmp_path / "grandchild.pid"
+    result = _dying(properties=FOUR[:1], pidfile=str(pidfile))
+    assert _verdicts(result) == {"first": "passed"}
+    _assert_gone(int(pidfile.read_text()))
+
+
+def _assert_gone(pid: int) -> None:
+    """The process ``pid`` ends within 5 s (killed; the kernel may take a moment to reap it)."""
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        if _zombie(pid):
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    pytest.fail(f"the process the cache started (pid {pid}) outlived the run")
 
 
 @pytest.mark.slow
@@ -68,17 +161,7 @@ def test_a_process_the_cache_started_dies_with_the_child(tmp_path: Path) -> None
                           "cached_equals_uncached", "--seed", "1"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 1, run.stdout + run.stderr
-    grandchild = int(pidfile.read_text())
-    for _ in range(50):  # the kill is sent; the kernel may take a moment to reap
-        try:
-            os.kill(grandchild, 0)
-        except ProcessLookupError:
-            return
-        if _zombie(grandchild):
-            return
-        time.sleep(0.1)
-    os.kill(grandchild, 9)
-    pytest.fail(f"the process the cache started (pid {grandchild}) outlived the run")
+    _assert_gone(int(pidfile.read_text()))
 
 
 def _zombie(pid: int) -> bool:

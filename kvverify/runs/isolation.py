@@ -57,30 +57,56 @@ def run_isolated(work: Work, *, target: str, properties: Sequence[str], time_lim
     death. ``time_limit``: the per-example limit the work applies (None: none, and the child is never killed).
     ``reproduce``: the command that reruns the suite; a property whose child died gets it with ``--property``.
 
-    Raises :class:`~kvverify.checks.loading.TargetError` for an unusable target, or one whose child died
-    before the properties began; the work's own ValueError, DeviceError and DatabaseError come through as such."""
+    The verdicts a child reported before it died are kept. The property it was running fails, naming the death;
+    a child that died between two properties fails the next one (it had not begun), and a new child that died
+    or found the target unusable before its first property fails all that remain (each would meet the same).
+
+    Raises :class:`~kvverify.checks.loading.TargetError` for an unusable target, or one whose first child died
+    before any property finished; the work's own ValueError, DeviceError and DatabaseError come through as such."""
     remaining = list(properties)
     results: list[PropertyResult] = []
     header: tuple[str, int, str, str, str, str] | None = None  # target, seed, profile, device, shapes, declared
     while remaining:
         watch = _Watch(time_limit)
-        final = watch.run(work, remaining)
+        try:
+            final = watch.run(work, remaining)
+        except TargetError as error:  # a later child found the target unusable: the verdicts reached stand
+            if not results or header is None:
+                raise
+            final, watch.death = None, str(error)
         results += watch.results
         header = watch.header or header
         if final is not None:
             header = (final.target, final.seed, final.profile, final.device, final.shapes, final.declaration)
             break
-        if watch.property is None or header is None:
+        if header is None or (watch.property is None and not results):
             raise TargetError(f"target {target!r}: {watch.death}")
-        again = f"{reproduce} --property {watch.property}" if reproduce else ""
-        results.append(PropertyResult(watch.property, "failed", watch.examples,
-                                      time.monotonic() - watch.property_started, watch.death, reproduce=again))
         done = {r.name for r in results}
-        remaining = [name for name in remaining if name not in done]
+        deaths = _deaths(watch, [name for name in remaining if name not in done], reproduce)
+        results += deaths
+        remaining = [name for name in remaining if name not in done | {r.name for r in deaths}]
     if header is None:  # no properties asked for
         raise ValueError("run_isolated needs at least one property")
     name, seed, profile, device, shapes, declared = header
     return SuiteResult(name, seed, profile, results, device=device, shapes=shapes, declaration=declared)
+
+
+def _deaths(watch: _Watch, remaining: list[str], reproduce: str | None) -> list[PropertyResult]:
+    """The failed verdicts a child's death gives, first of ``remaining`` first: the property it was running, or
+    the next one when it died between two, or every one when it died before its first."""
+    if watch.property is not None:
+        dead, examples = [watch.property], watch.examples
+    else:
+        dead, examples = (remaining[:1] if watch.results else remaining), 0
+    seconds = time.monotonic() - watch.property_started if watch.property is not None else 0.0
+    verdicts = []
+    for name in dead:
+        why = watch.death
+        if name != watch.property:
+            why += f"\n\nProperty {name} had not begun: it fails for what ended the process that was to run it."
+        again = f"{reproduce} --property {name}" if reproduce else ""
+        verdicts.append(PropertyResult(name, "failed", examples, seconds, why, reproduce=again))
+    return verdicts
 
 
 def _child(connection: Connection, work: Work, properties: list[str]) -> None:
@@ -204,12 +230,17 @@ class _Watch:
     def _between(self) -> str:
         if self.property is not None:
             return f"property {self.property}, between two calls to the cache"
+        if self.results:
+            return f"the suite's own work after property {self.results[-1].name} finished, before the next began"
         return "the suite's setup (importing the target, building the models)"
 
     def _with_case(self, text: str) -> str:
         plural = "" if self.examples == 1 else "s"
-        done = f" after {self.examples} example{plural} of {self.property} finished" if self.property else ""
-        text += f" It happened{done}; the remaining properties run in a new process." if done else ""
+        if self.property:
+            text += (f" It happened after {self.examples} example{plural} of {self.property} finished; the remaining "
+                     "properties run in a new process.")
+        elif self.results:
+            text += " The verdicts reached before it stand; the remaining properties run in a new process."
         if self.last_case:
             text += "\n\nlast case (not shrunk):\n" + "\n".join("  " + line for line in self.last_case.splitlines())
         return text
