@@ -174,14 +174,29 @@ def _zombie(pid: int) -> bool:
 @pytest.mark.slow
 def test_the_plugin_isolated_fails_the_item_and_the_run_goes_on(pytester: pytest.Pytester,
                                                                  targets_importable: None) -> None:
-    pytester.makepyfile(test_other="def test_still_runs():\n    assert True\n")
+    pytester.makepyfile(test_other="def test_still_runs():\n    assert True\n\n\n"
+                        "def test_fixture_target(kv_target):\n    assert 'reset' in kv_target.capabilities\n")
     result = pytester.runpytest_subprocess(
         "--kv-cache=targets.hostile:os_exit_in_update", "--kv-isolate", "--kv-profile=dev", "--kv-max-examples=3",
-        "--kv-seed=1", "-k", "cached_equals_uncached or still_runs", "-p", "no:randomly",
+        "--kv-seed=1", "-k", "cached_equals_uncached or still_runs or fixture_target", "-p", "no:randomly",
     )
-    result.assert_outcomes(passed=1, failed=1)
+    result.assert_outcomes(passed=2, failed=1)
     text = result.stdout.str()
     assert "ended with exit code 0" in text and "--kv-isolate" in text
+
+
+@pytest.mark.slow
+def test_the_plugin_isolated_probes_the_target_in_a_child(pytester: pytest.Pytester,
+                                                          targets_importable: None) -> None:
+    ended = pytester.runpytest_subprocess("--kv-cache=targets.hostile:os_exit_in_factory", "--kv-isolate",
+                                          "-p", "no:randomly", timeout=120)
+    assert ended.ret == pytest.ExitCode.USAGE_ERROR
+    ended.stderr.fnmatch_lines(["*os_exit_in_factory*ended with exit code 3*"])
+    # a non-daemon thread the factory leaves behind would keep pytest's process alive at its end
+    threads = pytester.runpytest_subprocess("--kv-cache=targets.hostile:thread_in_factory", "--kv-isolate",
+                                            "--kv-profile=dev", "--kv-max-examples=2", "-k", "reset",
+                                            "-p", "no:randomly", timeout=120)
+    threads.assert_outcomes(passed=1)
 
 
 @pytest.mark.slow
@@ -191,3 +206,4 @@ def test_long_context_runs_the_target_in_a_child(targets_importable: None) -> No
                           "--length", "64"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 1, run.stdout + run.stderr
     assert "in a child process" in run.stdout and "ended with exit code 0" in run.stdout
+

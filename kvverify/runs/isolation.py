@@ -26,7 +26,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, TypeVar
 
 from kvverify.checks.devices import DeviceError
 from kvverify.checks.loading import TargetError
@@ -37,6 +37,7 @@ from kvverify.runs.runner import PropertyResult, SuiteResult
 #: What a child runs: ``work(properties=[...])`` returns the suite of those properties. It must pickle (a
 #: module-level function, or a functools.partial of one with picklable arguments).
 Work = Callable[..., SuiteResult]
+T = TypeVar("T")
 
 #: Seconds the child may go without a word outside any timed call (imports, the suite's own work), when a time
 #: limit is set; at least four time limits.
@@ -91,6 +92,17 @@ def run_isolated(work: Work, *, target: str, properties: Sequence[str], time_lim
     return SuiteResult(name, seed, profile, results, device=device, shapes=shapes, declaration=declared)
 
 
+def run_in_child(work: Callable[..., T], *, target: str, time_limit: float | None) -> T:
+    """``work(properties=[])`` once, in a child process watched as :func:`run_isolated` watches the suite's (its
+    own process group, killed whole): the value it returns. A child that dies or hangs raises
+    :class:`~kvverify.checks.loading.TargetError` naming how; the work's own errors come through as there."""
+    watch = _Watch(time_limit)
+    value = watch.run(work, [])
+    if value is None:
+        raise TargetError(f"target {target!r}: {watch.death}")
+    return value  # type: ignore[no-any-return]
+
+
 def _deaths(watch: _Watch, remaining: list[str], reproduce: str | None) -> list[PropertyResult]:
     """The failed verdicts a child's death gives, first of ``remaining`` first: the property it was running, or
     the next one when it died between two, or every one when it died before its first."""
@@ -109,7 +121,7 @@ def _deaths(watch: _Watch, remaining: list[str], reproduce: str | None) -> list[
     return verdicts
 
 
-def _child(connection: Connection, work: Work, properties: list[str]) -> None:
+def _child(connection: Connection, work: Callable[..., Any], properties: list[str]) -> None:
     """The child's whole life: run the work, say how it went, and end whatever the cache left running."""
     if hasattr(os, "setpgrp"):  # POSIX: a group of its own, which the parent kills whole
         os.setpgrp()
@@ -145,8 +157,8 @@ class _Watch:
     last_word: float = field(default_factory=time.monotonic)
     death: str = ""
 
-    def run(self, work: Work, properties: list[str]) -> SuiteResult | None:
-        """The child's SuiteResult, or None when it died (``death`` says how)."""
+    def run(self, work: Callable[..., Any], properties: list[str]) -> Any:
+        """What the child's work returned (a SuiteResult), or None when it died (``death`` says how)."""
         context = multiprocessing.get_context("spawn")
         reader, writer = context.Pipe(duplex=False)
         # not a daemon: a daemon may not start processes of its own, and a cache may (workers, a server)
@@ -160,7 +172,7 @@ class _Watch:
             _kill_group(process)
             process.join(5)
 
-    def _follow(self, process: Any, reader: Connection) -> SuiteResult | None:
+    def _follow(self, process: Any, reader: Connection) -> Any:
         while True:
             deadline, call = self._deadline()
             now = time.monotonic()
@@ -177,7 +189,7 @@ class _Watch:
                     return None
                 self.last_word = time.monotonic()
                 if message[0] == "done":
-                    return message[1]  # type: ignore[no-any-return]
+                    return message[1]
                 if message[0] == "error":
                     _raise(*message[1:])
                 self._note(message)
