@@ -207,3 +207,11 @@ def test_long_context_runs_the_target_in_a_child(targets_importable: None) -> No
     assert run.returncode == 1, run.stdout + run.stderr
     assert "in a child process" in run.stdout and "ended with exit code 0" in run.stdout
 
+
+@pytest.mark.slow
+def test_long_context_never_imports_the_target_itself() -> None:
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "kvverify", "long-context", "targets.exits_on_import:make_cache",
+                          "--length", "64"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "ended with exit code 5" in run.stderr
