@@ -147,6 +147,22 @@ def test_check_cache_isolated_keeps_the_verdicts_reached_before_the_child_died(t
 
 
 @pytest.mark.slow
+def test_verify_prints_the_verdicts_before_a_death_in_the_third_property() -> None:
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "HF_HUB_OFFLINE": "1"}
+    order = ["cached_equals_uncached", "crop", "reset", "batch_independence"]
+    run = subprocess.run([sys.executable, "-m", "kvverify", "verify", "targets.hostile:os_exit_in_reset",
+                          "--profile", "dev", "--max-examples", "3", "--seed", "0",
+                          *(part for name in order for part in ("--property", name))],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 1, run.stdout + run.stderr
+    rows = {line.split()[1]: line.split()[3] for line in run.stdout.splitlines()
+            if line.startswith("targets.hostile:os_exit_in_reset ")}
+    assert rows == {"cached_equals_uncached": "PASS", "crop": "PASS", "reset": "FAIL",
+                    "batch_independence": "PASS"}, run.stdout
+    assert "ended with exit code 0 during one example of reset" in run.stdout
+
+
+@pytest.mark.slow
 def test_check_cache_isolated_passes_a_correct_cache_by_name() -> None:
     result = check_cache("paged", isolate=True, profile="dev", max_examples=3, seed=0, properties="reset")
     assert [r.verdict for r in result.results] == ["passed"]
