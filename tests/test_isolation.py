@@ -4,8 +4,10 @@ verdicts reached before a child dies (hostile targets in tests/targets/hostile.p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -109,7 +111,7 @@ def test_a_process_started_by_a_child_that_hangs_dies_with_it(targets_importable
     result = _dying(die=("in:second",), how="hang", properties=FOUR[:2], time_limit=0.1, pidfile=str(pidfile))
     assert _verdicts(result) == {"first": "passed", "second": "failed"}
     assert "did not finish within the time limit of 0.1 s" in result.results[1].detail
-    _assert_gone(int(pidfile.read_text()))
+    _assert_gone(int(pidfile.read_text().split()[1]))
 
 
 @pytest.mark.slow
@@ -117,7 +119,7 @@ def test_a_process_started_by_a_child_that_ends_well_dies_with_it(targets_import
     pidfile = tmp_path / "grandchild.pid"
     result = _dying(properties=FOUR[:1], pidfile=str(pidfile))
     assert _verdicts(result) == {"first": "passed"}
-    _assert_gone(int(pidfile.read_text()))
+    _assert_gone(int(pidfile.read_text().split()[1]))
 
 
 def _assert_gone(pid: int) -> None:
@@ -132,6 +134,42 @@ def _assert_gone(pid: int) -> None:
         time.sleep(0.1)
     os.kill(pid, 9)
     pytest.fail(f"the process the cache started (pid {pid}) outlived the run")
+
+
+_HANGS_IN_A_CHILD = """
+import functools, sys
+from targets.dying_work import work
+from kvverify.runs import run_isolated
+run_isolated(functools.partial(work, die=("in:first",), how="hang", pidfile=sys.argv[1]), target="dying",
+             properties=["first"], time_limit=None)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ending", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_parent_that_is_ended_takes_its_child_with_it(ending: signal.Signals, tmp_path: Path) -> None:
+    """The child leads its own group, out of reach of a signal sent to the parent's: SIGTERM to the parent kills
+    the child's group (the child and what it started) before the parent ends; SIGKILL, the child (Linux)."""
+    pidfile = tmp_path / "pids"
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    parent = subprocess.Popen([sys.executable, "-c", _HANGS_IN_A_CHILD, str(pidfile)], env=env)
+    try:
+        for _ in range(600):
+            if pidfile.exists() or parent.poll() is not None:
+                break
+            time.sleep(0.1)
+        child, grandchild = (int(pid) for pid in pidfile.read_text().split())
+        time.sleep(0.5)  # the child reaches its hang
+        parent.send_signal(ending)
+        assert parent.wait(30) == -ending
+        _assert_gone(child)
+        if ending == signal.SIGTERM:
+            _assert_gone(grandchild)
+    finally:
+        parent.kill()
+        for pid in (child, grandchild) if pidfile.exists() else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow

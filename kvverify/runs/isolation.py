@@ -21,9 +21,10 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
@@ -121,10 +122,11 @@ def _deaths(watch: _Watch, remaining: list[str], reproduce: str | None) -> list[
     return verdicts
 
 
-def _child(connection: Connection, work: Callable[..., Any], properties: list[str]) -> None:
+def _child(connection: Connection, work: Callable[..., Any], properties: list[str], parent: int) -> None:
     """The child's whole life: run the work, say how it went, and end whatever the cache left running."""
     if hasattr(os, "setpgrp"):  # POSIX: a group of its own, which the parent kills whole
         os.setpgrp()
+        _die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: a KeyboardInterrupt here is the cache's
     message: tuple[Any, ...]
     try:
@@ -162,15 +164,17 @@ class _Watch:
         context = multiprocessing.get_context("spawn")
         reader, writer = context.Pipe(duplex=False)
         # not a daemon: a daemon may not start processes of its own, and a cache may (workers, a server)
-        process = context.Process(target=_child, args=(writer, work, properties), name="kvverify-target")
-        process.start()
-        writer.close()  # the child holds the only writer: its death is the reader's end of file
-        try:
-            return self._follow(process, reader)
-        finally:
-            reader.close()
-            _kill_group(process)
-            process.join(5)
+        process = context.Process(target=_child, args=(writer, work, properties, os.getpid()),
+                                  name="kvverify-target")
+        with _ending_kills_the_group():
+            try:
+                process.start()
+                writer.close()  # the child holds the only writer: its death is the reader's end of file
+                return self._follow(process, reader)
+            finally:
+                reader.close()
+                _kill_group(process)
+                process.join(5)
 
     def _follow(self, process: Any, reader: Connection) -> Any:
         while True:
@@ -256,6 +260,58 @@ class _Watch:
         if self.last_case:
             text += "\n\nlast case (not shrunk):\n" + "\n".join("  " + line for line in self.last_case.splitlines())
         return text
+
+
+class _Ending(BaseException):
+    """SIGTERM or SIGHUP came while a child ran: the group is killed on the way out, then the signal acts."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(number)
+        self.number = number
+
+
+def _ending(number: int, frame: object) -> None:
+    raise _Ending(number)
+
+
+@contextlib.contextmanager
+def _ending_kills_the_group() -> Iterator[None]:
+    """SIGTERM or SIGHUP (a CI timeout, ``kill``, a closed terminal) while a child runs: the child's group,
+    out of reach of a signal sent to this process's group, is killed first (the ``finally`` the signal raises
+    through), then the signal is sent again with its default action and ends this process as it would have.
+    Only on POSIX, in the main thread, for a signal whose action is still the default."""
+    replaced: dict[int, Any] = {}
+    if os.name == "posix" and threading.current_thread() is threading.main_thread():
+        for ending_signal in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(ending_signal) is signal.SIG_DFL:
+                replaced[ending_signal] = signal.signal(ending_signal, _ending)
+    try:
+        yield
+    except _Ending as ending:
+        for number in replaced:
+            signal.signal(number, signal.SIG_DFL)
+        replaced.clear()
+        os.kill(os.getpid(), ending.number)
+        raise SystemExit(128 + ending.number) from None  # not reached: the default action ends the process
+    finally:
+        for number, handler in replaced.items():
+            signal.signal(number, handler)
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _die_with(parent: int) -> None:
+    """Linux: the kernel kills the child when the process that started it dies (a SIGKILL no ``finally`` sees):
+    leading a group of its own, it is out of reach of a signal sent to the parent's group."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # no prctl in this C library: the parent's finally only
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request was made
+        os._exit(1)
 
 
 def _kill_group(process: Any) -> None:

@@ -20,10 +20,11 @@ def work(*, properties: list[str], die: tuple[str, ...] = (), how: str = "exit",
     """Report every property passed, but die (``how``: ``exit``, ``kill``, ``hang``) where ``die`` says (any of):
     ``in:P`` during property P, ``after:P`` once P's verdict is sent, ``setup`` before the first property of
     any child but the first (``marker``: a file the first child creates). ``pidfile``: start a process of its
-    own first, its pid written there."""
+    own first; the child's pid and that process's are written there, ``CHILD GRANDCHILD``."""
     if pidfile:
         grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-        Path(pidfile).write_text(str(grandchild.pid))
+        Path(f"{pidfile}.tmp").write_text(f"{os.getpid()} {grandchild.pid}")
+        Path(f"{pidfile}.tmp").replace(pidfile)  # whole when it appears
     tell("suite", "dying", 0, "dev", "cpu", "default", "CacheDeclaration()")
     if "setup" in die and marker:
         if Path(marker).exists():
