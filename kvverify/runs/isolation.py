@@ -1,17 +1,19 @@
 """Running a target's suite in a child process, so that nothing the target does can end, hang or fool the run.
 
-:func:`run_isolated` starts a fresh interpreter (multiprocessing's "spawn": the same on Linux, macOS and
-Windows) that runs the suite and sends each :class:`~kvverify.runs.runner.PropertyResult` back over a pipe,
-with a message as each call into the cache begins and ends (:func:`kvverify.checks.watchdog.tell`). The parent
-holds the clock: a call that runs past its time limit plus a grace (the child's own SIGALRM could not stop it:
-a bare ``except:`` swallowed it, or a C call never returned, or there is no SIGALRM) gets the child killed.
-A child that dies (``os._exit()``, ``sys.exit()`` from a thread, a segfault, the OOM killer) or is killed
-becomes a failed property naming the exit code or signal, the call and the last case it ran; the remaining
-properties run in a new child. The child ends with ``os._exit`` once it has sent its last message, so a
-non-daemon thread the cache left behind cannot keep it alive, and it ignores SIGINT: a ``KeyboardInterrupt``
-in it comes from the cache, while the user's Ctrl-C stops the parent, which kills the child. On POSIX the child
-leads a process group of its own, and the parent kills the whole group when the child ends, dies or is
-stopped, so a process the cache started (a worker, a server) does not outlive the run.
+:func:`run_isolated` starts a fresh interpreter (multiprocessing's "spawn": the same on Linux, macOS and Windows)
+that runs the suite and sends each :class:`~kvverify.runs.runner.PropertyResult` back over a pipe, with a message as
+each call into the cache begins and ends (:func:`kvverify.checks.watchdog.tell`). The parent holds the clock: a call
+that runs past its time limit plus a grace (the child's own SIGALRM could not stop it: a bare ``except:`` swallowed
+it, or a C call never returned, or there is no SIGALRM) gets the child killed. A child that dies (``os._exit()``,
+``sys.exit()`` from a thread, a segfault, the OOM killer) or is killed becomes a failed property naming the exit
+code or signal, the call and the last case it ran; the verdicts it sent before keep theirs, and the remaining
+properties run in a new child. The child ends with ``os._exit`` once it has sent its last message, so a non-daemon
+thread the cache left behind cannot keep it alive, and it ignores SIGINT: a ``KeyboardInterrupt`` in it comes from
+the cache, while the user's Ctrl-C stops the parent, which kills the child. On POSIX the child leads a process group
+of its own, and the parent kills the whole group when the child ends, dies or is stopped, so a process the cache
+started (a worker, a server) does not outlive the run; SIGTERM or SIGHUP to the parent kill that group before they
+end the parent, and on Linux the child dies with a parent killed outright. :func:`run_in_child` runs any other work
+once in such a child (the plugin's probe of a target).
 """
 
 from __future__ import annotations
