@@ -165,7 +165,10 @@ def attention(
     """
     batch, n_heads, t_q, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim)
-    step = max(1, _ATTENTION_CHUNK // max(1, batch * n_heads * k.shape[2] * head_dim))  # queries per chunk
+    if fixed_order.applies(q, k):  # the native kernel builds no products tensor: a chunk is its scores
+        step = max(1, _NATIVE_ATTENTION_CHUNK // max(1, batch * n_heads * k.shape[2]))  # queries per chunk
+    else:
+        step = max(1, _ATTENTION_CHUNK // max(1, batch * n_heads * k.shape[2] * head_dim))
     chunks = []
     for i in range(0, t_q, step):
         seen = visible[:, :, i : i + step]
@@ -178,8 +181,10 @@ def attention(
 
 
 #: Elements (queries × keys × head_dim × heads) of one chunk of :func:`attention`: small enough that a chunk's
-#: products stay in the core's cache; every element is computed alone, so the chunking changes no bit.
+#: products stay in the core's cache; every element is computed alone, so the chunking changes no bit. With the
+#: native kernel, scores (queries × keys × heads) of one chunk: 1 MiB in float32.
 _ATTENTION_CHUNK = 1 << 20
+_NATIVE_ATTENTION_CHUNK = 1 << 18
 
 
 def _span(visible: torch.Tensor) -> tuple[int, int]:

@@ -24,8 +24,14 @@
 namespace {
 
 template <typename T> struct Lanes;
-template <> struct Lanes<float> { typedef float V __attribute__((vector_size(64))); };
-template <> struct Lanes<double> { typedef double V __attribute__((vector_size(64))); };
+template <> struct Lanes<float> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef float U __attribute__((vector_size(64), aligned(4)));  // for unaligned loads
+};
+template <> struct Lanes<double> {
+  typedef double V __attribute__((vector_size(64)));
+  typedef double U __attribute__((vector_size(64), aligned(8)));
+};
 
 // Blocking (measured on a Zen 4 core, AVX-512): RB rows × NV vectors of outputs per microkernel call, leaves
 // summed U at a time in registers before entering the counter; ROWS rows packed at a time.
@@ -34,6 +40,7 @@ constexpr int RB = 6;
 constexpr int U = 4;
 constexpr int64_t ROWS = 64;
 constexpr int64_t MIN_WORK = 1 << 21;  // products per thread below which fewer threads are used
+constexpr int64_t ROW_KERNEL_ROWS = 4;  // rows up to which the row kernel runs (see run_rows)
 
 template <typename T> constexpr int64_t block_outputs() { return NV * int64_t(64 / sizeof(T)); }
 
@@ -139,6 +146,94 @@ struct Aligned {
   Aligned& operator=(const Aligned&) = delete;
 };
 
+
+// The row kernel, for b whose k is contiguous (b[k][o] = W[o][k]: a linear layer's weight, keys for q·k) and few
+// rows (a decode step): no panel is packed. Each output's products run along its row of W in vectors of L lanes,
+// the first level and the levels between vectors are vector adds (a[i] += a[i + w], w >= L), and the last
+// log2(L) levels, inside one vector, are taken for L outputs at once by a butterfly: two vectors' groups of 2g
+// lanes are split into lower and upper halves and added, g = L/2 .. 1, so lane i meets lane i + g as in the tree.
+template <typename T> struct Index;
+template <> struct Index<float> { typedef int32_t I __attribute__((vector_size(64))); };
+template <> struct Index<double> { typedef int64_t I __attribute__((vector_size(64))); };
+
+template <typename T> using Vec = typename Lanes<T>::V;
+template <typename T> using VecU = typename Lanes<T>::U;
+
+template <typename T> constexpr int lanes() { return int(64 / sizeof(T)); }
+
+// Groups of 2g lanes of a and b -> groups of g: [a0, b0, a1, b1, ...], each the sum of its group's two halves.
+template <typename T, int g> inline Vec<T> halve(Vec<T> a, Vec<T> b) {
+  constexpr int L = lanes<T>();
+  typename Index<T>::I lo, hi;
+  for (int l = 0; l < L; ++l) {
+    const int m = l / g, q = m / 2;
+    lo[l] = (m % 2 ? L : 0) + q * 2 * g + l % g;
+    hi[l] = lo[l] + g;
+  }
+  return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+}
+
+template <typename T, int g> inline void butterfly(Vec<T>* v, int count) {
+  if constexpr (g >= 1) {
+    for (int m = 0; m < count / 2; ++m) v[m] = halve<T, g>(v[2 * m], v[2 * m + 1]);
+    butterfly<T, g / 2>(v, count / 2);
+  }
+}
+
+// Lane l of the butterfly's result holds output order[l] of its L inputs.
+template <typename T> std::vector<int> butterfly_order() {
+  constexpr int L = lanes<T>();
+  std::vector<std::vector<int>> groups(L);  // per vector, the output of each group of lanes
+  for (int o = 0; o < L; ++o) groups[o] = {o};
+  for (int count = L; count > 1; count /= 2) {
+    for (int m = 0; m < count / 2; ++m) {
+      std::vector<int> merged;
+      for (size_t q = 0; q < groups[2 * m].size(); ++q) {
+        merged.push_back(groups[2 * m][q]);
+        merged.push_back(groups[2 * m + 1][q]);
+      }
+      groups[m] = merged;
+    }
+  }
+  return groups[0];
+}
+
+// Outputs o0 .. o0 + valid - 1 of one row. xpad: the row of x, zero from n to P; a: scratch of H / L vectors.
+template <typename T>
+void row_block(const T* xpad, const T* b, int64_t sbo, int64_t n, int64_t H, int64_t o0, int64_t valid, T* y,
+               int64_t syo, Vec<T>* a, const int* order) {
+  constexpr int L = lanes<T>();
+  const int64_t C = H / L;
+  Vec<T> v[L];
+  for (int c = 0; c < L; ++c) {
+    if (c >= valid) {
+      v[c] = Vec<T>{};
+      continue;
+    }
+    const T* row = b + (o0 + c) * sbo;
+    for (int64_t i = 0; i < C; ++i) {
+      const int64_t k = i * L, kh = H + i * L;
+      const Vec<T> lo = *reinterpret_cast<const VecU<T>*>(row + k) * *reinterpret_cast<const VecU<T>*>(xpad + k);
+      Vec<T> hi{};  // +0: the padding's products
+      if (kh + L <= n) {
+        hi = *reinterpret_cast<const VecU<T>*>(row + kh) * *reinterpret_cast<const VecU<T>*>(xpad + kh);
+      } else if (kh < n) {  // the row's last lanes, the rest +0 (never read past the row)
+        Vec<T> part{};
+        std::memcpy(&part, row + kh, sizeof(T) * size_t(n - kh));
+        hi = part * *reinterpret_cast<const VecU<T>*>(xpad + kh);
+      }
+      a[i] = lo + hi;
+    }
+    for (int64_t w = C / 2; w >= 1; w /= 2)
+      for (int64_t i = 0; i < w; ++i) a[i] = a[i] + a[i + w];
+    v[c] = a[0];
+  }
+  butterfly<T, L / 2>(v, L);
+  const T* sums = reinterpret_cast<const T*>(&v[0]);
+  for (int l = 0; l < L; ++l)
+    if (order[l] < valid) y[order[l] * syo] = sums[l];
+}
+
 template <typename T> struct Problem {
   int64_t G, R, n, N;
   const T* x;
@@ -215,6 +310,32 @@ void run_units(const Problem<T>& p, const std::vector<int64_t>& rev, const bool*
   }
 }
 
+
+// The row kernel over units [u0, u1) of the flattened (g, block of L outputs) list.
+template <typename T> void run_rows(const Problem<T>& p, int64_t P, int64_t u0, int64_t u1) {
+  constexpr int L = lanes<T>();
+  const int64_t blocks = (p.N + L - 1) / L, H = P / 2;
+  const std::vector<int> order = butterfly_order<T>();
+  Aligned xbuf(sizeof(T) * size_t(p.R * P));
+  Aligned abuf(sizeof(Vec<T>) * size_t(H / L));
+  T* xpad = static_cast<T*>(xbuf.p);
+  Vec<T>* a = static_cast<Vec<T>*>(abuf.p);
+  int64_t packed = -1;  // the group whose rows xpad holds
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t g = u / blocks, o0 = (u % blocks) * L;
+    if (g != packed) {
+      for (int64_t r = 0; r < p.R; ++r) {
+        const T* xr = p.x + g * p.sxg + r * p.sxr;
+        for (int64_t k = 0; k < P; ++k) xpad[r * P + k] = k < p.n ? xr[k * p.sxk] : T(0);
+      }
+      packed = g;
+    }
+    for (int64_t r = 0; r < p.R; ++r)
+      row_block<T>(xpad + r * P, p.b + g * p.sbg, p.sbo, p.n, H, o0, std::min<int64_t>(L, p.N - o0),
+                   p.y + g * p.syg + r * p.syr + o0 * p.syo, p.syo, a, order.data());
+  }
+}
+
 template <typename T> int tree_matmul(const Problem<T>& p, int threads) try {
   if (p.n < 2 || p.G < 0 || p.R < 0 || p.N < 0) return 1;  // n = 1 has no tree: the caller multiplies
   if (p.G == 0 || p.R == 0 || p.N == 0) return 0;
@@ -233,7 +354,9 @@ template <typename T> int tree_matmul(const Problem<T>& p, int threads) try {
   }
   std::unique_ptr<bool[]> upper(new bool[size_t(H)]);
   for (int64_t j = 0; j < H; ++j) upper[j] = rev[j] + H < p.n;
-  const int64_t NB = block_outputs<T>();
+  // Few rows against a b whose k is contiguous: the row kernel, which packs nothing; else the panels.
+  const bool by_rows = p.sbk == 1 && p.R <= ROW_KERNEL_ROWS && H >= lanes<T>();
+  const int64_t NB = by_rows ? lanes<T>() : block_outputs<T>();
   const int64_t units = p.G * ((p.N + NB - 1) / NB);
   const int64_t products = p.G * p.R * P * p.N;
   int64_t count = std::max<int64_t>(1, std::min<int64_t>({int64_t(threads), units, products / MIN_WORK}));
@@ -243,7 +366,11 @@ template <typename T> int tree_matmul(const Problem<T>& p, int threads) try {
   std::atomic<bool> failed{false};
   auto part = [&](int64_t t) {
     try {
-      run_units<T>(p, rev, upper.get(), units * t / count, units * (t + 1) / count);
+      if (by_rows) {
+        run_rows<T>(p, P, units * t / count, units * (t + 1) / count);
+      } else {
+        run_units<T>(p, rev, upper.get(), units * t / count, units * (t + 1) / count);
+      }
     } catch (...) {
       failed = true;
     }
