@@ -5,9 +5,10 @@ numerics bitwise (a row alone ≡ in a batch of every size ≡ with masked keys 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,24 +25,10 @@ pytestmark = pytest.mark.skipif(not fixed_order.applies(torch.zeros(1)),
                                 reason="the native kernel is off (KVVERIFY_KERNELS=python) or could not be built")
 
 
-@contextmanager
-def _python_path() -> Iterator[None]:
-    """Within the block, strict numerics runs its pure-PyTorch path."""
-    before = os.environ.get(fixed_order.ENV)
-    os.environ[fixed_order.ENV] = "python"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[fixed_order.ENV]
-        else:
-            os.environ[fixed_order.ENV] = before
-
-
 def _both(fn: Callable[..., torch.Tensor], *args: object) -> tuple[torch.Tensor, torch.Tensor]:
     """fn(*args) with the native kernel, then with the pure-PyTorch path."""
     native = fn(*args)
-    with _python_path():
+    with fixed_order.use("python"):
         python = fn(*args)
     return native, python
 
@@ -84,6 +71,17 @@ def test_tree_matmul_gives_tree_sums_bits(groups: int, rows: int, n: int, column
         b = b[:1].expand(groups, n, columns)
     expected = numerics.tree_sum(x[:, :, :, None] * b[:, None, :, :], 2)
     _assert_same_bits(fixed_order.tree_matmul(x, b), expected, f"tree_matmul {layout} {tuple(x.shape)}@{columns}")
+
+
+@settings(max_examples=50, deadline=None, database=None, derandomize=True)
+@given(shape=st.lists(st.integers(1, 12), min_size=1, max_size=3), length=st.integers(0, 300),
+       dim=st.integers(0, 3), double=st.booleans(), seed=st.integers(0, 9))
+def test_tree_sum_is_bitwise_the_python_path(shape: list[int], length: int, dim: int, double: bool,
+                                             seed: int) -> None:
+    dim = dim % (len(shape) + 1)
+    x = _values((*shape[:dim], length, *shape[dim:]), torch.float64 if double else torch.float32, seed)
+    native, python = _both(numerics.tree_sum, x, dim)
+    _assert_same_bits(native, python, f"tree_sum over dim {dim} of {tuple(x.shape)}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -181,8 +179,15 @@ def test_the_split_across_threads_changes_no_bit() -> None:
 
 
 def test_kvverify_kernels_python_turns_it_off() -> None:
-    with _python_path():
-        assert not fixed_order.applies(torch.zeros(2)), f"{fixed_order.ENV}=python left the native kernel on"
+    script = ("import torch; from kvverify.reference import fixed_order; "
+              "print(fixed_order.applies(torch.zeros(2)))")
+    environment = {**os.environ, fixed_order.ENV: "Python", "KVVERIFY_BUILD_DIR": str(fixed_order.build_dir())}
+    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "False", f"{fixed_order.ENV}=Python: applies() gave {done.stdout!r}"
+    with fixed_order.use("python"):
+        assert not fixed_order.applies(torch.zeros(2)), "use('python') left the native kernel on"
+    assert fixed_order.applies(torch.zeros(2)), "use('python') left the native kernel off after its block"
 
 
 def test_no_compiler_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -212,6 +217,6 @@ def test_tree_matmul_gives_tree_sums_bits_at_production_sizes(rows: int, n: int,
                                                                 seed: int) -> None:
     dtype = torch.float64 if double else torch.float32
     x, weight = _values((rows, n), dtype, seed), _values((columns, n), dtype, seed + 1)
-    with _python_path():
+    with fixed_order.use("python"):
         expected = numerics.linear(x, weight)
     _assert_same_bits(numerics.linear(x, weight), expected, f"linear {tuple(x.shape)} @ {tuple(weight.shape)}.T")

@@ -19,6 +19,8 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,9 +37,32 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _SYMBOLS = {torch.float32: "kv_tree_matmul_f32", torch.float64: "kv_tree_matmul_f64"}
 
 
+#: "native" or "python": $KVVERIFY_KERNELS, read at the first strict sum (a decode step asks dozens of times), or
+#: what :func:`use` set.
+_mode: str | None = None
+
+
 def enabled() -> bool:
-    """Whether strict numerics may use the native kernel (read at each call, so a test can switch it)."""
-    return os.environ.get(ENV, "native").strip().lower() != "python"
+    """Whether strict numerics may use the native kernel."""
+    global _mode
+    if _mode is None:
+        _mode = "python" if os.environ.get(ENV, "native").strip().lower() == "python" else "native"
+    return _mode == "native"
+
+
+@contextmanager
+def use(kernels: str) -> Iterator[None]:
+    """Strict numerics runs ``"native"`` or ``"python"`` kernels within the block, as ``KVVERIFY_KERNELS`` sets for
+    a process (the same bits either way)."""
+    global _mode
+    if kernels not in ("native", "python"):
+        raise ValueError(f"kernels are 'native' or 'python'; got {kernels!r}")
+    enabled()
+    before, _mode = _mode, kernels
+    try:
+        yield
+    finally:
+        _mode = before
 
 
 def applies(*tensors: torch.Tensor) -> bool:
@@ -47,7 +72,7 @@ def applies(*tensors: torch.Tensor) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if type(t) not in _PLAIN or t.device.type != "cpu" or t.layout != torch.strided:
+        if type(t) not in _PLAIN or not t.is_cpu or t.layout != torch.strided:
             return False
         if not t.dtype.is_floating_point or (grad and t.requires_grad):
             return False
@@ -77,6 +102,15 @@ def tree_matmul(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if status:
         raise RuntimeError(f"the native tree_matmul refused x {tuple(x.shape)}, b {tuple(b.shape)} (status {status})")
     return out
+
+
+def tree_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """:func:`kvverify.reference.numerics.tree_sum` over ``dim`` of a float32 or float64 tensor, as
+    :func:`tree_matmul` of ones against the rows: each product 1 × x is x itself, then the same tree."""
+    moved = x.movedim(dim, -1)
+    rows = moved.reshape(-1, moved.shape[-1])  # (R, n)
+    ones = torch.ones((1, 1, rows.shape[1]), dtype=x.dtype)
+    return tree_matmul(ones, rows.T[None]).view(moved.shape[:-1])  # rows as outputs: n contiguous per output
 
 
 @functools.cache

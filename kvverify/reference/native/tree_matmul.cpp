@@ -55,14 +55,32 @@ template <typename T, int R> inline Block<T, R> add(const Block<T, R>& a, const 
   return s;
 }
 
-// Leaf j: a[rev(j)] for R rows. xp: packed rows, [r][j][lo, hi] with row stride xs; bp: panel [j][lo, hi][NB].
+// Where leaf j's NB values of b (at k = rev(j), and k + H) are: a packed panel [j][lo, hi][NB] ...
+template <typename T> struct Panel {
+  const T* panel;
+  const T* lo(int64_t j) const { return panel + j * 2 * block_outputs<T>(); }
+  const T* hi(int64_t j) const { return panel + (j * 2 + 1) * block_outputs<T>(); }
+};
+
+// ... or b itself, when its outputs are contiguous (values for the weighted sum) and the rows too few to pay
+// for packing.
+template <typename T> struct Direct {
+  const T* b;  // at the block's first output
+  int64_t sbk, H;
+  const int64_t* rev;
+  const T* lo(int64_t j) const { return b + rev[j] * sbk; }
+  const T* hi(int64_t j) const { return b + (rev[j] + H) * sbk; }
+};
+
+// Leaf j: a[rev(j)] for R rows. xp: packed rows, [r][j][lo, hi] with row stride xs; bp: where b's values are.
 // A leaf whose upper term is padding (k + H >= n) adds +0, as tree_sum does, without the product 0 * 0.
-template <typename T, int R> inline Block<T, R> leaf(const T* xp, int64_t xs, const T* bp, int64_t j, bool upper) {
-  typedef typename Lanes<T>::V V;
-  const V* lo = reinterpret_cast<const V*>(bp + j * 2 * block_outputs<T>());
-  const V* hi = lo + NV;
+template <typename T, int R, typename S>
+inline Block<T, R> leaf(const T* xp, int64_t xs, const S& bp, int64_t j, bool upper) {
+  typedef typename Lanes<T>::U V;
+  const V* lo = reinterpret_cast<const V*>(bp.lo(j));
   Block<T, R> out;
   if (upper) {
+    const V* hi = reinterpret_cast<const V*>(bp.hi(j));
     for (int r = 0; r < R; ++r) {
       const T a = xp[r * xs + 2 * j], c = xp[r * xs + 2 * j + 1];
       for (int v = 0; v < NV; ++v) out.v[r][v] = a * lo[v] + c * hi[v];
@@ -77,24 +95,24 @@ template <typename T, int R> inline Block<T, R> leaf(const T* xp, int64_t xs, co
 }
 
 // The pairwise sum of leaves j0 .. j0 + W - 1 (W a power of two).
-template <typename T, int R, int W>
-inline Block<T, R> subtree(const T* xp, int64_t xs, const T* bp, const bool* upper, int64_t j0) {
+template <typename T, int R, int W, typename S>
+inline Block<T, R> subtree(const T* xp, int64_t xs, const S& bp, const bool* upper, int64_t j0) {
   if constexpr (W == 1) {
-    return leaf<T, R>(xp, xs, bp, j0, upper[j0]);
+    return leaf<T, R, S>(xp, xs, bp, j0, upper[j0]);
   } else {
-    return add(subtree<T, R, W / 2>(xp, xs, bp, upper, j0), subtree<T, R, W / 2>(xp, xs, bp, upper, j0 + W / 2));
+    return add(subtree<T, R, W / 2, S>(xp, xs, bp, upper, j0), subtree<T, R, W / 2, S>(xp, xs, bp, upper, j0 + W / 2));
   }
 }
 
 // R rows against one panel: the H leaves in groups of W, each group's subtree carried into the counter.
-template <typename T, int R, int W>
-void micro(const T* xp, int64_t xs, const T* bp, const bool* upper, int64_t H, T* y, int64_t syr, int64_t syo,
+template <typename T, int R, int W, typename S>
+void micro(const T* xp, int64_t xs, const S& bp, const bool* upper, int64_t H, T* y, int64_t syr, int64_t syo,
            int64_t valid) {
   Block<T, R> stack[64];
   const int64_t groups = H / W;
   int top = 0;
   for (int64_t m = 0; m < groups; ++m) {
-    Block<T, R> t = subtree<T, R, W>(xp, xs, bp, upper, m * W);
+    Block<T, R> t = subtree<T, R, W, S>(xp, xs, bp, upper, m * W);
     int level = 0;
     while ((m >> level) & 1) {
       t = add(stack[level], t);
@@ -110,29 +128,38 @@ void micro(const T* xp, int64_t xs, const T* bp, const bool* upper, int64_t H, T
   }
 }
 
-template <typename T, int R>
-void micro_rows(const T* xp, int64_t xs, const T* bp, const bool* upper, int64_t H, T* y, int64_t syr, int64_t syo,
+template <typename T, int R, typename S>
+void micro_rows(const T* xp, int64_t xs, const S& bp, const bool* upper, int64_t H, T* y, int64_t syr, int64_t syo,
                 int64_t valid) {
   if (H >= U) {
-    micro<T, R, U>(xp, xs, bp, upper, H, y, syr, syo, valid);
+    micro<T, R, U, S>(xp, xs, bp, upper, H, y, syr, syo, valid);
   } else if (H >= 2) {
-    micro<T, R, 2>(xp, xs, bp, upper, H, y, syr, syo, valid);
+    micro<T, R, 2, S>(xp, xs, bp, upper, H, y, syr, syo, valid);
   } else {
-    micro<T, R, 1>(xp, xs, bp, upper, H, y, syr, syo, valid);
+    micro<T, R, 1, S>(xp, xs, bp, upper, H, y, syr, syo, valid);
   }
 }
 
 // The last rows < RB of a chunk, one call for all of them.
-template <typename T, int K>
-void tail(int64_t rows, const T* xp, int64_t xs, const T* bp, const bool* upper, int64_t H, T* y, int64_t syr,
+template <typename T, int K, typename S>
+void tail(int64_t rows, const T* xp, int64_t xs, const S& bp, const bool* upper, int64_t H, T* y, int64_t syr,
           int64_t syo, int64_t valid) {
   if constexpr (K >= 1) {
     if (rows == K) {
-      micro_rows<T, K>(xp, xs, bp, upper, H, y, syr, syo, valid);
+      micro_rows<T, K, S>(xp, xs, bp, upper, H, y, syr, syo, valid);
     } else {
-      tail<T, K - 1>(rows, xp, xs, bp, upper, H, y, syr, syo, valid);
+      tail<T, K - 1, S>(rows, xp, xs, bp, upper, H, y, syr, syo, valid);
     }
   }
+}
+
+// Rows of packed x against one block of outputs, RB at a time.
+template <typename T, typename S>
+void rows_against(const S& bp, const T* xp, int64_t xs, const bool* upper, int64_t H, int64_t rows, T* y,
+                  int64_t syr, int64_t syo, int64_t valid) {
+  int64_t r = 0;
+  for (; r + RB <= rows; r += RB) micro_rows<T, RB, S>(xp + r * xs, xs, bp, upper, H, y + r * syr, syr, syo, valid);
+  if (r < rows) tail<T, RB - 1, S>(rows - r, xp + r * xs, xs, bp, upper, H, y + r * syr, syr, syo, valid);
 }
 
 struct Aligned {
@@ -276,6 +303,11 @@ void run_units(const Problem<T>& p, const std::vector<int64_t>& rev, const bool*
       }
       for (int64_t ob = ob0; ob < ob1; ++ob) {
         const int64_t o0 = ob * NB, valid = std::min(NB, p.N - o0);
+        T* yo = y + r0 * p.syr + o0 * p.syo;
+        if (p.sbo == 1 && valid == NB && p.R <= ROW_KERNEL_ROWS) {
+          rows_against(Direct<T>{b + o0, p.sbk, H, rev.data()}, xp, xs, upper, H, rows, yo, p.syr, p.syo, valid);
+          continue;
+        }
         // the panel's columns k-major (tile[k][c]), then its rows in leaf order
         if (p.sbo == 1) {
           for (int64_t k = 0; k < n; ++k) {
@@ -298,12 +330,7 @@ void run_units(const Problem<T>& p, const std::vector<int64_t>& rev, const bool*
             std::memset(bp + (2 * j + 1) * NB, 0, sizeof(T) * NB);
           }
         }
-        T* yo = y + r0 * p.syr + o0 * p.syo;
-        int64_t r = 0;
-        for (; r + RB <= rows; r += RB)
-          micro_rows<T, RB>(xp + r * xs, xs, bp, upper, H, yo + r * p.syr, p.syr, p.syo, valid);
-        if (r < rows)
-          tail<T, RB - 1>(rows - r, xp + r * xs, xs, bp, upper, H, yo + r * p.syr, p.syr, p.syo, valid);
+        rows_against(Panel<T>{bp}, xp, xs, upper, H, rows, yo, p.syr, p.syo, valid);
       }
     }
     u += ob1 - ob0;
