@@ -40,7 +40,8 @@ constexpr int RB = 6;
 constexpr int U = 4;
 constexpr int64_t ROWS = 64;
 constexpr int64_t MIN_WORK = 1 << 21;  // products per thread below which fewer threads are used
-constexpr int64_t ROW_KERNEL_ROWS = 4;  // rows up to which the row kernel runs (see run_rows)
+constexpr int64_t ROW_KERNEL_ROWS = 4;
+constexpr int64_t AHEAD = 8;  // groups of leaves ahead whose rows of b are prefetched (direct path)  // rows up to which the row kernel runs (see run_rows)
 
 template <typename T> constexpr int64_t block_outputs() { return NV * int64_t(64 / sizeof(T)); }
 
@@ -60,16 +61,23 @@ template <typename T> struct Panel {
   const T* panel;
   const T* lo(int64_t j) const { return panel + j * 2 * block_outputs<T>(); }
   const T* hi(int64_t j) const { return panel + (j * 2 + 1) * block_outputs<T>(); }
+  void prefetch(int64_t) const {}  // streamed in order: the hardware prefetches it
 };
 
 // ... or b itself, when its outputs are contiguous (values for the weighted sum) and the rows too few to pay
 // for packing.
 template <typename T> struct Direct {
   const T* b;  // at the block's first output
-  int64_t sbk, H;
+  int64_t sbk, H, n;
   const int64_t* rev;
   const T* lo(int64_t j) const { return b + rev[j] * sbk; }
   const T* hi(int64_t j) const { return b + (rev[j] + H) * sbk; }
+  void prefetch(int64_t j) const {  // rows in bit-reversed order: no hardware prefetcher follows them
+    if (j < H) {
+      __builtin_prefetch(lo(j));
+      if (rev[j] + H < n) __builtin_prefetch(hi(j));
+    }
+  }
 };
 
 // Leaf j: a[rev(j)] for R rows. xp: packed rows, [r][j][lo, hi] with row stride xs; bp: where b's values are.
@@ -112,6 +120,7 @@ void micro(const T* xp, int64_t xs, const S& bp, const bool* upper, int64_t H, T
   const int64_t groups = H / W;
   int top = 0;
   for (int64_t m = 0; m < groups; ++m) {
+    for (int w = 0; w < W; ++w) bp.prefetch((m + AHEAD) * W + w);
     Block<T, R> t = subtree<T, R, W, S>(xp, xs, bp, upper, m * W);
     int level = 0;
     while ((m >> level) & 1) {
@@ -305,7 +314,7 @@ void run_units(const Problem<T>& p, const std::vector<int64_t>& rev, const bool*
         const int64_t o0 = ob * NB, valid = std::min(NB, p.N - o0);
         T* yo = y + r0 * p.syr + o0 * p.syo;
         if (p.sbo == 1 && valid == NB && p.R <= ROW_KERNEL_ROWS) {
-          rows_against(Direct<T>{b + o0, p.sbk, H, rev.data()}, xp, xs, upper, H, rows, yo, p.syr, p.syo, valid);
+          rows_against(Direct<T>{b + o0, p.sbk, H, n, rev.data()}, xp, xs, upper, H, rows, yo, p.syr, p.syo, valid);
           continue;
         }
         // the panel's columns k-major (tile[k][c]), then its rows in leaf order
