@@ -4,8 +4,10 @@ kernels) at the same thread count, side by side, on the configs that set the fix
 
 ``pytest profiles/test_strict_speed.py -m benchmark --benchmark-only -s`` prints one row per config: the best
 time of each numerics, the ratio, and the peak of torch's CPU allocations during one forward (memray, where it
-is installed). One thread, float32, batch 1, ``ModelConfig(vocab_size=1000, n_layers=1, n_kv_heads=2,
-d_ff=int(2.75 * d) // 8 * 8, max_seq_len=tokens)`` with 4, 4 and 8 query heads.
+is installed), and which strict kernel ran (``native``: :mod:`kvverify.reference.fixed_order`; ``python``: its
+pure-PyTorch fallback, ``KVVERIFY_KERNELS=python``). One thread, float32, batch 1,
+``ModelConfig(vocab_size=1000, n_layers=1, n_kv_heads=2, d_ff=int(2.75 * d) // 8 * 8, max_seq_len=tokens)`` with 4,
+4 and 8 query heads.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import torch
 
 from kvverify.protocol.config import ModelConfig
+from kvverify.reference import fixed_order
 from kvverify.reference.model import ReferenceModel
 from kvverify.reference.threads import torch_threads
 
@@ -87,5 +90,7 @@ def test_strict_against_fast_uncached_forward(benchmark: Any, d_model: int, head
     if info["fast_peak"] and info["strict_peak"]:
         memory = (f"; peak {info['fast_peak'] / 2**20:.1f} MiB fast, {info['strict_peak'] / 2**20:.1f} MiB strict "
                   f"({info['strict_peak'] / info['fast_peak']:.1f}x)")
+    kernel = "native" if fixed_order.applies(prompt.float()) else "python"
     print(f"\nd_model {d_model}, head_dim {head_dim}, {tokens} tokens, {heads} heads: fast "
-          f"{1e3 * info['fast_s']:.1f} ms, strict {1e3 * info['strict_s']:.0f} ms, strict / fast {ratio:.1f}x{memory}")
+          f"{1e3 * info['fast_s']:.1f} ms, strict ({kernel}) {1e3 * info['strict_s']:.0f} ms, "
+          f"strict / fast {ratio:.1f}x{memory}")

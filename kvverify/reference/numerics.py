@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from kvverify.reference import fixed_order
+
 #: On the CPU, elementwise transcendental kernels (exp, sin, silu...) run SIMD over full vector chunks and
 #: scalar code over the tail; the two can differ in the last bit, so an element's bits would depend on where it
 #: sits in its tensor. Strict numerics lays every element on a full chunk: a flat buffer padded to a multiple of
@@ -50,6 +52,11 @@ def lane_stable(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T``. x: (..., d_in), weight: (d_out, d_in) -> (..., d_out)."""
+    if fixed_order.applies(x, weight):  # the same products and tree, natively
+        compute = compute_dtype(x.dtype)
+        rows = _as(x.reshape(-1, x.shape[-1]), compute)[None]
+        out = fixed_order.tree_matmul(rows, _as(weight, compute).T[None])[0]
+        return _as(out, x.dtype).view(*x.shape[:-1], weight.shape[0])
     return _rows_in_chunks(lambda rows: _strict_linear(rows, weight), x, weight.numel())
 
 
@@ -101,6 +108,8 @@ def tree_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     length = x.shape[dim]
     if length == 0:
         return x.sum(dim)  # an empty sum: zeros of the right shape
+    if length > 1 and x.dtype in (torch.float32, torch.float64) and fixed_order.applies(x):
+        return fixed_order.tree_sum(x, dim)
     width = _pow2(length)
     if width != length:  # the first level against the zero padding, without building it
         width //= 2
@@ -158,7 +167,10 @@ def attention(
     """
     batch, n_heads, t_q, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim)
-    step = max(1, _ATTENTION_CHUNK // max(1, batch * n_heads * k.shape[2] * head_dim))  # queries per chunk
+    if fixed_order.applies(q, k):  # the native kernel builds no products tensor: a chunk is its scores
+        step = max(1, _NATIVE_ATTENTION_CHUNK // max(1, batch * n_heads * k.shape[2]))  # queries per chunk
+    else:
+        step = max(1, _ATTENTION_CHUNK // max(1, batch * n_heads * k.shape[2] * head_dim))
     chunks = []
     for i in range(0, t_q, step):
         seen = visible[:, :, i : i + step]
@@ -171,8 +183,10 @@ def attention(
 
 
 #: Elements (queries × keys × head_dim × heads) of one chunk of :func:`attention`: small enough that a chunk's
-#: products stay in the core's cache; every element is computed alone, so the chunking changes no bit.
+#: products stay in the core's cache; every element is computed alone, so the chunking changes no bit. With the
+#: native kernel, scores (queries × keys × heads) of one chunk: 1 MiB in float32.
 _ATTENTION_CHUNK = 1 << 20
+_NATIVE_ATTENTION_CHUNK = 1 << 18
 
 
 def _span(visible: torch.Tensor) -> tuple[int, int]:
@@ -192,10 +206,7 @@ def _strict_attention(
     group = n_heads // n_kv_heads
     returned = torch.promote_types(q.dtype, torch.promote_types(k.dtype, v.dtype))  # a cache's dtype shows through
     compute = compute_dtype(returned)
-    # q·k summed over head_dim laid out first, so each level of the tree adds two contiguous halves
-    qd = q.to(compute).view(batch, n_kv_heads, group, t_q, head_dim).permute(4, 0, 1, 2, 3)[..., None]
-    kd = k.to(compute).permute(3, 0, 1, 2)[:, :, :, None, None]  # (D, B, Hkv, 1, 1, S)
-    scores = tree_sum(qd * kd, 0) * scale  # (B, Hkv, group, Tq, S)
+    scores = _scores(q.to(compute), k.to(compute)) * scale
     scores = scores.reshape(batch, n_heads, t_q, s)
     if bias is not None:
         scores = scores + bias.to(compute)
@@ -204,17 +215,50 @@ def _strict_attention(
     # exact zeros. Where a cache put its unwritten or evicted slots then changes no bit of the sums below.
     # When every query's visible keys already come first (a causal prefix), that order is the slots' own.
     prefix = not bool((visible[..., 1:] & ~visible[..., :-1]).any())
-    values = v.to(compute)[:, :, None, None]  # (B, Hkv, 1, 1, S, D)
+    order = None
     if not prefix:
         order = torch.sort((~visible).to(torch.uint8), dim=-1, stable=True).indices  # (B, 1, Tq, S)
         scores = scores.gather(-1, order.expand(batch, n_heads, t_q, s))
-        rows = order[..., None].expand(batch, n_kv_heads, t_q, s, head_dim)
-        values = v.to(compute)[:, :, None].expand(batch, n_kv_heads, t_q, s, head_dim).gather(3, rows)[:, :, None]
     weights = lane_stable(torch.exp, scores - scores.amax(-1, keepdim=True))  # masked keys: exactly 0
     probs = weights / tree_sum(weights, -1)[..., None]  # (B, H, Tq, S)
-    probs = probs.view(batch, n_kv_heads, group, t_q, s, 1)
-    out = tree_sum(probs * values, -2)  # (B, Hkv, group, Tq, D)
+    out = _weighted_values(probs.view(batch, n_kv_heads, group, t_q, s), v.to(compute), order)
     return out.reshape(batch, n_heads, t_q, head_dim).to(returned)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q·k, each a tree over head_dim. q: (B, H, Tq, D), k: (B, Hkv, S, D) -> (B, Hkv, group, Tq, S)."""
+    batch, n_heads, t_q, head_dim = q.shape
+    n_kv_heads, s = k.shape[1], k.shape[2]
+    group = n_heads // n_kv_heads
+    if fixed_order.applies(q, k):  # each group of query heads against its key head
+        rows = q.reshape(batch * n_kv_heads, group * t_q, head_dim)
+        out = fixed_order.tree_matmul(rows, k.reshape(batch * n_kv_heads, s, head_dim).transpose(1, 2))
+        return out.view(batch, n_kv_heads, group, t_q, s)
+    # head_dim laid out first, so each level of the tree adds two contiguous halves
+    qd = q.view(batch, n_kv_heads, group, t_q, head_dim).permute(4, 0, 1, 2, 3)[..., None]
+    kd = k.permute(3, 0, 1, 2)[:, :, :, None, None]  # (D, B, Hkv, 1, 1, S)
+    return tree_sum(qd * kd, 0)
+
+
+def _weighted_values(probs: torch.Tensor, v: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """The sum over keys of probabilities × values, a tree over the keys in each query's order.
+
+    probs: (B, Hkv, group, Tq, S); v: (B, Hkv, S, D); order: the key slot at each place of each query's order
+    (B, 1, Tq, S), or None for the slots' own -> (B, Hkv, group, Tq, D)."""
+    batch, n_kv_heads, group, t_q, s = probs.shape
+    head_dim = v.shape[-1]
+    if order is not None:  # each query's keys in its order: (B, Hkv, Tq, S, D)
+        rows = order[..., None].expand(batch, n_kv_heads, t_q, s, head_dim)
+        v = v[:, :, None].expand(batch, n_kv_heads, t_q, s, head_dim).gather(3, rows)
+    if fixed_order.applies(probs, v):
+        if order is None:  # every query of a key head against its values
+            out = fixed_order.tree_matmul(probs.reshape(batch * n_kv_heads, group * t_q, s),
+                                          v.reshape(batch * n_kv_heads, s, head_dim))
+            return out.view(batch, n_kv_heads, group, t_q, head_dim)
+        out = fixed_order.tree_matmul(probs.transpose(2, 3).reshape(-1, group, s), v.reshape(-1, s, head_dim))
+        return out.view(batch, n_kv_heads, t_q, group, head_dim).transpose(2, 3)
+    values = v[:, :, None, None] if order is None else v[:, :, None]  # (B, Hkv, 1, 1 or Tq, S, D)
+    return tree_sum(probs[..., None] * values, -2)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,181 @@
+"""The native fixed-order kernel of strict numerics: ``tree_matmul``, products summed by
+:func:`kvverify.reference.numerics.tree_sum`'s halving tree, bit for bit, vectorised across outputs like a GEMM.
+
+``native/tree_matmul.cpp`` is compiled just in time with the machine's C++ compiler (``$CXX``, else ``c++``;
+``-O3 -march=native -ffp-contract=off``, no fused multiply-add, no ``-ffast-math``) into a per-user cache
+(``$KVVERIFY_BUILD_DIR``, else ``$XDG_CACHE_HOME/kvverify/kernels``, else ``~/.cache/kvverify/kernels``), keyed by
+the source, the compiler, the flags and the CPU, and loaded with ctypes: no build step at install, no CUDA torch in
+a build environment, no torch headers. Where it cannot be built (no compiler), strict numerics keeps its
+pure-PyTorch path, which gives the same bits, with one warning. ``KVVERIFY_KERNELS=python`` forces that path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+#: ``KVVERIFY_KERNELS=python`` turns the native kernel off (``native``, the default, uses it where it is built).
+ENV = "KVVERIFY_KERNELS"
+SOURCE = Path(__file__).parent / "native" / "tree_matmul.cpp"
+FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c++17", "-fPIC", "-shared", "-pthread")
+#: Tried first; dropped for compilers or CPUs that refuse it.
+NATIVE_ARCH = "-march=native"
+
+#: Tensor types whose memory the kernel may read (not fake, functional or other subclasses).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_SYMBOLS = {torch.float32: "kv_tree_matmul_f32", torch.float64: "kv_tree_matmul_f64"}
+
+
+#: "native" or "python": $KVVERIFY_KERNELS, read at the first strict sum (a decode step asks dozens of times), or
+#: what :func:`use` set.
+_mode: str | None = None
+
+
+def enabled() -> bool:
+    """Whether strict numerics may use the native kernel."""
+    global _mode
+    if _mode is None:
+        _mode = "python" if os.environ.get(ENV, "native").strip().lower() == "python" else "native"
+    return _mode == "native"
+
+
+@contextmanager
+def use(kernels: str) -> Iterator[None]:
+    """Strict numerics runs ``"native"`` or ``"python"`` kernels within the block, as ``KVVERIFY_KERNELS`` sets for
+    a process (the same bits either way)."""
+    global _mode
+    if kernels not in ("native", "python"):
+        raise ValueError(f"kernels are 'native' or 'python'; got {kernels!r}")
+    enabled()
+    before, _mode = _mode, kernels
+    try:
+        yield
+    finally:
+        _mode = before
+
+
+def applies(*tensors: torch.Tensor) -> bool:
+    """Whether :func:`tree_matmul` can take these tensors (once cast to the compute dtype): the kernel is on and
+    built, and every tensor is a plain strided CPU tensor outside autograd and outside a compiler's trace."""
+    if not enabled() or torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if type(t) not in _PLAIN or not t.is_cpu or t.layout != torch.strided:
+            return False
+        if not t.dtype.is_floating_point or (grad and t.requires_grad):
+            return False
+    return _library() is not None
+
+
+def tree_matmul(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out[g, r, o] = tree_sum(x[g, r, :] * b[g, :, o])``, bit for bit, each product rounded to the dtype first.
+
+    x: (G, R, n), b: (G, n, N), one dtype (float32 or float64), any strides (a zero stride broadcasts) ->
+    (G, R, N) contiguous. Call it where :func:`applies` holds."""
+    if x.dim() != 3 or b.dim() != 3 or x.shape[0] != b.shape[0] or x.shape[2] != b.shape[1]:
+        raise ValueError(f"tree_matmul expects x (G, R, n) and b (G, n, N); got {tuple(x.shape)}, {tuple(b.shape)}")
+    if x.dtype != b.dtype or x.dtype not in _SYMBOLS:
+        raise ValueError(f"tree_matmul takes float32 or float64, one dtype for both; got {x.dtype}, {b.dtype}")
+    groups, rows, n = x.shape
+    columns = b.shape[2]
+    if n < 2:  # no tree: the one product, or an empty sum
+        return (x[:, :, :1] * b[:, :1, :]) if n else x.new_zeros(groups, rows, columns)
+    out = torch.empty((groups, rows, columns), dtype=x.dtype)
+    library = _library()
+    assert library is not None, "tree_matmul called where applies() is False"
+    status = getattr(library, _SYMBOLS[x.dtype])(
+        groups, rows, n, columns, x.data_ptr(), *x.stride(), b.data_ptr(), *b.stride(),
+        out.data_ptr(), *out.stride(), torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise RuntimeError(f"the native tree_matmul refused x {tuple(x.shape)}, b {tuple(b.shape)} (status {status})")
+    return out
+
+
+def tree_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """:func:`kvverify.reference.numerics.tree_sum` over ``dim`` of a float32 or float64 tensor, as
+    :func:`tree_matmul` of ones against the rows: each product 1 × x is x itself, then the same tree."""
+    moved = x.movedim(dim, -1)
+    rows = moved.reshape(-1, moved.shape[-1])  # (R, n)
+    ones = torch.ones((1, 1, rows.shape[1]), dtype=x.dtype)
+    return tree_matmul(ones, rows.T[None]).view(moved.shape[:-1])  # rows as outputs: n contiguous per output
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use; None (after one warning) where it cannot be built."""
+    try:
+        library = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError) as error:
+        warnings.warn(
+            f"kvverify: the native fixed-order kernel could not be built ({error}); strict numerics runs its "
+            f"pure-PyTorch path (the same bits, several times slower). Install a C++ compiler (or set CXX), or "
+            f"set {ENV}=python to choose that path without this warning.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    i64, pointer = ctypes.c_int64, ctypes.c_void_p
+    for symbol in _SYMBOLS.values():
+        function = getattr(library, symbol)
+        function.restype = ctypes.c_int
+        function.argtypes = [i64] * 4 + [pointer, i64, i64, i64] * 3 + [ctypes.c_int]
+    return library
+
+
+def build_dir() -> Path:
+    """Where compiled kernels are cached, per user."""
+    explicit = os.environ.get("KVVERIFY_BUILD_DIR")
+    if explicit:
+        return Path(explicit)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "kvverify" / "kernels"
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        raise OSError("no C++ compiler found (c++, g++ or clang++ on PATH, or $CXX)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in ((NATIVE_ARCH, *FLAGS), FLAGS):
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, _cpu()]).encode()).hexdigest()
+        target = directory / f"tree_matmul-{key[:20]}.so"
+        if target.exists():
+            return target
+        with tempfile.TemporaryDirectory(dir=directory) as scratch:
+            built = Path(scratch) / target.name
+            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
+                                  timeout=600, check=False)
+            if done.returncode == 0:
+                os.replace(built, target)  # atomic: concurrent builders (pytest-xdist workers) each write whole
+                return target
+            errors.append(f"{compiler} {' '.join(flags)}: {done.stderr.strip()[-400:]}")
+    raise OSError("; ".join(errors))
+
+
+def _cpu() -> str:
+    """What -march=native compiles for: the CPU's feature flags (a home directory may be shared by machines)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine() + platform.processor()
