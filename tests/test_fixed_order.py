@@ -1,6 +1,7 @@
-"""The native fixed-order kernel (kvverify.reference.fixed_order) against the pure-PyTorch strict path it
-replaces: the same bits over drawn shapes, strides and all four dtypes, and the behaviour that makes strict
-numerics bitwise (a row alone ≡ in a batch of every size ≡ with masked keys before, between and after)."""
+"""The native fixed-order kernels (kvverify.reference.fixed_order) against the pure-PyTorch paths they replace
+(strict numerics' trees, the invariant mode's left-to-right sums): the same bits over drawn shapes, strides and
+all four dtypes, and the behaviour that makes strict numerics bitwise (a row alone ≡ in a batch of every size ≡
+with masked keys before, between and after)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvverify.invariant import ordered
 from kvverify.reference import fixed_order, numerics
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -71,6 +73,21 @@ def test_tree_matmul_gives_tree_sums_bits(groups: int, rows: int, n: int, column
         b = b[:1].expand(groups, n, columns)
     expected = numerics.tree_sum(x[:, :, :, None] * b[:, None, :, :], 2)
     _assert_same_bits(fixed_order.tree_matmul(x, b), expected, f"tree_matmul {layout} {tuple(x.shape)}@{columns}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(max_examples=25, deadline=None, database=None, derandomize=True)
+@given(batch=st.integers(1, 3), m=st.integers(1, 14), k=st.integers(0, 200), n=st.integers(1, 40),
+       layout=st.sampled_from(["contiguous", "transposed", "broadcast"]), seed=st.integers(0, 9))
+def test_ordered_matmul_is_bitwise_the_invariant_modes_python_path(dtype: torch.dtype, batch: int, m: int, k: int,
+                                                                   n: int, layout: str, seed: int) -> None:
+    a, b = _values((batch, m, k), dtype, seed), _values((batch, k, n), dtype, seed + 1)
+    if layout == "transposed":
+        b = b.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "broadcast":
+        b = b[:1].expand(batch, k, n)
+    native, python = _both(ordered.matmul, a, b)
+    _assert_same_bits(native, python, f"ordered.matmul {layout} {tuple(a.shape)} @ {tuple(b.shape)}, {dtype}")
 
 
 @settings(max_examples=50, deadline=None, database=None, derandomize=True)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from kvverify.invariant import batch_invariant, ordered
 from kvverify.invariant.attention import attention
 from kvverify.invariant.audit import OrderAudit
-from kvverify.reference import numerics
+from kvverify.reference import fixed_order, numerics
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -300,9 +300,11 @@ def test_audit_finds_no_order_dependent_reduction_in_transformers_models(family:
 
 def test_the_audit_sees_the_replaced_ops_only_from_outside() -> None:
     """Entered inside the audit, the mode's elementwise ops are what the audit sees; entered outside it, the
-    audit sees (and flags) the matmul the mode then replaces, so the order of the two cannot hide anything."""
+    audit sees (and flags) the matmul the mode then replaces, so the order of the two cannot hide anything. (The
+    mode's pure-PyTorch matmul, whose ops the audit can see; the native one is checked by its bits in
+    tests/test_fixed_order.py.)"""
     x = torch.randn(4, 16)
-    with OrderAudit() as inside, batch_invariant():
+    with fixed_order.use("python"), OrderAudit() as inside, batch_invariant():
         x @ x.T
     with batch_invariant(), OrderAudit() as outside:
         x @ x.T

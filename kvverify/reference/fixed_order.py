@@ -1,5 +1,7 @@
-"""The native fixed-order kernel of strict numerics: ``tree_matmul``, products summed by
-:func:`kvverify.reference.numerics.tree_sum`'s halving tree, bit for bit, vectorised across outputs like a GEMM.
+"""The native fixed-order kernels: ``tree_matmul`` for strict numerics, products summed by
+:func:`kvverify.reference.numerics.tree_sum`'s halving tree, and ``ordered_matmul`` for the batch-invariant mode,
+products summed left to right (:mod:`kvverify.invariant.ordered`); bit for bit, vectorised across outputs like a
+GEMM.
 
 ``native/tree_matmul.cpp`` is compiled just in time with the machine's C++ compiler (``$CXX``, else ``c++``;
 ``-O3 -march=native -ffp-contract=off``, no fused multiply-add, no ``-ffast-math``) into a per-user cache
@@ -35,6 +37,7 @@ NATIVE_ARCH = "-march=native"
 #: Tensor types whose memory the kernel may read (not fake, functional or other subclasses).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _SYMBOLS = {torch.float32: "kv_tree_matmul_f32", torch.float64: "kv_tree_matmul_f64"}
+_ORDERED_SYMBOLS = {torch.float32: "kv_ordered_matmul_f32", torch.float64: "kv_ordered_matmul_f64"}
 
 
 #: "native" or "python": $KVVERIFY_KERNELS, read at the first strict sum (a decode step asks dozens of times), or
@@ -84,23 +87,38 @@ def tree_matmul(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     x: (G, R, n), b: (G, n, N), one dtype (float32 or float64), any strides (a zero stride broadcasts) ->
     (G, R, N) contiguous. Call it where :func:`applies` holds."""
-    if x.dim() != 3 or b.dim() != 3 or x.shape[0] != b.shape[0] or x.shape[2] != b.shape[1]:
-        raise ValueError(f"tree_matmul expects x (G, R, n) and b (G, n, N); got {tuple(x.shape)}, {tuple(b.shape)}")
-    if x.dtype != b.dtype or x.dtype not in _SYMBOLS:
-        raise ValueError(f"tree_matmul takes float32 or float64, one dtype for both; got {x.dtype}, {b.dtype}")
-    groups, rows, n = x.shape
-    columns = b.shape[2]
+    groups, rows, n = _check(x, b, "tree_matmul")
     if n < 2:  # no tree: the one product, or an empty sum
-        return (x[:, :, :1] * b[:, :1, :]) if n else x.new_zeros(groups, rows, columns)
-    out = torch.empty((groups, rows, columns), dtype=x.dtype)
+        return (x[:, :, :1] * b[:, :1, :]) if n else x.new_zeros(groups, rows, b.shape[2])
+    return _call(_SYMBOLS[x.dtype], x, b)
+
+
+def ordered_matmul(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out[g, r, o] = (((+0 + p_0) + p_1) + ...) + p_{n-1}`` with ``p_k = x[g, r, k] * b[g, k, o]`` rounded to
+    the dtype: the batch-invariant mode's left-to-right sum (:func:`kvverify.invariant.ordered.matmul`), bit for
+    bit. Shapes and dtypes as :func:`tree_matmul`."""
+    _check(x, b, "ordered_matmul")
+    return _call(_ORDERED_SYMBOLS[x.dtype], x, b)
+
+
+def _check(x: torch.Tensor, b: torch.Tensor, name: str) -> tuple[int, int, int]:
+    if x.dim() != 3 or b.dim() != 3 or x.shape[0] != b.shape[0] or x.shape[2] != b.shape[1]:
+        raise ValueError(f"{name} expects x (G, R, n) and b (G, n, N); got {tuple(x.shape)}, {tuple(b.shape)}")
+    if x.dtype != b.dtype or x.dtype not in _SYMBOLS:
+        raise ValueError(f"{name} takes float32 or float64, one dtype for both; got {x.dtype}, {b.dtype}")
+    return x.shape[0], x.shape[1], x.shape[2]
+
+
+def _call(symbol: str, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    out = torch.empty((x.shape[0], x.shape[1], b.shape[2]), dtype=x.dtype)
     library = _library()
-    assert library is not None, "tree_matmul called where applies() is False"
-    status = getattr(library, _SYMBOLS[x.dtype])(
-        groups, rows, n, columns, x.data_ptr(), *x.stride(), b.data_ptr(), *b.stride(),
+    assert library is not None, f"{symbol} called where applies() is False"
+    status = getattr(library, symbol)(
+        x.shape[0], x.shape[1], x.shape[2], b.shape[2], x.data_ptr(), *x.stride(), b.data_ptr(), *b.stride(),
         out.data_ptr(), *out.stride(), torch.get_num_threads(),
     )  # fmt: skip
     if status:
-        raise RuntimeError(f"the native tree_matmul refused x {tuple(x.shape)}, b {tuple(b.shape)} (status {status})")
+        raise RuntimeError(f"the native {symbol} refused x {tuple(x.shape)}, b {tuple(b.shape)} (status {status})")
     return out
 
 
@@ -128,7 +146,7 @@ def _library() -> ctypes.CDLL | None:
         )
         return None
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
-    for symbol in _SYMBOLS.values():
+    for symbol in (*_SYMBOLS.values(), *_ORDERED_SYMBOLS.values()):
         function = getattr(library, symbol)
         function.restype = ctypes.c_int
         function.argtypes = [i64] * 4 + [pointer, i64, i64, i64] * 3 + [ctypes.c_int]

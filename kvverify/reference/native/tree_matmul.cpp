@@ -40,8 +40,8 @@ constexpr int RB = 6;
 constexpr int U = 4;
 constexpr int64_t ROWS = 64;
 constexpr int64_t MIN_WORK = 1 << 21;  // products per thread below which fewer threads are used
-constexpr int64_t ROW_KERNEL_ROWS = 4;
-constexpr int64_t AHEAD = 8;  // groups of leaves ahead whose rows of b are prefetched (direct path)  // rows up to which the row kernel runs (see run_rows)
+constexpr int64_t ROW_KERNEL_ROWS = 4;  // rows up to which the row kernel runs (see run_rows)
+constexpr int64_t AHEAD = 8;  // groups of leaves ahead whose rows of b are prefetched (direct path)
 
 template <typename T> constexpr int64_t block_outputs() { return NV * int64_t(64 / sizeof(T)); }
 
@@ -347,6 +347,59 @@ void run_units(const Problem<T>& p, const std::vector<int64_t>& rev, const bool*
 }
 
 
+// The invariant mode's order (kvverify.invariant.ordered): y = (((+0 + p_0) + p_1) + ...) + p_{n-1}, each product
+// rounded first. Blocks of NB outputs, RB rows at a time; b's block is copied k-major unless its outputs are
+// contiguous already.
+template <typename T, int R>
+void ordered_rows(const Problem<T>& p, const T* x, const T* bk, int64_t bstride, T* y, int64_t valid) {
+  typedef typename Lanes<T>::U V;
+  Vec<T> acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = Vec<T>{};  // +0: the sum's start
+  for (int64_t k = 0; k < p.n; ++k) {
+    const Vec<T> column = *reinterpret_cast<const V*>(bk + k * bstride);
+    for (int r = 0; r < R; ++r) acc[r] = acc[r] + x[r * p.sxr + k * p.sxk] * column;
+  }
+  for (int r = 0; r < R; ++r) {
+    const T* lanes_ = reinterpret_cast<const T*>(&acc[r]);
+    for (int64_t o = 0; o < valid; ++o) y[r * p.syr + o * p.syo] = lanes_[o];
+  }
+}
+
+template <typename T, int K>
+void ordered_tail(int64_t rows, const Problem<T>& p, const T* x, const T* bk, int64_t bstride, T* y, int64_t valid) {
+  if constexpr (K >= 1) {
+    if (rows == K) {
+      ordered_rows<T, K>(p, x, bk, bstride, y, valid);
+    } else {
+      ordered_tail<T, K - 1>(rows, p, x, bk, bstride, y, valid);
+    }
+  }
+}
+
+template <typename T> void run_ordered(const Problem<T>& p, int64_t u0, int64_t u1) {
+  constexpr int L = lanes<T>();
+  const int64_t blocks = (p.N + L - 1) / L;
+  Aligned tbuf(sizeof(T) * size_t(p.n * L));
+  T* tile = static_cast<T*>(tbuf.p);
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t g = u / blocks, o0 = (u % blocks) * L, valid = std::min<int64_t>(L, p.N - o0);
+    const T* b = p.b + g * p.sbg + o0 * p.sbo;
+    const T* bk = b;
+    int64_t bstride = p.sbk;
+    if (p.sbo != 1 || valid < L) {  // k-major copy of the block, zeros past the last output
+      for (int64_t k = 0; k < p.n; ++k)
+        for (int64_t c = 0; c < L; ++c) tile[k * L + c] = c < valid ? b[k * p.sbk + c * p.sbo] : T(0);
+      bk = tile;
+      bstride = L;
+    }
+    const T* x = p.x + g * p.sxg;
+    T* y = p.y + g * p.syg + o0 * p.syo;
+    int64_t r = 0;
+    for (; r + RB <= p.R; r += RB) ordered_rows<T, RB>(p, x + r * p.sxr, bk, bstride, y + r * p.syr, valid);
+    if (r < p.R) ordered_tail<T, RB - 1>(p.R - r, p, x + r * p.sxr, bk, bstride, y + r * p.syr, valid);
+  }
+}
+
 // The row kernel over units [u0, u1) of the flattened (g, block of L outputs) list.
 template <typename T> void run_rows(const Problem<T>& p, int64_t P, int64_t u0, int64_t u1) {
   constexpr int L = lanes<T>();
@@ -372,6 +425,43 @@ template <typename T> void run_rows(const Problem<T>& p, int64_t P, int64_t u0, 
   }
 }
 
+// Splits the units of work across threads: each thread takes a contiguous range; a range whose thread could not
+// be started runs here. Every output is computed whole by one thread, so the split changes no bit.
+template <typename F> int split(int64_t units, int64_t count, const F& run) {
+  std::vector<std::thread> pool;
+  std::atomic<bool> failed{false};
+  auto part = [&](int64_t t) {
+    try {
+      run(units * t / count, units * (t + 1) / count);
+    } catch (...) {
+      failed = true;
+    }
+  };
+  int64_t started = 1;
+  try {
+    for (; started < count; ++started) pool.emplace_back(part, started);
+  } catch (...) {
+  }
+  part(0);
+  for (int64_t t = started; t < count; ++t) part(t);
+  for (auto& thread : pool) thread.join();
+  return failed ? 2 : 0;
+}
+
+template <typename T> int64_t thread_count(int threads, int64_t units, int64_t products) {
+  return std::max<int64_t>(1, std::min<int64_t>({int64_t(threads), units, products / MIN_WORK}));
+}
+
+template <typename T> int ordered_matmul(const Problem<T>& p, int threads) try {
+  if (p.G < 0 || p.R < 0 || p.N < 0 || p.n < 0) return 1;
+  if (p.G == 0 || p.R == 0 || p.N == 0) return 0;
+  const int64_t units = p.G * ((p.N + lanes<T>() - 1) / lanes<T>());
+  return split(units, thread_count<T>(threads, units, p.G * p.R * p.n * p.N),
+               [&](int64_t u0, int64_t u1) { run_ordered<T>(p, u0, u1); });
+} catch (...) {
+  return 3;
+}
+
 template <typename T> int tree_matmul(const Problem<T>& p, int threads) try {
   if (p.n < 2 || p.G < 0 || p.R < 0 || p.N < 0) return 1;  // n = 1 has no tree: the caller multiplies
   if (p.G == 0 || p.R == 0 || p.N == 0) return 0;
@@ -395,32 +485,14 @@ template <typename T> int tree_matmul(const Problem<T>& p, int threads) try {
   const int64_t NB = by_rows ? lanes<T>() : block_outputs<T>();
   const int64_t units = p.G * ((p.N + NB - 1) / NB);
   const int64_t products = p.G * p.R * P * p.N;
-  int64_t count = std::max<int64_t>(1, std::min<int64_t>({int64_t(threads), units, products / MIN_WORK}));
-  // Each thread takes a contiguous range of (g, output block) units; a range whose thread could not be started
-  // runs here. Every output is computed whole by one thread, so the split changes no bit.
-  std::vector<std::thread> pool;
-  std::atomic<bool> failed{false};
-  auto part = [&](int64_t t) {
-    try {
-      if (by_rows) {
-        run_rows<T>(p, P, units * t / count, units * (t + 1) / count);
-      } else {
-        run_units<T>(p, rev, upper.get(), units * t / count, units * (t + 1) / count);
-      }
-    } catch (...) {
-      failed = true;
+  return split(units, thread_count<T>(threads, units, products), [&](int64_t u0, int64_t u1) {
+    if (by_rows) {
+      run_rows<T>(p, P, u0, u1);
+    } else {
+      run_units<T>(p, rev, upper.get(), u0, u1);
     }
-  };
-  int64_t started = 1;
-  try {
-    for (; started < count; ++started) pool.emplace_back(part, started);
-  } catch (...) {
-  }
-  part(0);
-  for (int64_t t = started; t < count; ++t) part(t);
-  for (auto& thread : pool) thread.join();
-  return failed ? 2 : 0;
-} catch (...) {  // memory for the rev table: report, never unwind into the caller
+  });
+} catch (...) {  // memory for the tables: report, never unwind into the caller
   return 3;
 }
 
@@ -432,6 +504,18 @@ int kv_tree_matmul_f32(int64_t G, int64_t R, int64_t n, int64_t N, const float* 
                        int64_t sxk, const float* b, int64_t sbg, int64_t sbk, int64_t sbo, float* y, int64_t syg,
                        int64_t syr, int64_t syo, int threads) {
   return tree_matmul<float>({G, R, n, N, x, sxg, sxr, sxk, b, sbg, sbk, sbo, y, syg, syr, syo}, threads);
+}
+
+int kv_ordered_matmul_f32(int64_t G, int64_t R, int64_t n, int64_t N, const float* x, int64_t sxg, int64_t sxr,
+                          int64_t sxk, const float* b, int64_t sbg, int64_t sbk, int64_t sbo, float* y, int64_t syg,
+                          int64_t syr, int64_t syo, int threads) {
+  return ordered_matmul<float>({G, R, n, N, x, sxg, sxr, sxk, b, sbg, sbk, sbo, y, syg, syr, syo}, threads);
+}
+
+int kv_ordered_matmul_f64(int64_t G, int64_t R, int64_t n, int64_t N, const double* x, int64_t sxg, int64_t sxr,
+                          int64_t sxk, const double* b, int64_t sbg, int64_t sbk, int64_t sbo, double* y,
+                          int64_t syg, int64_t syr, int64_t syo, int threads) {
+  return ordered_matmul<double>({G, R, n, N, x, sxg, sxr, sxk, b, sbg, sbk, sbo, y, syg, syr, syo}, threads);
 }
 
 int kv_tree_matmul_f64(int64_t G, int64_t R, int64_t n, int64_t N, const double* x, int64_t sxg, int64_t sxr,
