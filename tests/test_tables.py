@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 
-from kvverify.commands.tables import print_results, print_table, table
-from kvverify.runs import PropertyResult, SuiteResult
+from kvverify.commands.tables import print_results
+from kvverify.runs import PropertyResult, SuiteResult, print_table, table
 
 
 def test_a_wide_row_stays_one_line_without_colour_codes() -> None:

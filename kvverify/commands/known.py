@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from rich.table import Table
 
 from kvverify.adapters.known_failures import Reproduction
-from kvverify.commands.tables import table
+from kvverify.runs import table
 
 
 def known_failures_table(reproductions: Sequence[Reproduction]) -> Table:

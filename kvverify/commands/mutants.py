@@ -24,9 +24,8 @@ from rich.text import Text
 from kvverify.adapters import import_transformers
 from kvverify.adapters.hf import CACHES
 from kvverify.commands.known import known_failures_table
-from kvverify.commands.tables import print_table, table
 from kvverify.protocol.cache import CacheFactory
-from kvverify.runs import PropertyResult
+from kvverify.runs import PropertyResult, print_table, table
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: transformers' caches, by their name in kvverify.adapters.hf.CACHES, that run as controls: generate()'s

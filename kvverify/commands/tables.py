@@ -1,5 +1,4 @@
-"""The suite's per-property table, drawn with :mod:`kvverify.runs.tables`' writer (``table`` and
-``print_table`` are re-exported for the other commands)."""
+"""The suite's per-property table, drawn with :mod:`kvverify.runs.tables`' writer."""
 
 from __future__ import annotations
 
@@ -11,8 +10,6 @@ from kvverify.runs import print_table, table
 
 if TYPE_CHECKING:
     from kvverify.runs import PropertyResult, SuiteResult
-
-__all__ = ["print_results", "print_table", "table"]
 
 #: The word for each verdict in the suite's table, and its colour on a terminal.
 _MARK = {"passed": ("PASS", "green"), "failed": ("FAIL", "bold red"), "skipped": ("skip", "yellow"),

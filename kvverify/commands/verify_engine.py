@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 from rich.text import Text
 
 from kvverify.commands.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from kvverify.commands.tables import print_results, print_table, table
+from kvverify.commands.tables import print_results
 from kvverify.commands.verify import unwritable
-from kvverify.runs import PROFILE_EXAMPLES
+from kvverify.runs import PROFILE_EXAMPLES, print_table, table
 
 if TYPE_CHECKING:
     from rich.table import Table

@@ -19,7 +19,7 @@ from kvverify.adapters.hf.models import MODELS, WINDOW
 from kvverify.adapters.hf.verify import BATCH, NEW_TOKENS, PROMPT_LEN, Row, verify_model
 from kvverify.checks import DeviceError, describe_device, resolve_device
 from kvverify.commands.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from kvverify.commands.tables import print_table, table
+from kvverify.runs import print_table, table
 
 
 def format_table(rows: list[Row]) -> Table:

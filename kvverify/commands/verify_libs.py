@@ -21,7 +21,7 @@ from kvverify.adapters.known_failures import installed_version
 from kvverify.adapters.libraries import LIBRARY_CACHES
 from kvverify.commands.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from kvverify.commands.known import known_failures_table
-from kvverify.commands.tables import print_table, table
+from kvverify.runs import print_table, table
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
