@@ -149,6 +149,19 @@ def test_attention_is_bitwise_the_python_path(dtype: torch.dtype, batch: int,
     _assert_same_bits(native, python, f"attention {layout}, q {tuple(q.shape)}, k {tuple(k.shape)}, {dtype}")
 
 
+@pytest.mark.parametrize("layout", ["prefix", "before", "between", "after"])
+def test_attention_in_chunks_of_queries_is_bitwise_the_python_path(monkeypatch: pytest.MonkeyPatch,
+                                                                   layout: str) -> None:
+    """Many chunks of queries (keys laid out once for all of them), each against its own span of keys."""
+    monkeypatch.setattr(numerics, "_NATIVE_ATTENTION_CHUNK", 40)
+    visible = _mask(2, 11, 30, layout, 3)
+    s = visible.shape[-1]
+    q = _values((2, 4, 11, 16), torch.bfloat16, 0)
+    k, v = _values((2, 2, s, 16), torch.bfloat16, 1), _values((2, 2, s, 16), torch.bfloat16, 2)
+    native, python = _both(numerics.attention, q, k, v, visible, None)
+    _assert_same_bits(native, python, f"attention in chunks, keys masked {layout}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_a_row_alone_equals_it_in_a_batch_of_every_size(dtype: torch.dtype) -> None:
     rows = _values((9, 2, 200), dtype, 0)

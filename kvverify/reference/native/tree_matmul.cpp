@@ -70,8 +70,11 @@ template <typename T> struct Direct {
   const T* b;  // at the block's first output
   int64_t sbk, H, n;
   const int64_t* rev;
-  const T* lo(int64_t j) const { return b + rev[j] * sbk; }
-  const T* hi(int64_t j) const { return b + (rev[j] + H) * sbk; }
+  const int64_t* idx;  // or null
+  int64_t sik;
+  int64_t row(int64_t k) const { return idx ? idx[k * sik] : k; }
+  const T* lo(int64_t j) const { return b + row(rev[j]) * sbk; }
+  const T* hi(int64_t j) const { return b + row(rev[j] + H) * sbk; }
   void prefetch(int64_t j) const {  // rows in bit-reversed order: no hardware prefetcher follows them
     if (j < H) {
       __builtin_prefetch(lo(j));
@@ -278,6 +281,8 @@ template <typename T> struct Problem {
   int64_t sbg, sbk, sbo;
   T* y;
   int64_t syg, syr, syo;
+  const int64_t* idx = nullptr;  // when given, term k reads b's row idx[g * sig + k * sik] (keys in a query's order)
+  int64_t sig = 0, sik = 0;
 };
 
 // Units [u0, u1) of the flattened (g, output block) list.
@@ -299,6 +304,7 @@ void run_units(const Problem<T>& p, const std::vector<int64_t>& rev, const bool*
     const T* x = p.x + g * p.sxg;
     const T* b = p.b + g * p.sbg;
     T* y = p.y + g * p.syg;
+    const int64_t* ix = p.idx ? p.idx + g * p.sig : nullptr;
     for (int64_t r0 = 0; r0 < p.R; r0 += ROWS) {
       const int64_t rows = std::min(ROWS, p.R - r0);
       for (int64_t r = 0; r < rows; ++r) {
@@ -314,20 +320,22 @@ void run_units(const Problem<T>& p, const std::vector<int64_t>& rev, const bool*
         const int64_t o0 = ob * NB, valid = std::min(NB, p.N - o0);
         T* yo = y + r0 * p.syr + o0 * p.syo;
         if (p.sbo == 1 && valid == NB && p.R <= ROW_KERNEL_ROWS) {
-          rows_against(Direct<T>{b + o0, p.sbk, H, n, rev.data()}, xp, xs, upper, H, rows, yo, p.syr, p.syo, valid);
+          const Direct<T> direct{b + o0, p.sbk, H, n, rev.data(), ix, p.sik};
+          rows_against(direct, xp, xs, upper, H, rows, yo, p.syr, p.syo, valid);
           continue;
         }
         // the panel's columns k-major (tile[k][c]), then its rows in leaf order
         if (p.sbo == 1) {
           for (int64_t k = 0; k < n; ++k) {
-            const T* bk = b + k * p.sbk + o0;
+            const T* bk = b + (ix ? ix[k * p.sik] : k) * p.sbk + o0;
             T* tk = tile + k * NB;
             for (int64_t c = 0; c < NB; ++c) tk[c] = c < valid ? bk[c] : T(0);
           }
         } else {
           for (int64_t c = 0; c < NB; ++c) {
             const T* bc = b + (o0 + c) * p.sbo;
-            for (int64_t k = 0; k < n; ++k) tile[k * NB + c] = c < valid ? bc[k * p.sbk] : T(0);
+            for (int64_t k = 0; k < n; ++k)
+              tile[k * NB + c] = c < valid ? bc[(ix ? ix[k * p.sik] : k) * p.sbk] : T(0);
           }
         }
         for (int64_t j = 0; j < H; ++j) {
@@ -481,7 +489,7 @@ template <typename T> int tree_matmul(const Problem<T>& p, int threads) try {
   std::unique_ptr<bool[]> upper(new bool[size_t(H)]);
   for (int64_t j = 0; j < H; ++j) upper[j] = rev[j] + H < p.n;
   // Few rows against a b whose k is contiguous: the row kernel, which packs nothing; else the panels.
-  const bool by_rows = p.sbk == 1 && p.R <= ROW_KERNEL_ROWS && H >= lanes<T>();
+  const bool by_rows = p.sbk == 1 && p.idx == nullptr && p.R <= ROW_KERNEL_ROWS && H >= lanes<T>();
   const int64_t NB = by_rows ? lanes<T>() : block_outputs<T>();
   const int64_t units = p.G * ((p.N + NB - 1) / NB);
   const int64_t products = p.G * p.R * P * p.N;
@@ -502,8 +510,9 @@ extern "C" {
 
 int kv_tree_matmul_f32(int64_t G, int64_t R, int64_t n, int64_t N, const float* x, int64_t sxg, int64_t sxr,
                        int64_t sxk, const float* b, int64_t sbg, int64_t sbk, int64_t sbo, float* y, int64_t syg,
-                       int64_t syr, int64_t syo, int threads) {
-  return tree_matmul<float>({G, R, n, N, x, sxg, sxr, sxk, b, sbg, sbk, sbo, y, syg, syr, syo}, threads);
+                       int64_t syr, int64_t syo, const int64_t* idx, int64_t sig, int64_t sik, int threads) {
+  return tree_matmul<float>({G, R, n, N, x, sxg, sxr, sxk, b, sbg, sbk, sbo, y, syg, syr, syo, idx, sig, sik},
+                            threads);
 }
 
 int kv_ordered_matmul_f32(int64_t G, int64_t R, int64_t n, int64_t N, const float* x, int64_t sxg, int64_t sxr,
@@ -520,8 +529,9 @@ int kv_ordered_matmul_f64(int64_t G, int64_t R, int64_t n, int64_t N, const doub
 
 int kv_tree_matmul_f64(int64_t G, int64_t R, int64_t n, int64_t N, const double* x, int64_t sxg, int64_t sxr,
                        int64_t sxk, const double* b, int64_t sbg, int64_t sbk, int64_t sbo, double* y, int64_t syg,
-                       int64_t syr, int64_t syo, int threads) {
-  return tree_matmul<double>({G, R, n, N, x, sxg, sxr, sxk, b, sbg, sbk, sbo, y, syg, syr, syo}, threads);
+                       int64_t syr, int64_t syo, const int64_t* idx, int64_t sig, int64_t sik, int threads) {
+  return tree_matmul<double>({G, R, n, N, x, sxg, sxr, sxk, b, sbg, sbk, sbo, y, syg, syr, syo, idx, sig, sik},
+                             threads);
 }
 
 }
