@@ -3,7 +3,7 @@
 products summed left to right (:mod:`kvverify.invariant.ordered`); bit for bit, vectorised across outputs like a
 GEMM.
 
-``native/tree_matmul.cpp`` is compiled just in time with the machine's C++ compiler (``$CXX``, else ``c++``;
+``native/*.cpp`` are compiled just in time with the machine's C++ compiler (``$CXX``, else ``c++``;
 ``-O3 -march=native -ffp-contract=off``, no fused multiply-add, no ``-ffast-math``) into a per-user cache
 (``$KVVERIFY_BUILD_DIR``, else ``$XDG_CACHE_HOME/kvverify/kernels``, else ``~/.cache/kvverify/kernels``), keyed by
 the source, the compiler, the flags and the CPU, and loaded with ctypes: no build step at install, no CUDA torch in
@@ -29,7 +29,9 @@ import torch
 
 #: ``KVVERIFY_KERNELS=python`` turns the native kernel off (``native``, the default, uses it where it is built).
 ENV = "KVVERIFY_KERNELS"
-SOURCE = Path(__file__).parent / "native" / "tree_matmul.cpp"
+NATIVE = Path(__file__).parent / "native"
+#: Compiled together into one library; common.h is hashed into the build key with them.
+SOURCES = (NATIVE / "tree_matmul.cpp", NATIVE / "ordered_matmul.cpp")
 FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c++17", "-fPIC", "-shared", "-pthread")
 #: Tried first; dropped for compilers or CPUs that refuse it.
 NATIVE_ARCH = "-march=native"
@@ -179,14 +181,15 @@ def _build() -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     errors = []
     for flags in ((NATIVE_ARCH, *FLAGS), FLAGS):
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, _cpu()]).encode()).hexdigest()
-        target = directory / f"tree_matmul-{key[:20]}.so"
+        texts = [path.read_text() for path in (*SOURCES, NATIVE / "common.h")]
+        key = hashlib.sha256("\0".join([*texts, compiler, version, *flags, _cpu()]).encode()).hexdigest()
+        target = directory / f"fixed_order-{key[:20]}.so"
         if target.exists():
             return target
         with tempfile.TemporaryDirectory(dir=directory) as scratch:
             built = Path(scratch) / target.name
-            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
-                                  timeout=600, check=False)
+            done = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built)], capture_output=True,
+                                  text=True, timeout=600, check=False)
             if done.returncode == 0:
                 os.replace(built, target)  # atomic: concurrent builders (pytest-xdist workers) each write whole
                 return target

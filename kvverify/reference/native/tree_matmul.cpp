@@ -1,4 +1,4 @@
-// Fixed-order products for kvverify's strict numerics (kvverify/reference/fixed_order.py builds and loads this).
+// Fixed-order products for kvverify's strict numerics (kvverify/reference/fixed_order.py).
 //
 // y[g][r][o] = the sum over k < n of x[g][r][k] * b[g][k][o], each product rounded to T, the sum taken as
 // kvverify.reference.numerics.tree_sum takes it: the terms zero-padded to P, the power of two >= n, then the
@@ -10,44 +10,9 @@
 // GEMM microkernel streams its k loop. Every output's additions are fixed by n alone: never by the rows, the
 // blocking, the thread count or the vector width. Built with -ffp-contract=off (no fused multiply-add) and
 // without -ffast-math; vector lanes round as scalars do, so -march=native changes no bit.
-#include <algorithm>
-#include <atomic>
-#include <cstddef>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <memory>
-#include <new>
-#include <thread>
-#include <vector>
+#include "common.h"
 
 namespace {
-
-template <typename T> struct Lanes;
-template <> struct Lanes<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef float U __attribute__((vector_size(64), aligned(4)));  // for unaligned loads
-};
-template <> struct Lanes<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef double U __attribute__((vector_size(64), aligned(8)));
-};
-
-// Blocking (measured on a Zen 4 core, AVX-512): RB rows × NV vectors of outputs per microkernel call, leaves
-// summed U at a time in registers before entering the counter; ROWS rows packed at a time.
-constexpr int NV = 1;
-constexpr int RB = 6;
-constexpr int U = 4;
-constexpr int64_t ROWS = 64;
-constexpr int64_t MIN_WORK = 1 << 21;  // products per thread below which fewer threads are used
-constexpr int64_t ROW_KERNEL_ROWS = 4;  // rows up to which the row kernel runs (see run_rows)
-constexpr int64_t AHEAD = 8;  // groups of leaves ahead whose rows of b are prefetched (direct path)
-
-template <typename T> constexpr int64_t block_outputs() { return NV * int64_t(64 / sizeof(T)); }
-
-template <typename T, int R> struct Block {
-  typename Lanes<T>::V v[R][NV];
-};
 
 template <typename T, int R> inline Block<T, R> add(const Block<T, R>& a, const Block<T, R>& b) {
   Block<T, R> s;
@@ -174,16 +139,6 @@ void rows_against(const S& bp, const T* xp, int64_t xs, const bool* upper, int64
   if (r < rows) tail<T, RB - 1, S>(rows - r, xp + r * xs, xs, bp, upper, H, y + r * syr, syr, syo, valid);
 }
 
-struct Aligned {
-  void* p = nullptr;
-  explicit Aligned(size_t bytes) {
-    p = std::aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
-    if (p == nullptr) throw std::bad_alloc();
-  }
-  ~Aligned() { std::free(p); }
-  Aligned(const Aligned&) = delete;
-  Aligned& operator=(const Aligned&) = delete;
-};
 
 
 // The row kernel, for b whose k is contiguous (b[k][o] = W[o][k]: a linear layer's weight, keys for q·k) and few
@@ -195,10 +150,6 @@ template <typename T> struct Index;
 template <> struct Index<float> { typedef int32_t I __attribute__((vector_size(64))); };
 template <> struct Index<double> { typedef int64_t I __attribute__((vector_size(64))); };
 
-template <typename T> using Vec = typename Lanes<T>::V;
-template <typename T> using VecU = typename Lanes<T>::U;
-
-template <typename T> constexpr int lanes() { return int(64 / sizeof(T)); }
 
 // Groups of 2g lanes of a and b -> groups of g: [a0, b0, a1, b1, ...], each the sum of its group's two halves.
 template <typename T, int g> inline Vec<T> halve(Vec<T> a, Vec<T> b) {
@@ -273,17 +224,6 @@ void row_block(const T* xpad, const T* b, int64_t sbo, int64_t n, int64_t H, int
     if (order[l] < valid) y[order[l] * syo] = sums[l];
 }
 
-template <typename T> struct Problem {
-  int64_t G, R, n, N;
-  const T* x;
-  int64_t sxg, sxr, sxk;
-  const T* b;
-  int64_t sbg, sbk, sbo;
-  T* y;
-  int64_t syg, syr, syo;
-  const int64_t* idx = nullptr;  // when given, term k reads b's row idx[g * sig + k * sik] (keys in a query's order)
-  int64_t sig = 0, sik = 0;
-};
 
 // Units [u0, u1) of the flattened (g, output block) list.
 template <typename T>
@@ -355,58 +295,6 @@ void run_units(const Problem<T>& p, const std::vector<int64_t>& rev, const bool*
 }
 
 
-// The invariant mode's order (kvverify.invariant.ordered): y = (((+0 + p_0) + p_1) + ...) + p_{n-1}, each product
-// rounded first. Blocks of NB outputs, RB rows at a time; b's block is copied k-major unless its outputs are
-// contiguous already.
-template <typename T, int R>
-void ordered_rows(const Problem<T>& p, const T* x, const T* bk, int64_t bstride, T* y, int64_t valid) {
-  typedef typename Lanes<T>::U V;
-  Vec<T> acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = Vec<T>{};  // +0: the sum's start
-  for (int64_t k = 0; k < p.n; ++k) {
-    const Vec<T> column = *reinterpret_cast<const V*>(bk + k * bstride);
-    for (int r = 0; r < R; ++r) acc[r] = acc[r] + x[r * p.sxr + k * p.sxk] * column;
-  }
-  for (int r = 0; r < R; ++r) {
-    const T* lanes_ = reinterpret_cast<const T*>(&acc[r]);
-    for (int64_t o = 0; o < valid; ++o) y[r * p.syr + o * p.syo] = lanes_[o];
-  }
-}
-
-template <typename T, int K>
-void ordered_tail(int64_t rows, const Problem<T>& p, const T* x, const T* bk, int64_t bstride, T* y, int64_t valid) {
-  if constexpr (K >= 1) {
-    if (rows == K) {
-      ordered_rows<T, K>(p, x, bk, bstride, y, valid);
-    } else {
-      ordered_tail<T, K - 1>(rows, p, x, bk, bstride, y, valid);
-    }
-  }
-}
-
-template <typename T> void run_ordered(const Problem<T>& p, int64_t u0, int64_t u1) {
-  constexpr int L = lanes<T>();
-  const int64_t blocks = (p.N + L - 1) / L;
-  Aligned tbuf(sizeof(T) * size_t(p.n * L));
-  T* tile = static_cast<T*>(tbuf.p);
-  for (int64_t u = u0; u < u1; ++u) {
-    const int64_t g = u / blocks, o0 = (u % blocks) * L, valid = std::min<int64_t>(L, p.N - o0);
-    const T* b = p.b + g * p.sbg + o0 * p.sbo;
-    const T* bk = b;
-    int64_t bstride = p.sbk;
-    if (p.sbo != 1 || valid < L) {  // k-major copy of the block, zeros past the last output
-      for (int64_t k = 0; k < p.n; ++k)
-        for (int64_t c = 0; c < L; ++c) tile[k * L + c] = c < valid ? b[k * p.sbk + c * p.sbo] : T(0);
-      bk = tile;
-      bstride = L;
-    }
-    const T* x = p.x + g * p.sxg;
-    T* y = p.y + g * p.syg + o0 * p.syo;
-    int64_t r = 0;
-    for (; r + RB <= p.R; r += RB) ordered_rows<T, RB>(p, x + r * p.sxr, bk, bstride, y + r * p.syr, valid);
-    if (r < p.R) ordered_tail<T, RB - 1>(p.R - r, p, x + r * p.sxr, bk, bstride, y + r * p.syr, valid);
-  }
-}
 
 // The row kernel over units [u0, u1) of the flattened (g, block of L outputs) list.
 template <typename T> void run_rows(const Problem<T>& p, int64_t P, int64_t u0, int64_t u1) {
@@ -433,42 +321,7 @@ template <typename T> void run_rows(const Problem<T>& p, int64_t P, int64_t u0, 
   }
 }
 
-// Splits the units of work across threads: each thread takes a contiguous range; a range whose thread could not
-// be started runs here. Every output is computed whole by one thread, so the split changes no bit.
-template <typename F> int split(int64_t units, int64_t count, const F& run) {
-  std::vector<std::thread> pool;
-  std::atomic<bool> failed{false};
-  auto part = [&](int64_t t) {
-    try {
-      run(units * t / count, units * (t + 1) / count);
-    } catch (...) {
-      failed = true;
-    }
-  };
-  int64_t started = 1;
-  try {
-    for (; started < count; ++started) pool.emplace_back(part, started);
-  } catch (...) {
-  }
-  part(0);
-  for (int64_t t = started; t < count; ++t) part(t);
-  for (auto& thread : pool) thread.join();
-  return failed ? 2 : 0;
-}
 
-template <typename T> int64_t thread_count(int threads, int64_t units, int64_t products) {
-  return std::max<int64_t>(1, std::min<int64_t>({int64_t(threads), units, products / MIN_WORK}));
-}
-
-template <typename T> int ordered_matmul(const Problem<T>& p, int threads) try {
-  if (p.G < 0 || p.R < 0 || p.N < 0 || p.n < 0) return 1;
-  if (p.G == 0 || p.R == 0 || p.N == 0) return 0;
-  const int64_t units = p.G * ((p.N + lanes<T>() - 1) / lanes<T>());
-  return split(units, thread_count<T>(threads, units, p.G * p.R * p.n * p.N),
-               [&](int64_t u0, int64_t u1) { run_ordered<T>(p, u0, u1); });
-} catch (...) {
-  return 3;
-}
 
 template <typename T> int tree_matmul(const Problem<T>& p, int threads) try {
   if (p.n < 2 || p.G < 0 || p.R < 0 || p.N < 0) return 1;  // n = 1 has no tree: the caller multiplies
@@ -513,18 +366,6 @@ int kv_tree_matmul_f32(int64_t G, int64_t R, int64_t n, int64_t N, const float* 
                        int64_t syr, int64_t syo, const int64_t* idx, int64_t sig, int64_t sik, int threads) {
   return tree_matmul<float>({G, R, n, N, x, sxg, sxr, sxk, b, sbg, sbk, sbo, y, syg, syr, syo, idx, sig, sik},
                             threads);
-}
-
-int kv_ordered_matmul_f32(int64_t G, int64_t R, int64_t n, int64_t N, const float* x, int64_t sxg, int64_t sxr,
-                          int64_t sxk, const float* b, int64_t sbg, int64_t sbk, int64_t sbo, float* y, int64_t syg,
-                          int64_t syr, int64_t syo, int threads) {
-  return ordered_matmul<float>({G, R, n, N, x, sxg, sxr, sxk, b, sbg, sbk, sbo, y, syg, syr, syo}, threads);
-}
-
-int kv_ordered_matmul_f64(int64_t G, int64_t R, int64_t n, int64_t N, const double* x, int64_t sxg, int64_t sxr,
-                          int64_t sxk, const double* b, int64_t sbg, int64_t sbk, int64_t sbo, double* y,
-                          int64_t syg, int64_t syr, int64_t syo, int threads) {
-  return ordered_matmul<double>({G, R, n, N, x, sxg, sxr, sxk, b, sbg, sbk, sbo, y, syg, syr, syo}, threads);
 }
 
 int kv_tree_matmul_f64(int64_t G, int64_t R, int64_t n, int64_t N, const double* x, int64_t sxg, int64_t sxr,
