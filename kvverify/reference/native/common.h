@@ -38,8 +38,8 @@ constexpr int64_t AHEAD = 8;  // groups of leaves ahead whose rows of b are pref
 
 template <typename T> constexpr int64_t block_outputs() { return NV * int64_t(64 / sizeof(T)); }
 
-template <typename T, int R> struct Block {
-  typename Lanes<T>::V v[R][NV];
+template <typename T, int R, int C> struct Block {  // R rows × C vectors of outputs
+  typename Lanes<T>::V v[R][C];
 };
 
 template <typename T> using Vec = typename Lanes<T>::V;

@@ -14,10 +14,11 @@
 
 namespace {
 
-template <typename T, int R> inline Block<T, R> add(const Block<T, R>& a, const Block<T, R>& b) {
-  Block<T, R> s;
+template <typename T, int R, int C>
+inline Block<T, R, C> add(const Block<T, R, C>& a, const Block<T, R, C>& b) {
+  Block<T, R, C> s;
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < NV; ++c) s.v[r][c] = a.v[r][c] + b.v[r][c];
+    for (int c = 0; c < C; ++c) s.v[r][c] = a.v[r][c] + b.v[r][c];
   return s;
 }
 
@@ -27,11 +28,13 @@ template <typename T> struct Panel {
   const T* lo(int64_t j) const { return panel + j * 2 * block_outputs<T>(); }
   const T* hi(int64_t j) const { return panel + (j * 2 + 1) * block_outputs<T>(); }
   void prefetch(int64_t) const {}  // streamed in order: the hardware prefetches it
+  static constexpr int C = NV;
 };
 
 // ... or b itself, when its outputs are contiguous (values for the weighted sum) and the rows too few to pay
-// for packing.
-template <typename T> struct Direct {
+// for packing: CC vectors of outputs at once, so that each row of b read (in bit-reversed order) is read whole.
+template <typename T, int CC> struct Direct {
+  static constexpr int C = CC;
   const T* b;  // at the block's first output
   int64_t sbk, H, n;
   const int64_t* rev;
@@ -42,8 +45,9 @@ template <typename T> struct Direct {
   const T* hi(int64_t j) const { return b + row(rev[j] + H) * sbk; }
   void prefetch(int64_t j) const {  // rows in bit-reversed order: no hardware prefetcher follows them
     if (j < H) {
-      __builtin_prefetch(lo(j));
-      if (rev[j] + H < n) __builtin_prefetch(hi(j));
+      for (int c = 0; c < C; ++c) __builtin_prefetch(lo(j) + c * lanes<T>());
+      if (rev[j] + H < n)
+        for (int c = 0; c < C; ++c) __builtin_prefetch(hi(j) + c * lanes<T>());
     }
   }
 };
@@ -51,20 +55,20 @@ template <typename T> struct Direct {
 // Leaf j: a[rev(j)] for R rows. xp: packed rows, [r][j][lo, hi] with row stride xs; bp: where b's values are.
 // A leaf whose upper term is padding (k + H >= n) adds +0, as tree_sum does, without the product 0 * 0.
 template <typename T, int R, typename S>
-inline Block<T, R> leaf(const T* xp, int64_t xs, const S& bp, int64_t j, bool upper) {
+inline Block<T, R, S::C> leaf(const T* xp, int64_t xs, const S& bp, int64_t j, bool upper) {
   typedef typename Lanes<T>::U V;
   const V* lo = reinterpret_cast<const V*>(bp.lo(j));
-  Block<T, R> out;
+  Block<T, R, S::C> out;
   if (upper) {
     const V* hi = reinterpret_cast<const V*>(bp.hi(j));
     for (int r = 0; r < R; ++r) {
       const T a = xp[r * xs + 2 * j], c = xp[r * xs + 2 * j + 1];
-      for (int v = 0; v < NV; ++v) out.v[r][v] = a * lo[v] + c * hi[v];
+      for (int v = 0; v < S::C; ++v) out.v[r][v] = a * lo[v] + c * hi[v];
     }
   } else {
     for (int r = 0; r < R; ++r) {
       const T a = xp[r * xs + 2 * j];
-      for (int v = 0; v < NV; ++v) out.v[r][v] = a * lo[v] + T(0);
+      for (int v = 0; v < S::C; ++v) out.v[r][v] = a * lo[v] + T(0);
     }
   }
   return out;
@@ -72,7 +76,7 @@ inline Block<T, R> leaf(const T* xp, int64_t xs, const S& bp, int64_t j, bool up
 
 // The pairwise sum of leaves j0 .. j0 + W - 1 (W a power of two).
 template <typename T, int R, int W, typename S>
-inline Block<T, R> subtree(const T* xp, int64_t xs, const S& bp, const bool* upper, int64_t j0) {
+inline Block<T, R, S::C> subtree(const T* xp, int64_t xs, const S& bp, const bool* upper, int64_t j0) {
   if constexpr (W == 1) {
     return leaf<T, R, S>(xp, xs, bp, j0, upper[j0]);
   } else {
@@ -84,12 +88,12 @@ inline Block<T, R> subtree(const T* xp, int64_t xs, const S& bp, const bool* upp
 template <typename T, int R, int W, typename S>
 void micro(const T* xp, int64_t xs, const S& bp, const bool* upper, int64_t H, T* y, int64_t syr, int64_t syo,
            int64_t valid) {
-  Block<T, R> stack[64];
+  Block<T, R, S::C> stack[64];
   const int64_t groups = H / W;
   int top = 0;
   for (int64_t m = 0; m < groups; ++m) {
     for (int w = 0; w < W; ++w) bp.prefetch((m + AHEAD) * W + w);
-    Block<T, R> t = subtree<T, R, W, S>(xp, xs, bp, upper, m * W);
+    Block<T, R, S::C> t = subtree<T, R, W, S>(xp, xs, bp, upper, m * W);
     int level = 0;
     while ((m >> level) & 1) {
       t = add(stack[level], t);
@@ -98,7 +102,7 @@ void micro(const T* xp, int64_t xs, const S& bp, const bool* upper, int64_t H, T
     stack[level] = t;
     top = level;
   }
-  const Block<T, R>& sum = stack[top];
+  const Block<T, R, S::C>& sum = stack[top];
   for (int r = 0; r < R; ++r) {
     const T* lanes = reinterpret_cast<const T*>(&sum.v[r][0]);
     for (int64_t o = 0; o < valid; ++o) y[r * syr + o * syo] = lanes[o];
@@ -108,7 +112,7 @@ void micro(const T* xp, int64_t xs, const S& bp, const bool* upper, int64_t H, T
 template <typename T, int R, typename S>
 void micro_rows(const T* xp, int64_t xs, const S& bp, const bool* upper, int64_t H, T* y, int64_t syr, int64_t syo,
                 int64_t valid) {
-  if (H >= U) {
+  if (H >= U && S::C * R <= 8) {  // wider blocks would spill a subtree's registers
     micro<T, R, U, S>(xp, xs, bp, upper, H, y, syr, syo, valid);
   } else if (H >= 2) {
     micro<T, R, 2, S>(xp, xs, bp, upper, H, y, syr, syo, valid);
@@ -256,14 +260,32 @@ void run_units(const Problem<T>& p, const std::vector<int64_t>& rev, const bool*
           out[2 * j + 1] = k + H < n ? xr[(k + H) * p.sxk] : T(0);
         }
       }
-      for (int64_t ob = ob0; ob < ob1; ++ob) {
+      int64_t ob = ob0;
+      if (p.sbo == 1 && p.R <= ROW_KERNEL_ROWS) {  // whole blocks read in place, up to 8 at once
+        for (const int64_t end = std::min(ob1, p.N / NB); ob < end;) {
+          const int64_t take = end - ob >= 8 ? 8 : end - ob >= 4 ? 4 : end - ob >= 2 ? 2 : 1;
+          const T* bo = b + ob * NB;
+          T* yo = y + r0 * p.syr + ob * NB * p.syo;
+          const int64_t valid = take * NB;
+          if (take == 8) {
+            rows_against(Direct<T, 8>{bo, p.sbk, H, n, rev.data(), ix, p.sik}, xp, xs, upper, H, rows, yo, p.syr,
+                         p.syo, valid);
+          } else if (take == 4) {
+            rows_against(Direct<T, 4>{bo, p.sbk, H, n, rev.data(), ix, p.sik}, xp, xs, upper, H, rows, yo, p.syr,
+                         p.syo, valid);
+          } else if (take == 2) {
+            rows_against(Direct<T, 2>{bo, p.sbk, H, n, rev.data(), ix, p.sik}, xp, xs, upper, H, rows, yo, p.syr,
+                         p.syo, valid);
+          } else {
+            rows_against(Direct<T, 1>{bo, p.sbk, H, n, rev.data(), ix, p.sik}, xp, xs, upper, H, rows, yo, p.syr,
+                         p.syo, valid);
+          }
+          ob += take;
+        }
+      }
+      for (; ob < ob1; ++ob) {
         const int64_t o0 = ob * NB, valid = std::min(NB, p.N - o0);
         T* yo = y + r0 * p.syr + o0 * p.syo;
-        if (p.sbo == 1 && valid == NB && p.R <= ROW_KERNEL_ROWS) {
-          const Direct<T> direct{b + o0, p.sbk, H, n, rev.data(), ix, p.sik};
-          rows_against(direct, xp, xs, upper, H, rows, yo, p.syr, p.syo, valid);
-          continue;
-        }
         // the panel's columns k-major (tile[k][c]), then its rows in leaf order
         if (p.sbo == 1) {
           for (int64_t k = 0; k < n; ++k) {
