@@ -158,6 +158,15 @@ template <> struct Index<double> { typedef int64_t I __attribute__((vector_size(
 // Groups of 2g lanes of a and b -> groups of g: [a0, b0, a1, b1, ...], each the sum of its group's two halves.
 template <typename T, int g> inline Vec<T> halve(Vec<T> a, Vec<T> b) {
   constexpr int L = lanes<T>();
+#if defined(__clang__)  // no __builtin_shuffle: the same lanes picked one by one
+  Vec<T> lo, hi;
+  for (int l = 0; l < L; ++l) {
+    const int m = l / g, q = m / 2;
+    lo[l] = (m % 2 ? b : a)[q * 2 * g + l % g];
+    hi[l] = (m % 2 ? b : a)[q * 2 * g + l % g + g];
+  }
+  return lo + hi;
+#else
   typename Index<T>::I lo, hi;
   for (int l = 0; l < L; ++l) {
     const int m = l / g, q = m / 2;
@@ -165,6 +174,7 @@ template <typename T, int g> inline Vec<T> halve(Vec<T> a, Vec<T> b) {
     hi[l] = lo[l] + g;
   }
   return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+#endif
 }
 
 template <typename T, int g> inline void butterfly(Vec<T>* v, int count) {
