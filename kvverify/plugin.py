@@ -16,7 +16,8 @@ Fixtures, for tests of your own: ``kv_cache_factory`` (the target's factory), ``
 ``--kv-database DIR|redis://HOST:PORT[/DB]`` keeps failing examples there; the next run replays them first.
 ``--kv-isolate`` runs each property in a child process, as ``kvverify verify`` does (its own process group, killed
 whole): a cache that ends the process, crashes or swallows the time limit's interrupt fails that item, naming
-the cause, and the pytest run goes on. Without it the cache runs in pytest's process.
+the cause, and the pytest run goes on. The target is imported and probed in a child too; only the fixtures
+build it in pytest's process, when a test asks for one. Without it the cache runs in pytest's process.
 Markers: ``kvverify`` (on the generated items) and ``kv_needs(*methods)`` (skip unless the target has them).
 """
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from kvverify.checks import Property, Target
     from kvverify.protocol.cache import CacheFactory
     from kvverify.reference.model import ReferenceModel
-    from kvverify.runs import PropertyResult
+    from kvverify.runs import PropertyResult, TargetSummary
 
 #: The environment variable that names a target when ``--kv-cache`` is not given.
 ENV_TARGET = "KVVERIFY_CACHE"
@@ -97,14 +98,39 @@ def _session(config: pytest.Config) -> _TargetSession | None:
 class _TargetSession:
     """The target of this pytest run and the settings its properties run with; also a plugin (its hooks)."""
 
-    def __init__(self, spec: str, factory: CacheFactory, target: Target, profile: str, seed: int,
+    def __init__(self, spec: str, target: Target | None, summary: TargetSummary, profile: str, seed: int,
                  max_examples: int | None, time_limit: float | None, device_option: str | None = None,
                  database: tuple[str, ExampleDatabase] | None = None, isolate: bool = False) -> None:
-        self.spec, self.factory, self.target, self.device_option = spec, factory, target, device_option
+        self.spec, self._target, self.summary, self.device_option = spec, target, summary, device_option
         self.isolate = isolate
         self.profile, self.seed, self.max_examples, self.time_limit = profile, seed, max_examples, time_limit
         self.database_option: str | None = database[0] if database else None  # as given, for the reproduce line
         self.database: ExampleDatabase | None = database[1] if database else None
+
+    @property
+    def target(self) -> Target:
+        """The target in pytest's process; under ``--kv-isolate`` built at first use (only the fixtures ask)."""
+        if self._target is None:
+            from kvverify.runs import describe_target
+
+            self._target = self._loaded(lambda: describe_target(
+                self.factory, self.spec, time_limit=self.time_limit, device=self.summary.device,
+                shapes=self.summary.shapes))
+        return self._target
+
+    @property
+    def factory(self) -> CacheFactory:
+        from kvverify.checks import resolve_target
+
+        return self._target.factory if self._target is not None else self._loaded(lambda: resolve_target(self.spec))
+
+    def _loaded(self, load: Callable[[], Any]) -> Any:
+        from kvverify.checks import TargetError
+
+        try:
+            return load()
+        except TargetError as error:  # in a fixture: that test errors, saying why
+            pytest.fail(f"kvverify: {error}", pytrace=False)
 
     @classmethod
     def load(cls, config: pytest.Config, spec: str) -> _TargetSession:
@@ -116,7 +142,7 @@ class _TargetSession:
             resolve_device,
             resolve_target,
         )
-        from kvverify.runs import DatabaseError, describe_target, open_database
+        from kvverify.runs import DatabaseError, describe_isolated, describe_target, open_database, summarize
 
         max_examples = config.getoption("kv_max_examples")
         if max_examples is not None and max_examples < 1:
@@ -133,19 +159,24 @@ class _TargetSession:
             raise pytest.UsageError(f"kvverify: --kv-{error}") from None
         device_option = config.getoption("kv_device") or os.environ.get(ENV_DEVICE) or None
         option = "--kv-device" if config.getoption("kv_device") else ENV_DEVICE + "="
+        isolate, shapes = config.getoption("kv_isolate"), config.getoption("kv_shapes")
+        target = None
         try:
             device = resolve_device(device_option, option=option)
-            factory = resolve_target(spec)
-            target = describe_target(factory, spec, time_limit=time_limit, device=device,
-                                     shapes=config.getoption("kv_shapes"))
+            if isolate:  # the target's code runs in a child from the start: its import and probe too
+                summary = describe_isolated(spec, time_limit=time_limit, device=str(device), shapes=shapes)
+            else:
+                target = describe_target(resolve_target(spec), spec, time_limit=time_limit, device=device,
+                                         shapes=shapes)
+                summary = summarize(target)
         except (DeviceError, TargetError) as error:
             raise pytest.UsageError(f"kvverify: {error}") from None
         seed = config.getoption("kv_seed")
         if seed is None:  # an xdist worker runs the seed its controller drew (see pytest_configure_node)
             seed = getattr(config, "workerinput", {}).get(_SEED_KEY)
-        return cls(spec, factory, target, config.getoption("kv_profile"),
+        return cls(spec, target, summary, config.getoption("kv_profile"),
                    random.randrange(2**32) if seed is None else seed, max_examples, time_limit, device_option,
-                   database, isolate=config.getoption("kv_isolate"))
+                   database, isolate=isolate)
 
     @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook, on the controller: every worker gets its seed
     def pytest_configure_node(self, node: Any) -> None:
@@ -155,10 +186,10 @@ class _TargetSession:
         parts = [f"pytest --kv-cache={self.spec} --kv-profile={self.profile} --kv-seed={self.seed}"]
         if self.max_examples is not None:
             parts.append(f"--kv-max-examples={self.max_examples}")
-        if self.target.device.type != "cpu":
+        if self.summary.device != "cpu":
             parts.append(f"--kv-device={self.device_option}")
-        if self.target.shapes != "default":
-            parts.append(f"--kv-shapes={self.target.shapes}")
+        if self.summary.shapes != "default":
+            parts.append(f"--kv-shapes={self.summary.shapes}")
         if self.isolate:
             parts.append("--kv-isolate")
         if self.database_option is not None:  # the failure may be a replay from the database, not the seed's
@@ -174,17 +205,17 @@ class _TargetSession:
         from kvverify.runs import run_isolated, suite_in_child
 
         work = functools.partial(suite_in_child, self.spec, target=self.spec, profile=self.profile, seed=self.seed,
-                                 time_limit=self.time_limit, device=str(self.target.device),
-                                 max_examples=self.max_examples, shapes=self.target.shapes,
+                                 time_limit=self.time_limit, device=self.summary.device,
+                                 max_examples=self.max_examples, shapes=self.summary.shapes,
                                  database=self.database_option)
         (result,) = run_isolated(work, target=self.spec, properties=[name], time_limit=self.time_limit).results
         return result
 
     def pytest_report_header(self, config: pytest.Config) -> str:
-        capabilities = ", ".join(sorted(self.target.capabilities)) or "none"
+        capabilities = ", ".join(sorted(self.summary.capabilities)) or "none"
         return (f"kvverify: target {self.spec}, profile {self.profile}, seed {self.seed}, "
-                f"device {self.target.device}, shapes {self.target.shapes}, optional methods: {capabilities}, "
-                f"{self.target.declaration.describe()}"
+                f"device {self.summary.device}, shapes {self.summary.shapes}, optional methods: {capabilities}, "
+                f"{self.summary.declaration}"
                 + (", each property in a child process" if self.isolate else ""))
 
     @pytest.hookimpl(tryfirst=True)  # before -k and -m deselect
@@ -195,7 +226,7 @@ class _TargetSession:
 
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
         for marker in item.iter_markers("kv_needs"):
-            missing = sorted(set(marker.args) - self.target.capabilities)
+            missing = sorted(set(marker.args) - self.summary.capabilities)
             if missing:
                 pytest.skip(f"the cache {self.spec} has no {', '.join(f'{m}()' for m in missing)}")
 
@@ -230,10 +261,10 @@ class PropertyItem(pytest.Item):
         from kvverify.runs import run_property
 
         state = self.state
-        missing = sorted(self.prop.needs - state.target.capabilities)
+        missing = sorted(self.prop.needs - state.summary.capabilities)
         if missing:
             pytest.skip(f"the cache {state.spec} has no {', '.join(f'{m}()' for m in missing)}")
-        reason = self.prop.skip_reason(state.target)
+        reason = state.summary.skips.get(self.prop.name)
         if reason is not None:
             pytest.skip(f"{state.spec}: {reason}")
         if state.isolate:

@@ -13,6 +13,7 @@ import torch
 from kvverify.caches import ContiguousCache
 from kvverify.checks import Target
 from kvverify.plugin import _TargetSession
+from kvverify.runs import summarize
 
 pytest_plugins = ["pytester"]
 
@@ -113,7 +114,7 @@ def test_a_device_the_cache_does_not_declare_is_a_usage_error(here: pytest.Pytes
 def test_the_reproduce_command_keeps_a_device_other_than_the_cpu() -> None:
     def session(device: str, option: str | None) -> _TargetSession:
         target = Target("m:f", ContiguousCache.from_config, device=torch.device(device))
-        return _TargetSession("m:f", ContiguousCache.from_config, target, "dev", 2, None, 60.0, option)
+        return _TargetSession("m:f", target, summarize(target), "dev", 2, None, 60.0, option)
 
     assert session("cuda:1", "cuda:1").reproduce("reset").endswith("--kv-seed=2 --kv-device=cuda:1 -k reset")
     assert "--kv-device" not in session("cpu", "cpu").reproduce("reset")

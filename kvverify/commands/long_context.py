@@ -3,7 +3,8 @@ through the cache, compared bit for bit with the uncached logits of every step (
 
 Exit 0 when the logits are identical, 1 when they differ (with the report: where the cache went wrong) or the
 cache ended, crashed or hung the process running it, 2 when the command is wrong or the target unusable. The
-target runs in a child process, as ``kvverify verify`` runs it (``--in-process``: in this one).
+target runs in a child process, as ``kvverify verify`` runs it (``--in-process``: in this one): the command
+itself never imports it, so a target whose import ends the process is answered with exit 2.
 """
 
 from __future__ import annotations
@@ -31,20 +32,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvverify.checks import TargetError, long_case, make_target, resolve_target
+    from kvverify.checks import TargetError, long_case
     from kvverify.runs import long_context_in_child, run_isolated
 
     try:
         case = long_case(args.length, prompt=args.prompt, seed=args.seed, sliding_window=args.window,
                          dtype=args.dtype)
-        name = args.target
-        if args.in_process:
-            make_target(resolve_target(name), name, time_limit=args.time_limit)
-        else:
-            resolve_target(name)  # a name that cannot be resolved is a usage error before any child starts
-    except (ValueError, TargetError) as error:
+    except ValueError as error:
         print(f"kvverify long-context: {error}", file=sys.stderr)
         return EXIT_USAGE
+    name = args.target  # imported where it runs: in the child, unless --in-process
     print(f"kvverify long-context: {name}, {args.length} tokens ({args.prompt} prompt), {args.dtype}, "
           f"seed {args.seed}" + ("" if args.in_process else ", in a child process"), flush=True)
     started = time.perf_counter()

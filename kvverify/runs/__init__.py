@@ -4,9 +4,17 @@ example database and shards.
 The front door for the commands, the plugin and :func:`check_cache`.
 """
 
-from kvverify.runs.check import check_cache, factory_spec, long_context_in_child, suite_in_child
+from kvverify.runs.check import (
+    TargetSummary,
+    check_cache,
+    describe_isolated,
+    factory_spec,
+    long_context_in_child,
+    suite_in_child,
+    summarize,
+)
 from kvverify.runs.database import DatabaseError, describe_database, open_database
-from kvverify.runs.isolation import run_isolated
+from kvverify.runs.isolation import run_in_child, run_isolated
 from kvverify.runs.junit import write_junit
 from kvverify.runs.options import check_options
 from kvverify.runs.runner import (
@@ -30,9 +38,11 @@ __all__ = [
     "PropertyResult",
     "ShardError",
     "SuiteResult",
+    "TargetSummary",
     "check_cache",
     "check_options",
     "describe_database",
+    "describe_isolated",
     "describe_target",
     "expected_cost",
     "factory_spec",
@@ -43,10 +53,12 @@ __all__ = [
     "parse_shard",
     "print_table",
     "property_test",
+    "run_in_child",
     "run_isolated",
     "run_property",
     "run_suite",
     "suite_in_child",
+    "summarize",
     "table",
     "write_junit",
 ]

@@ -1,5 +1,6 @@
 """:func:`check_cache`, the suite from Python, in the caller's process or in a child; and the work a child runs
-for it, for the plugin's ``--kv-isolate`` and for ``kvverify long-context`` (:mod:`kvverify.runs.isolation`)."""
+for it, for the plugin's ``--kv-isolate`` (the target probed there too: :func:`describe_isolated`) and for
+``kvverify long-context`` (:mod:`kvverify.runs.isolation`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import functools
 import importlib
 import random
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -16,11 +17,13 @@ from hypothesis.database import ExampleDatabase
 from kvverify.checks.case import Case
 from kvverify.checks.devices import resolve_device
 from kvverify.checks.loading import resolve_target
+from kvverify.checks.properties import ALL_PROPERTIES
 from kvverify.checks.properties.long_context import LONG_CONTEXT
+from kvverify.checks.target import Target
 from kvverify.checks.watchdog import DEFAULT_TIME_LIMIT, tell
 from kvverify.protocol.cache import CacheFactory
 from kvverify.runs.database import as_database
-from kvverify.runs.isolation import run_isolated
+from kvverify.runs.isolation import run_in_child, run_isolated
 from kvverify.runs.options import check_options
 from kvverify.runs.runner import CacheCheckFailed, SuiteResult, describe_target, run_property, run_suite
 
@@ -136,3 +139,37 @@ def long_context_in_child(spec: str, case: Case, seed: int, time_limit: float | 
     tell("result", replace(result, case=None))
     return SuiteResult(spec, seed, "dev", [result], device=str(described.device), shapes="default",
                        declaration=described.declaration.describe())
+
+
+@dataclass(frozen=True)
+class TargetSummary:
+    """What a run needs to know of a target before running its properties, and can carry out of a child:
+    the optional methods it has, its declaration (as a constructor call), its device and shapes, and why each
+    property that does not apply to it is skipped, by name."""
+
+    capabilities: frozenset[str]
+    declaration: str
+    device: str
+    shapes: str
+    skips: dict[str, str]
+
+
+def summarize(target: Target) -> TargetSummary:
+    """The :class:`TargetSummary` of a target described in this process."""
+    skips = {name: reason for name, prop in ALL_PROPERTIES.items() if (reason := prop.skip_reason(target))}
+    return TargetSummary(frozenset(target.capabilities), target.declaration.describe(), str(target.device),
+                         target.shapes, skips)
+
+
+def describe_isolated(spec: str, *, time_limit: float | None, device: str, shapes: str) -> TargetSummary:
+    """The target ``spec`` names, imported and probed in a child process (:func:`run_in_child`), summarized: an
+    unusable target, or one that ends or hangs the child while it is probed, raises
+    :class:`~kvverify.checks.loading.TargetError`; a device this machine lacks, DeviceError."""
+    work = functools.partial(_summary_in_child, spec, time_limit=time_limit, device=device, shapes=shapes)
+    return run_in_child(work, target=spec, time_limit=time_limit)
+
+
+def _summary_in_child(spec: str, *, properties: list[str], time_limit: float | None, device: str,
+                      shapes: str) -> TargetSummary:
+    return summarize(describe_target(resolve_target(spec), spec, time_limit=time_limit, device=device,
+                                     shapes=shapes))
