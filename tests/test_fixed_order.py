@@ -60,7 +60,7 @@ def _values(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tens
 
 
 @EXAMPLES
-@given(groups=st.integers(1, 3), rows=st.integers(1, 14), n=st.integers(1, 300), columns=st.integers(1, 40),
+@given(groups=st.integers(1, 3), rows=st.integers(1, 14), n=st.integers(1, 300), columns=st.integers(1, 160),
        double=st.booleans(), layout=st.sampled_from(["contiguous", "transposed", "broadcast"]), seed=st.integers(0, 9))
 def test_tree_matmul_gives_tree_sums_bits(groups: int, rows: int, n: int, columns: int, double: bool, layout: str,
                                           seed: int) -> None:
@@ -147,6 +147,19 @@ def test_attention_is_bitwise_the_python_path(dtype: torch.dtype, batch: int,
     scores_bias = _values((batch, n_heads, t_q, s), dtype, seed + 3) if bias else None
     native, python = _both(numerics.attention, q, k, v, visible, scores_bias)
     _assert_same_bits(native, python, f"attention {layout}, q {tuple(q.shape)}, k {tuple(k.shape)}, {dtype}")
+
+
+@pytest.mark.parametrize("layout", ["prefix", "before", "between", "after"])
+def test_attention_in_chunks_of_queries_is_bitwise_the_python_path(monkeypatch: pytest.MonkeyPatch,
+                                                                   layout: str) -> None:
+    """Many chunks of queries (keys laid out once for all of them), each against its own span of keys."""
+    monkeypatch.setattr(numerics, "_NATIVE_ATTENTION_CHUNK", 40)
+    visible = _mask(2, 11, 30, layout, 3)
+    s = visible.shape[-1]
+    q = _values((2, 4, 11, 16), torch.bfloat16, 0)
+    k, v = _values((2, 2, s, 16), torch.bfloat16, 1), _values((2, 2, s, 16), torch.bfloat16, 2)
+    native, python = _both(numerics.attention, q, k, v, visible, None)
+    _assert_same_bits(native, python, f"attention in chunks, keys masked {layout}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -3,7 +3,7 @@
 products summed left to right (:mod:`kvverify.invariant.ordered`); bit for bit, vectorised across outputs like a
 GEMM.
 
-``native/tree_matmul.cpp`` is compiled just in time with the machine's C++ compiler (``$CXX``, else ``c++``;
+``native/*.cpp`` are compiled just in time with the machine's C++ compiler (``$CXX``, else ``c++``;
 ``-O3 -march=native -ffp-contract=off``, no fused multiply-add, no ``-ffast-math``) into a per-user cache
 (``$KVVERIFY_BUILD_DIR``, else ``$XDG_CACHE_HOME/kvverify/kernels``, else ``~/.cache/kvverify/kernels``), keyed by
 the source, the compiler, the flags and the CPU, and loaded with ctypes: no build step at install, no CUDA torch in
@@ -29,7 +29,9 @@ import torch
 
 #: ``KVVERIFY_KERNELS=python`` turns the native kernel off (``native``, the default, uses it where it is built).
 ENV = "KVVERIFY_KERNELS"
-SOURCE = Path(__file__).parent / "native" / "tree_matmul.cpp"
+NATIVE = Path(__file__).parent / "native"
+#: Compiled together into one library; common.h is hashed into the build key with them.
+SOURCES = (NATIVE / "tree_matmul.cpp", NATIVE / "ordered_matmul.cpp")
 FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c++17", "-fPIC", "-shared", "-pthread")
 #: Tried first; dropped for compilers or CPUs that refuse it.
 NATIVE_ARCH = "-march=native"
@@ -82,15 +84,20 @@ def applies(*tensors: torch.Tensor) -> bool:
     return _library() is not None
 
 
-def tree_matmul(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def tree_matmul(x: torch.Tensor, b: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """``out[g, r, o] = tree_sum(x[g, r, :] * b[g, :, o])``, bit for bit, each product rounded to the dtype first.
 
     x: (G, R, n), b: (G, n, N), one dtype (float32 or float64), any strides (a zero stride broadcasts) ->
-    (G, R, N) contiguous. Call it where :func:`applies` holds."""
-    groups, rows, n = _check(x, b, "tree_matmul")
+    (G, R, N) contiguous. ``rows`` (G, n) int64, a permutation of 0..n-1 per group, when given: term k of group g
+    reads b's row ``rows[g, k]`` (keys in each query's own order, without a gathered copy). Call it where
+    :func:`applies` holds."""
+    groups, count, n = _check(x, b, "tree_matmul")
+    if rows is not None and (rows.dtype != torch.int64 or rows.shape != (groups, n)):
+        raise ValueError(f"tree_matmul's rows are int64 (G, n) = {(groups, n)}; got {rows.dtype} {tuple(rows.shape)}")
     if n < 2:  # no tree: the one product, or an empty sum
-        return (x[:, :, :1] * b[:, :1, :]) if n else x.new_zeros(groups, rows, b.shape[2])
-    return _call(_SYMBOLS[x.dtype], x, b)
+        return (x[:, :, :1] * b[:, :1, :]) if n else x.new_zeros(groups, count, b.shape[2])
+    index = (None, 0, 0) if rows is None else (rows.data_ptr(), rows.stride(0), rows.stride(1))
+    return _call(_SYMBOLS[x.dtype], x, b, *index)
 
 
 def ordered_matmul(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -109,13 +116,13 @@ def _check(x: torch.Tensor, b: torch.Tensor, name: str) -> tuple[int, int, int]:
     return x.shape[0], x.shape[1], x.shape[2]
 
 
-def _call(symbol: str, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _call(symbol: str, x: torch.Tensor, b: torch.Tensor, *index: int | None) -> torch.Tensor:
     out = torch.empty((x.shape[0], x.shape[1], b.shape[2]), dtype=x.dtype)
     library = _library()
     assert library is not None, f"{symbol} called where applies() is False"
     status = getattr(library, symbol)(
         x.shape[0], x.shape[1], x.shape[2], b.shape[2], x.data_ptr(), *x.stride(), b.data_ptr(), *b.stride(),
-        out.data_ptr(), *out.stride(), torch.get_num_threads(),
+        out.data_ptr(), *out.stride(), *index, torch.get_num_threads(),
     )  # fmt: skip
     if status:
         raise RuntimeError(f"the native {symbol} refused x {tuple(x.shape)}, b {tuple(b.shape)} (status {status})")
@@ -146,10 +153,13 @@ def _library() -> ctypes.CDLL | None:
         )
         return None
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
+    operands = [i64] * 4 + [pointer, i64, i64, i64] * 3
+    for symbol in _SYMBOLS.values():
+        getattr(library, symbol).argtypes = [*operands, pointer, i64, i64, ctypes.c_int]  # and the rows of b
+    for symbol in _ORDERED_SYMBOLS.values():
+        getattr(library, symbol).argtypes = [*operands, ctypes.c_int]
     for symbol in (*_SYMBOLS.values(), *_ORDERED_SYMBOLS.values()):
-        function = getattr(library, symbol)
-        function.restype = ctypes.c_int
-        function.argtypes = [i64] * 4 + [pointer, i64, i64, i64] * 3 + [ctypes.c_int]
+        getattr(library, symbol).restype = ctypes.c_int
     return library
 
 
@@ -171,14 +181,15 @@ def _build() -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     errors = []
     for flags in ((NATIVE_ARCH, *FLAGS), FLAGS):
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, _cpu()]).encode()).hexdigest()
-        target = directory / f"tree_matmul-{key[:20]}.so"
+        texts = [path.read_text() for path in (*SOURCES, NATIVE / "common.h")]
+        key = hashlib.sha256("\0".join([*texts, compiler, version, *flags, _cpu()]).encode()).hexdigest()
+        target = directory / f"fixed_order-{key[:20]}.so"
         if target.exists():
             return target
         with tempfile.TemporaryDirectory(dir=directory) as scratch:
             built = Path(scratch) / target.name
-            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
-                                  timeout=600, check=False)
+            done = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built)], capture_output=True,
+                                  text=True, timeout=600, check=False)
             if done.returncode == 0:
                 os.replace(built, target)  # atomic: concurrent builders (pytest-xdist workers) each write whole
                 return target

@@ -167,8 +167,14 @@ def attention(
     """
     batch, n_heads, t_q, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim)
+    returned = torch.promote_types(q.dtype, torch.promote_types(k.dtype, v.dtype))  # a cache's dtype shows through
+    compute = compute_dtype(returned)
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)  # once for every chunk
+    keys = None
     if fixed_order.applies(q, k):  # the native kernel builds no products tensor: a chunk is its scores
         step = max(1, _NATIVE_ATTENTION_CHUNK // max(1, batch * n_heads * k.shape[2]))  # queries per chunk
+        if step < t_q:  # the keys laid out for the kernel once, (B, Hkv, D, S), rather than per chunk
+            keys = k.transpose(2, 3).contiguous()
     else:
         step = max(1, _ATTENTION_CHUNK // max(1, batch * n_heads * k.shape[2] * head_dim))
     chunks = []
@@ -177,16 +183,17 @@ def attention(
         lo, hi = _span(seen)
         chunks.append(_strict_attention(
             q[:, :, i : i + step], k[:, :, lo:hi], v[:, :, lo:hi], seen[..., lo:hi],
-            None if bias is None else bias[:, :, i : i + step, lo:hi], scale,
+            None if bias is None else bias[:, :, i : i + step, lo:hi], scale, returned,
+            None if keys is None else keys[..., lo:hi],
         ))  # fmt: skip
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
 
 
 #: Elements (queries × keys × head_dim × heads) of one chunk of :func:`attention`: small enough that a chunk's
 #: products stay in the core's cache; every element is computed alone, so the chunking changes no bit. With the
-#: native kernel, scores (queries × keys × heads) of one chunk: 1 MiB in float32.
+#: native kernel, scores (queries × keys × heads) of one chunk: 2 MiB in float32.
 _ATTENTION_CHUNK = 1 << 20
-_NATIVE_ATTENTION_CHUNK = 1 << 18
+_NATIVE_ATTENTION_CHUNK = 1 << 19
 
 
 def _span(visible: torch.Tensor) -> tuple[int, int]:
@@ -198,15 +205,16 @@ def _span(visible: torch.Tensor) -> tuple[int, int]:
 
 
 def _strict_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, bias: torch.Tensor | None, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, bias: torch.Tensor | None, scale: float,
+    returned: torch.dtype, keys: torch.Tensor | None,
 ) -> torch.Tensor:
-    """:func:`attention` in strict numerics, for a chunk of queries (shapes as there)."""
+    """:func:`attention` in strict numerics, for a chunk of queries (shapes as there; q, k, v in the compute
+    dtype, ``returned`` the dtype of the output, ``keys`` k as (B, Hkv, D, S) or None)."""
     batch, n_heads, t_q, head_dim = q.shape
     n_kv_heads, s = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads
-    returned = torch.promote_types(q.dtype, torch.promote_types(k.dtype, v.dtype))  # a cache's dtype shows through
-    compute = compute_dtype(returned)
-    scores = _scores(q.to(compute), k.to(compute)) * scale
+    compute = q.dtype
+    scores = _scores(q, k, keys) * scale
     scores = scores.reshape(batch, n_heads, t_q, s)
     if bias is not None:
         scores = scores + bias.to(compute)
@@ -221,18 +229,20 @@ def _strict_attention(
         scores = scores.gather(-1, order.expand(batch, n_heads, t_q, s))
     weights = lane_stable(torch.exp, scores - scores.amax(-1, keepdim=True))  # masked keys: exactly 0
     probs = weights / tree_sum(weights, -1)[..., None]  # (B, H, Tq, S)
-    out = _weighted_values(probs.view(batch, n_kv_heads, group, t_q, s), v.to(compute), order)
+    out = _weighted_values(probs.view(batch, n_kv_heads, group, t_q, s), v, order)
     return out.reshape(batch, n_heads, t_q, head_dim).to(returned)
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q·k, each a tree over head_dim. q: (B, H, Tq, D), k: (B, Hkv, S, D) -> (B, Hkv, group, Tq, S)."""
+def _scores(q: torch.Tensor, k: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+    """q·k, each a tree over head_dim. q: (B, H, Tq, D), k: (B, Hkv, S, D), keys: k as (B, Hkv, D, S) or None
+    -> (B, Hkv, group, Tq, S)."""
     batch, n_heads, t_q, head_dim = q.shape
     n_kv_heads, s = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads
     if fixed_order.applies(q, k):  # each group of query heads against its key head
         rows = q.reshape(batch * n_kv_heads, group * t_q, head_dim)
-        out = fixed_order.tree_matmul(rows, k.reshape(batch * n_kv_heads, s, head_dim).transpose(1, 2))
+        keys = k.transpose(2, 3) if keys is None else keys
+        out = fixed_order.tree_matmul(rows, keys.reshape(batch * n_kv_heads, head_dim, s))
         return out.view(batch, n_kv_heads, group, t_q, s)
     # head_dim laid out first, so each level of the tree adds two contiguous halves
     qd = q.view(batch, n_kv_heads, group, t_q, head_dim).permute(4, 0, 1, 2, 3)[..., None]
@@ -247,17 +257,21 @@ def _weighted_values(probs: torch.Tensor, v: torch.Tensor, order: torch.Tensor |
     (B, 1, Tq, S), or None for the slots' own -> (B, Hkv, group, Tq, D)."""
     batch, n_kv_heads, group, t_q, s = probs.shape
     head_dim = v.shape[-1]
-    if order is not None:  # each query's keys in its order: (B, Hkv, Tq, S, D)
-        rows = order[..., None].expand(batch, n_kv_heads, t_q, s, head_dim)
-        v = v[:, :, None].expand(batch, n_kv_heads, t_q, s, head_dim).gather(3, rows)
     if fixed_order.applies(probs, v):
         if order is None:  # every query of a key head against its values
             out = fixed_order.tree_matmul(probs.reshape(batch * n_kv_heads, group * t_q, s),
                                           v.reshape(batch * n_kv_heads, s, head_dim))
             return out.view(batch, n_kv_heads, group, t_q, head_dim)
-        out = fixed_order.tree_matmul(probs.transpose(2, 3).reshape(-1, group, s), v.reshape(-1, s, head_dim))
-        return out.view(batch, n_kv_heads, t_q, group, head_dim).transpose(2, 3)
-    values = v[:, :, None, None] if order is None else v[:, :, None]  # (B, Hkv, 1, 1 or Tq, S, D)
+        # each query against the values in its order, read in place: one call per key head
+        rows = probs.transpose(2, 3)  # (B, Hkv, Tq, group, S)
+        out = torch.stack([torch.stack([
+            fixed_order.tree_matmul(rows[b, h], v[b, h].expand(t_q, s, head_dim), order[b, 0])
+            for h in range(n_kv_heads)]) for b in range(batch)])  # fmt: skip
+        return out.transpose(2, 3)  # (B, Hkv, group, Tq, D)
+    values = v[:, :, None, None]  # (B, Hkv, 1, 1, S, D)
+    if order is not None:  # each query's keys in its order: (B, Hkv, 1, Tq, S, D)
+        rows = order[..., None].expand(batch, n_kv_heads, t_q, s, head_dim)
+        values = v[:, :, None].expand(batch, n_kv_heads, t_q, s, head_dim).gather(3, rows)[:, :, None]
     return tree_sum(probs[..., None] * values, -2)
 
 

@@ -1,4 +1,4 @@
-// Fixed-order products for kvverify's strict numerics (kvverify/reference/fixed_order.py builds and loads this).
+// Fixed-order products for kvverify's strict numerics (kvverify/reference/fixed_order.py).
 //
 // y[g][r][o] = the sum over k < n of x[g][r][k] * b[g][k][o], each product rounded to T, the sum taken as
 // kvverify.reference.numerics.tree_sum takes it: the terms zero-padded to P, the power of two >= n, then the
@@ -10,49 +10,15 @@
 // GEMM microkernel streams its k loop. Every output's additions are fixed by n alone: never by the rows, the
 // blocking, the thread count or the vector width. Built with -ffp-contract=off (no fused multiply-add) and
 // without -ffast-math; vector lanes round as scalars do, so -march=native changes no bit.
-#include <algorithm>
-#include <atomic>
-#include <cstddef>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <memory>
-#include <new>
-#include <thread>
-#include <vector>
+#include "common.h"
 
 namespace {
 
-template <typename T> struct Lanes;
-template <> struct Lanes<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef float U __attribute__((vector_size(64), aligned(4)));  // for unaligned loads
-};
-template <> struct Lanes<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef double U __attribute__((vector_size(64), aligned(8)));
-};
-
-// Blocking (measured on a Zen 4 core, AVX-512): RB rows × NV vectors of outputs per microkernel call, leaves
-// summed U at a time in registers before entering the counter; ROWS rows packed at a time.
-constexpr int NV = 1;
-constexpr int RB = 6;
-constexpr int U = 4;
-constexpr int64_t ROWS = 64;
-constexpr int64_t MIN_WORK = 1 << 21;  // products per thread below which fewer threads are used
-constexpr int64_t ROW_KERNEL_ROWS = 4;  // rows up to which the row kernel runs (see run_rows)
-constexpr int64_t AHEAD = 8;  // groups of leaves ahead whose rows of b are prefetched (direct path)
-
-template <typename T> constexpr int64_t block_outputs() { return NV * int64_t(64 / sizeof(T)); }
-
-template <typename T, int R> struct Block {
-  typename Lanes<T>::V v[R][NV];
-};
-
-template <typename T, int R> inline Block<T, R> add(const Block<T, R>& a, const Block<T, R>& b) {
-  Block<T, R> s;
+template <typename T, int R, int C>
+inline Block<T, R, C> add(const Block<T, R, C>& a, const Block<T, R, C>& b) {
+  Block<T, R, C> s;
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < NV; ++c) s.v[r][c] = a.v[r][c] + b.v[r][c];
+    for (int c = 0; c < C; ++c) s.v[r][c] = a.v[r][c] + b.v[r][c];
   return s;
 }
 
@@ -62,20 +28,26 @@ template <typename T> struct Panel {
   const T* lo(int64_t j) const { return panel + j * 2 * block_outputs<T>(); }
   const T* hi(int64_t j) const { return panel + (j * 2 + 1) * block_outputs<T>(); }
   void prefetch(int64_t) const {}  // streamed in order: the hardware prefetches it
+  static constexpr int C = NV;
 };
 
 // ... or b itself, when its outputs are contiguous (values for the weighted sum) and the rows too few to pay
-// for packing.
-template <typename T> struct Direct {
+// for packing: CC vectors of outputs at once, so that each row of b read (in bit-reversed order) is read whole.
+template <typename T, int CC> struct Direct {
+  static constexpr int C = CC;
   const T* b;  // at the block's first output
   int64_t sbk, H, n;
   const int64_t* rev;
-  const T* lo(int64_t j) const { return b + rev[j] * sbk; }
-  const T* hi(int64_t j) const { return b + (rev[j] + H) * sbk; }
+  const int64_t* idx;  // or null
+  int64_t sik;
+  int64_t row(int64_t k) const { return idx ? idx[k * sik] : k; }
+  const T* lo(int64_t j) const { return b + row(rev[j]) * sbk; }
+  const T* hi(int64_t j) const { return b + row(rev[j] + H) * sbk; }
   void prefetch(int64_t j) const {  // rows in bit-reversed order: no hardware prefetcher follows them
     if (j < H) {
-      __builtin_prefetch(lo(j));
-      if (rev[j] + H < n) __builtin_prefetch(hi(j));
+      for (int c = 0; c < C; ++c) __builtin_prefetch(lo(j) + c * lanes<T>());
+      if (rev[j] + H < n)
+        for (int c = 0; c < C; ++c) __builtin_prefetch(hi(j) + c * lanes<T>());
     }
   }
 };
@@ -83,20 +55,20 @@ template <typename T> struct Direct {
 // Leaf j: a[rev(j)] for R rows. xp: packed rows, [r][j][lo, hi] with row stride xs; bp: where b's values are.
 // A leaf whose upper term is padding (k + H >= n) adds +0, as tree_sum does, without the product 0 * 0.
 template <typename T, int R, typename S>
-inline Block<T, R> leaf(const T* xp, int64_t xs, const S& bp, int64_t j, bool upper) {
+inline Block<T, R, S::C> leaf(const T* xp, int64_t xs, const S& bp, int64_t j, bool upper) {
   typedef typename Lanes<T>::U V;
   const V* lo = reinterpret_cast<const V*>(bp.lo(j));
-  Block<T, R> out;
+  Block<T, R, S::C> out;
   if (upper) {
     const V* hi = reinterpret_cast<const V*>(bp.hi(j));
     for (int r = 0; r < R; ++r) {
       const T a = xp[r * xs + 2 * j], c = xp[r * xs + 2 * j + 1];
-      for (int v = 0; v < NV; ++v) out.v[r][v] = a * lo[v] + c * hi[v];
+      for (int v = 0; v < S::C; ++v) out.v[r][v] = a * lo[v] + c * hi[v];
     }
   } else {
     for (int r = 0; r < R; ++r) {
       const T a = xp[r * xs + 2 * j];
-      for (int v = 0; v < NV; ++v) out.v[r][v] = a * lo[v] + T(0);
+      for (int v = 0; v < S::C; ++v) out.v[r][v] = a * lo[v] + T(0);
     }
   }
   return out;
@@ -104,7 +76,7 @@ inline Block<T, R> leaf(const T* xp, int64_t xs, const S& bp, int64_t j, bool up
 
 // The pairwise sum of leaves j0 .. j0 + W - 1 (W a power of two).
 template <typename T, int R, int W, typename S>
-inline Block<T, R> subtree(const T* xp, int64_t xs, const S& bp, const bool* upper, int64_t j0) {
+inline Block<T, R, S::C> subtree(const T* xp, int64_t xs, const S& bp, const bool* upper, int64_t j0) {
   if constexpr (W == 1) {
     return leaf<T, R, S>(xp, xs, bp, j0, upper[j0]);
   } else {
@@ -116,12 +88,12 @@ inline Block<T, R> subtree(const T* xp, int64_t xs, const S& bp, const bool* upp
 template <typename T, int R, int W, typename S>
 void micro(const T* xp, int64_t xs, const S& bp, const bool* upper, int64_t H, T* y, int64_t syr, int64_t syo,
            int64_t valid) {
-  Block<T, R> stack[64];
+  Block<T, R, S::C> stack[64];
   const int64_t groups = H / W;
   int top = 0;
   for (int64_t m = 0; m < groups; ++m) {
     for (int w = 0; w < W; ++w) bp.prefetch((m + AHEAD) * W + w);
-    Block<T, R> t = subtree<T, R, W, S>(xp, xs, bp, upper, m * W);
+    Block<T, R, S::C> t = subtree<T, R, W, S>(xp, xs, bp, upper, m * W);
     int level = 0;
     while ((m >> level) & 1) {
       t = add(stack[level], t);
@@ -130,7 +102,7 @@ void micro(const T* xp, int64_t xs, const S& bp, const bool* upper, int64_t H, T
     stack[level] = t;
     top = level;
   }
-  const Block<T, R>& sum = stack[top];
+  const Block<T, R, S::C>& sum = stack[top];
   for (int r = 0; r < R; ++r) {
     const T* lanes = reinterpret_cast<const T*>(&sum.v[r][0]);
     for (int64_t o = 0; o < valid; ++o) y[r * syr + o * syo] = lanes[o];
@@ -140,7 +112,7 @@ void micro(const T* xp, int64_t xs, const S& bp, const bool* upper, int64_t H, T
 template <typename T, int R, typename S>
 void micro_rows(const T* xp, int64_t xs, const S& bp, const bool* upper, int64_t H, T* y, int64_t syr, int64_t syo,
                 int64_t valid) {
-  if (H >= U) {
+  if (H >= U && S::C * R <= 8) {  // wider blocks would spill a subtree's registers
     micro<T, R, U, S>(xp, xs, bp, upper, H, y, syr, syo, valid);
   } else if (H >= 2) {
     micro<T, R, 2, S>(xp, xs, bp, upper, H, y, syr, syo, valid);
@@ -171,16 +143,6 @@ void rows_against(const S& bp, const T* xp, int64_t xs, const bool* upper, int64
   if (r < rows) tail<T, RB - 1, S>(rows - r, xp + r * xs, xs, bp, upper, H, y + r * syr, syr, syo, valid);
 }
 
-struct Aligned {
-  void* p = nullptr;
-  explicit Aligned(size_t bytes) {
-    p = std::aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
-    if (p == nullptr) throw std::bad_alloc();
-  }
-  ~Aligned() { std::free(p); }
-  Aligned(const Aligned&) = delete;
-  Aligned& operator=(const Aligned&) = delete;
-};
 
 
 // The row kernel, for b whose k is contiguous (b[k][o] = W[o][k]: a linear layer's weight, keys for q·k) and few
@@ -192,14 +154,19 @@ template <typename T> struct Index;
 template <> struct Index<float> { typedef int32_t I __attribute__((vector_size(64))); };
 template <> struct Index<double> { typedef int64_t I __attribute__((vector_size(64))); };
 
-template <typename T> using Vec = typename Lanes<T>::V;
-template <typename T> using VecU = typename Lanes<T>::U;
-
-template <typename T> constexpr int lanes() { return int(64 / sizeof(T)); }
 
 // Groups of 2g lanes of a and b -> groups of g: [a0, b0, a1, b1, ...], each the sum of its group's two halves.
 template <typename T, int g> inline Vec<T> halve(Vec<T> a, Vec<T> b) {
   constexpr int L = lanes<T>();
+#if defined(__clang__)  // no __builtin_shuffle: the same lanes picked one by one
+  Vec<T> lo, hi;
+  for (int l = 0; l < L; ++l) {
+    const int m = l / g, q = m / 2;
+    lo[l] = (m % 2 ? b : a)[q * 2 * g + l % g];
+    hi[l] = (m % 2 ? b : a)[q * 2 * g + l % g + g];
+  }
+  return lo + hi;
+#else
   typename Index<T>::I lo, hi;
   for (int l = 0; l < L; ++l) {
     const int m = l / g, q = m / 2;
@@ -207,6 +174,7 @@ template <typename T, int g> inline Vec<T> halve(Vec<T> a, Vec<T> b) {
     hi[l] = lo[l] + g;
   }
   return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+#endif
 }
 
 template <typename T, int g> inline void butterfly(Vec<T>* v, int count) {
@@ -270,15 +238,6 @@ void row_block(const T* xpad, const T* b, int64_t sbo, int64_t n, int64_t H, int
     if (order[l] < valid) y[order[l] * syo] = sums[l];
 }
 
-template <typename T> struct Problem {
-  int64_t G, R, n, N;
-  const T* x;
-  int64_t sxg, sxr, sxk;
-  const T* b;
-  int64_t sbg, sbk, sbo;
-  T* y;
-  int64_t syg, syr, syo;
-};
 
 // Units [u0, u1) of the flattened (g, output block) list.
 template <typename T>
@@ -299,6 +258,7 @@ void run_units(const Problem<T>& p, const std::vector<int64_t>& rev, const bool*
     const T* x = p.x + g * p.sxg;
     const T* b = p.b + g * p.sbg;
     T* y = p.y + g * p.syg;
+    const int64_t* ix = p.idx ? p.idx + g * p.sig : nullptr;
     for (int64_t r0 = 0; r0 < p.R; r0 += ROWS) {
       const int64_t rows = std::min(ROWS, p.R - r0);
       for (int64_t r = 0; r < rows; ++r) {
@@ -310,24 +270,44 @@ void run_units(const Problem<T>& p, const std::vector<int64_t>& rev, const bool*
           out[2 * j + 1] = k + H < n ? xr[(k + H) * p.sxk] : T(0);
         }
       }
-      for (int64_t ob = ob0; ob < ob1; ++ob) {
+      int64_t ob = ob0;
+      if (p.sbo == 1 && p.R <= ROW_KERNEL_ROWS) {  // whole blocks read in place, up to 8 at once
+        for (const int64_t end = std::min(ob1, p.N / NB); ob < end;) {
+          const int64_t take = end - ob >= 8 ? 8 : end - ob >= 4 ? 4 : end - ob >= 2 ? 2 : 1;
+          const T* bo = b + ob * NB;
+          T* yo = y + r0 * p.syr + ob * NB * p.syo;
+          const int64_t valid = take * NB;
+          if (take == 8) {
+            rows_against(Direct<T, 8>{bo, p.sbk, H, n, rev.data(), ix, p.sik}, xp, xs, upper, H, rows, yo, p.syr,
+                         p.syo, valid);
+          } else if (take == 4) {
+            rows_against(Direct<T, 4>{bo, p.sbk, H, n, rev.data(), ix, p.sik}, xp, xs, upper, H, rows, yo, p.syr,
+                         p.syo, valid);
+          } else if (take == 2) {
+            rows_against(Direct<T, 2>{bo, p.sbk, H, n, rev.data(), ix, p.sik}, xp, xs, upper, H, rows, yo, p.syr,
+                         p.syo, valid);
+          } else {
+            rows_against(Direct<T, 1>{bo, p.sbk, H, n, rev.data(), ix, p.sik}, xp, xs, upper, H, rows, yo, p.syr,
+                         p.syo, valid);
+          }
+          ob += take;
+        }
+      }
+      for (; ob < ob1; ++ob) {
         const int64_t o0 = ob * NB, valid = std::min(NB, p.N - o0);
         T* yo = y + r0 * p.syr + o0 * p.syo;
-        if (p.sbo == 1 && valid == NB && p.R <= ROW_KERNEL_ROWS) {
-          rows_against(Direct<T>{b + o0, p.sbk, H, n, rev.data()}, xp, xs, upper, H, rows, yo, p.syr, p.syo, valid);
-          continue;
-        }
         // the panel's columns k-major (tile[k][c]), then its rows in leaf order
         if (p.sbo == 1) {
           for (int64_t k = 0; k < n; ++k) {
-            const T* bk = b + k * p.sbk + o0;
+            const T* bk = b + (ix ? ix[k * p.sik] : k) * p.sbk + o0;
             T* tk = tile + k * NB;
             for (int64_t c = 0; c < NB; ++c) tk[c] = c < valid ? bk[c] : T(0);
           }
         } else {
           for (int64_t c = 0; c < NB; ++c) {
             const T* bc = b + (o0 + c) * p.sbo;
-            for (int64_t k = 0; k < n; ++k) tile[k * NB + c] = c < valid ? bc[k * p.sbk] : T(0);
+            for (int64_t k = 0; k < n; ++k)
+              tile[k * NB + c] = c < valid ? bc[(ix ? ix[k * p.sik] : k) * p.sbk] : T(0);
           }
         }
         for (int64_t j = 0; j < H; ++j) {
@@ -347,58 +327,6 @@ void run_units(const Problem<T>& p, const std::vector<int64_t>& rev, const bool*
 }
 
 
-// The invariant mode's order (kvverify.invariant.ordered): y = (((+0 + p_0) + p_1) + ...) + p_{n-1}, each product
-// rounded first. Blocks of NB outputs, RB rows at a time; b's block is copied k-major unless its outputs are
-// contiguous already.
-template <typename T, int R>
-void ordered_rows(const Problem<T>& p, const T* x, const T* bk, int64_t bstride, T* y, int64_t valid) {
-  typedef typename Lanes<T>::U V;
-  Vec<T> acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = Vec<T>{};  // +0: the sum's start
-  for (int64_t k = 0; k < p.n; ++k) {
-    const Vec<T> column = *reinterpret_cast<const V*>(bk + k * bstride);
-    for (int r = 0; r < R; ++r) acc[r] = acc[r] + x[r * p.sxr + k * p.sxk] * column;
-  }
-  for (int r = 0; r < R; ++r) {
-    const T* lanes_ = reinterpret_cast<const T*>(&acc[r]);
-    for (int64_t o = 0; o < valid; ++o) y[r * p.syr + o * p.syo] = lanes_[o];
-  }
-}
-
-template <typename T, int K>
-void ordered_tail(int64_t rows, const Problem<T>& p, const T* x, const T* bk, int64_t bstride, T* y, int64_t valid) {
-  if constexpr (K >= 1) {
-    if (rows == K) {
-      ordered_rows<T, K>(p, x, bk, bstride, y, valid);
-    } else {
-      ordered_tail<T, K - 1>(rows, p, x, bk, bstride, y, valid);
-    }
-  }
-}
-
-template <typename T> void run_ordered(const Problem<T>& p, int64_t u0, int64_t u1) {
-  constexpr int L = lanes<T>();
-  const int64_t blocks = (p.N + L - 1) / L;
-  Aligned tbuf(sizeof(T) * size_t(p.n * L));
-  T* tile = static_cast<T*>(tbuf.p);
-  for (int64_t u = u0; u < u1; ++u) {
-    const int64_t g = u / blocks, o0 = (u % blocks) * L, valid = std::min<int64_t>(L, p.N - o0);
-    const T* b = p.b + g * p.sbg + o0 * p.sbo;
-    const T* bk = b;
-    int64_t bstride = p.sbk;
-    if (p.sbo != 1 || valid < L) {  // k-major copy of the block, zeros past the last output
-      for (int64_t k = 0; k < p.n; ++k)
-        for (int64_t c = 0; c < L; ++c) tile[k * L + c] = c < valid ? b[k * p.sbk + c * p.sbo] : T(0);
-      bk = tile;
-      bstride = L;
-    }
-    const T* x = p.x + g * p.sxg;
-    T* y = p.y + g * p.syg + o0 * p.syo;
-    int64_t r = 0;
-    for (; r + RB <= p.R; r += RB) ordered_rows<T, RB>(p, x + r * p.sxr, bk, bstride, y + r * p.syr, valid);
-    if (r < p.R) ordered_tail<T, RB - 1>(p.R - r, p, x + r * p.sxr, bk, bstride, y + r * p.syr, valid);
-  }
-}
 
 // The row kernel over units [u0, u1) of the flattened (g, block of L outputs) list.
 template <typename T> void run_rows(const Problem<T>& p, int64_t P, int64_t u0, int64_t u1) {
@@ -425,42 +353,7 @@ template <typename T> void run_rows(const Problem<T>& p, int64_t P, int64_t u0, 
   }
 }
 
-// Splits the units of work across threads: each thread takes a contiguous range; a range whose thread could not
-// be started runs here. Every output is computed whole by one thread, so the split changes no bit.
-template <typename F> int split(int64_t units, int64_t count, const F& run) {
-  std::vector<std::thread> pool;
-  std::atomic<bool> failed{false};
-  auto part = [&](int64_t t) {
-    try {
-      run(units * t / count, units * (t + 1) / count);
-    } catch (...) {
-      failed = true;
-    }
-  };
-  int64_t started = 1;
-  try {
-    for (; started < count; ++started) pool.emplace_back(part, started);
-  } catch (...) {
-  }
-  part(0);
-  for (int64_t t = started; t < count; ++t) part(t);
-  for (auto& thread : pool) thread.join();
-  return failed ? 2 : 0;
-}
 
-template <typename T> int64_t thread_count(int threads, int64_t units, int64_t products) {
-  return std::max<int64_t>(1, std::min<int64_t>({int64_t(threads), units, products / MIN_WORK}));
-}
-
-template <typename T> int ordered_matmul(const Problem<T>& p, int threads) try {
-  if (p.G < 0 || p.R < 0 || p.N < 0 || p.n < 0) return 1;
-  if (p.G == 0 || p.R == 0 || p.N == 0) return 0;
-  const int64_t units = p.G * ((p.N + lanes<T>() - 1) / lanes<T>());
-  return split(units, thread_count<T>(threads, units, p.G * p.R * p.n * p.N),
-               [&](int64_t u0, int64_t u1) { run_ordered<T>(p, u0, u1); });
-} catch (...) {
-  return 3;
-}
 
 template <typename T> int tree_matmul(const Problem<T>& p, int threads) try {
   if (p.n < 2 || p.G < 0 || p.R < 0 || p.N < 0) return 1;  // n = 1 has no tree: the caller multiplies
@@ -481,7 +374,7 @@ template <typename T> int tree_matmul(const Problem<T>& p, int threads) try {
   std::unique_ptr<bool[]> upper(new bool[size_t(H)]);
   for (int64_t j = 0; j < H; ++j) upper[j] = rev[j] + H < p.n;
   // Few rows against a b whose k is contiguous: the row kernel, which packs nothing; else the panels.
-  const bool by_rows = p.sbk == 1 && p.R <= ROW_KERNEL_ROWS && H >= lanes<T>();
+  const bool by_rows = p.sbk == 1 && p.idx == nullptr && p.R <= ROW_KERNEL_ROWS && H >= lanes<T>();
   const int64_t NB = by_rows ? lanes<T>() : block_outputs<T>();
   const int64_t units = p.G * ((p.N + NB - 1) / NB);
   const int64_t products = p.G * p.R * P * p.N;
@@ -502,26 +395,16 @@ extern "C" {
 
 int kv_tree_matmul_f32(int64_t G, int64_t R, int64_t n, int64_t N, const float* x, int64_t sxg, int64_t sxr,
                        int64_t sxk, const float* b, int64_t sbg, int64_t sbk, int64_t sbo, float* y, int64_t syg,
-                       int64_t syr, int64_t syo, int threads) {
-  return tree_matmul<float>({G, R, n, N, x, sxg, sxr, sxk, b, sbg, sbk, sbo, y, syg, syr, syo}, threads);
-}
-
-int kv_ordered_matmul_f32(int64_t G, int64_t R, int64_t n, int64_t N, const float* x, int64_t sxg, int64_t sxr,
-                          int64_t sxk, const float* b, int64_t sbg, int64_t sbk, int64_t sbo, float* y, int64_t syg,
-                          int64_t syr, int64_t syo, int threads) {
-  return ordered_matmul<float>({G, R, n, N, x, sxg, sxr, sxk, b, sbg, sbk, sbo, y, syg, syr, syo}, threads);
-}
-
-int kv_ordered_matmul_f64(int64_t G, int64_t R, int64_t n, int64_t N, const double* x, int64_t sxg, int64_t sxr,
-                          int64_t sxk, const double* b, int64_t sbg, int64_t sbk, int64_t sbo, double* y,
-                          int64_t syg, int64_t syr, int64_t syo, int threads) {
-  return ordered_matmul<double>({G, R, n, N, x, sxg, sxr, sxk, b, sbg, sbk, sbo, y, syg, syr, syo}, threads);
+                       int64_t syr, int64_t syo, const int64_t* idx, int64_t sig, int64_t sik, int threads) {
+  return tree_matmul<float>({G, R, n, N, x, sxg, sxr, sxk, b, sbg, sbk, sbo, y, syg, syr, syo, idx, sig, sik},
+                            threads);
 }
 
 int kv_tree_matmul_f64(int64_t G, int64_t R, int64_t n, int64_t N, const double* x, int64_t sxg, int64_t sxr,
                        int64_t sxk, const double* b, int64_t sbg, int64_t sbk, int64_t sbo, double* y, int64_t syg,
-                       int64_t syr, int64_t syo, int threads) {
-  return tree_matmul<double>({G, R, n, N, x, sxg, sxr, sxk, b, sbg, sbk, sbo, y, syg, syr, syo}, threads);
+                       int64_t syr, int64_t syo, const int64_t* idx, int64_t sig, int64_t sik, int threads) {
+  return tree_matmul<double>({G, R, n, N, x, sxg, sxr, sxk, b, sbg, sbk, sbo, y, syg, syr, syo, idx, sig, sik},
+                             threads);
 }
 
 }
