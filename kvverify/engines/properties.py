@@ -132,12 +132,13 @@ def _compare_within(run: EngineRun, rid: str, expected: Alone, atol: float, new_
         if mine is None:
             raise EngineMismatch(f"{rid}, token #{t}: the engine chose {got.tokens[t]} but no logits were seen "
                                  f"for it\nwhat the engine did around it:\n{run.around(rid, t)}")
-        token = got.tokens[t]
-        if mine.shape != expected.logits[t].shape or not 0 <= token < mine.numel() or mine[token] < mine.max():
-            best = int(mine.argmax()) if mine.numel() else None
-            raise EngineMismatch(f"{rid}, token #{t}: the engine chose {got.tokens[t]}, which is not the argmax of "
-                                 f"its own logits ({best}; {mine.numel()} logits, expected "
-                                 f"{expected.logits[t].numel()})\nwhat the engine did around it:\n{run.around(rid, t)}")
+        token, around = got.tokens[t], f"what the engine did around it:\n{run.around(rid, t)}"
+        if mine.shape != expected.logits[t].shape:
+            raise EngineMismatch(f"{rid}, token #{t}: the engine returned logits of shape {tuple(mine.shape)}; "
+                                 f"expected {tuple(expected.logits[t].shape)}\n{around}")
+        if not 0 <= token < mine.numel() or mine[token] < mine.max():
+            raise EngineMismatch(f"{rid}, token #{t}: the engine chose {token}, which is not the argmax of its own "
+                                 f"logits ({int(mine.argmax())})\n{around}")
     engine_side = _generation(got.tokens[:count], [row for row in got.logits[:count] if row is not None])
     agreement = compare_generations(_generation(expected.tokens, expected.logits), engine_side,
                                     Tolerance(atol=atol, why="the engine's kernels against the oracle"),
