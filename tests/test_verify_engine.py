@@ -155,8 +155,6 @@ def test_a_repro_script_exits_1_while_the_bug_is_there(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["vllm-typo"], "unknown engine 'vllm-typo'; expected one of: transformers, vllm"),
-    (["vllm", "--mutant", "shared_block_freed_while_read"], "--mutant: not available for vllm"),
-    (["vllm", "--property", "matches_alone", "--no-shrink"], "--property, --no-shrink: not available for vllm"),
     (["transformers", "--mutant", "nope"], "unknown --mutant 'nope'; expected one of: shared_block_freed_while_read"),
     (["transformers", "--device", "cuda:0"], "--device cuda:0"),
     (["transformers", "--max-examples", "0"], "--max-examples must be >= 1; got 0"),
@@ -166,17 +164,6 @@ def test_bad_input_exits_2_with_a_clear_message(argv: list[str], message: str,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify-engine", *argv]) == 2
     assert message in capsys.readouterr().err
-
-
-def test_vllm_outside_its_environment_exits_2_naming_its_tox_env(capsys: pytest.CaptureFixture[str]) -> None:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("vLLM is installed here: tests/engines/test_vllm_engine.py runs it")
-    assert main(["verify-engine", "vllm", "--profile", "dev"]) == 2
-    assert "it lives in an environment of its own: tox -e engine-vllm" in capsys.readouterr().err
 
 
 def _hangs(original: Any) -> Any:

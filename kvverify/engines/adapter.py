@@ -1,19 +1,23 @@
 """What an engine adapter is: how kvverify submits a schedule's requests to a serving engine and reads back each
 request's tokens, its per-step logits and what the engine did (allocation, sharing, preemption).
 
-An adapter is any object with the :class:`EngineAdapter` methods; :mod:`kvverify.engines.registry` names them.
-The properties (:mod:`kvverify.engines.properties`) see engines only through this interface.
+An adapter is any object with the :class:`EngineAdapter` attributes and methods; :mod:`kvverify.engines.registry`
+names them. The properties (:mod:`kvverify.engines.properties`) and the strategies see engines only through this
+interface: what schedules the engine can run (its :class:`~kvverify.engines.schedule.ScheduleSpace`), what each
+request must equal and how closely (its :class:`~kvverify.engines.oracle.Oracle`), and how to run a schedule.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import torch
 
-    from kvverify.engines.schedule import ModelSpec, Schedule
+    from kvverify.engines.oracle import Oracle
+    from kvverify.engines.schedule import ModelSpec, Schedule, ScheduleSpace
 
 #: Hard paths of an engine that a run can reach; the table counts the examples that reached each.
 COVERAGE = ("preempted", "shared", "chunked", "sliding")
@@ -44,12 +48,16 @@ class Step:
 @dataclass
 class EngineRun:
     """Everything one engine run gave back. ``reached``: the :data:`COVERAGE` paths it took; ``error``: what the
-    engine raised, if it did (the outputs then hold what it finished before)."""
+    engine raised, if it did (the outputs then hold what it finished before). ``largest_difference`` and
+    ``near_ties``: filled by the property for an engine compared within a tolerance (the largest |Δ| of any
+    logit against the oracle, and the steps where the oracle's top two were a near tie)."""
 
     outputs: dict[str, RequestOutput]
     steps: list[Step]
     reached: set[str] = field(default_factory=set)
     error: str | None = None
+    largest_difference: float | None = None
+    near_ties: int = 0
 
     def around(self, request_id: str, generated: int, context: int = 2) -> str:
         """The steps around the one where ``request_id`` produced its token number ``generated`` (0-based):
@@ -72,9 +80,20 @@ class EngineAdapter(Protocol):
 
     #: The engine's name on the command line (``kvverify verify-engine NAME``).
     name: str
+    #: What the strategies draw for it: models, page sizes, knobs, request sizes.
+    space: ScheduleSpace
+    #: What each request must equal: bit for bit, or within a tolerance with near ties.
+    oracle: Oracle
+    #: Schedules drawn for ``matches_alone`` per profile (dev, ci, thorough).
+    examples: Mapping[str, int]
+    #: The properties it is checked for (:data:`kvverify.engines.runner.PROPERTIES`, or some of them).
+    properties: tuple[str, ...]
+    #: Seconds one example may take by default (``--time-limit``).
+    time_limit: float
 
     def version(self) -> str:
-        """The engine's version, for the run's header line."""
+        """The engine's version, for the run's header line; ImportError, saying how to get it, when the engine is
+        not installed here."""
         ...
 
     def description(self) -> str:
@@ -86,7 +105,7 @@ class EngineAdapter(Protocol):
         ...
 
     def run(self, schedule: Schedule) -> EngineRun:
-        """Run every request of the schedule to completion, greedily, under the batch-invariant kernels; each
-        request is named :meth:`Schedule.request_id`. Never raises for the engine's own errors: they go into
-        :attr:`EngineRun.error`."""
+        """Run every request of the schedule to completion, greedily (under the batch-invariant kernels, for an
+        engine compared bit for bit); each request is named :meth:`Schedule.request_id`. Never raises for the
+        engine's own errors: they go into :attr:`EngineRun.error`."""
         ...

@@ -15,6 +15,9 @@ from typing import Any
 
 from kvverify.adapters import import_transformers
 
+#: The engine these bugs are planted into (``verify-engine ENGINE --mutant NAME``).
+ENGINE = "transformers"
+
 
 @dataclass(frozen=True)
 class EngineMutant:

@@ -1,4 +1,6 @@
-"""The engines ``kvverify verify-engine`` knows, by name; each adapter's module is imported only when chosen."""
+"""The engines ``kvverify verify-engine`` knows, by name; each adapter's module is imported only when chosen, and
+an adapter imports its engine only when it runs (so ``vllm`` is listed, and refused with a clear message, where
+vLLM is not installed)."""
 
 from __future__ import annotations
 
@@ -8,18 +10,13 @@ from typing import TYPE_CHECKING, cast
 if TYPE_CHECKING:
     from kvverify.engines.adapter import EngineAdapter
 
-#: name -> "module:class" of its adapter, for the engines checked bit for bit under the batch-invariant kernels
-#: (:mod:`kvverify.engines.runner`).
+#: name -> "module:class" of its adapter.
 ENGINES: dict[str, str] = {
-    "transformers": "kvverify.engines.transformers_cb:TransformersEngine",
+    "transformers": "kvverify.engines.transformers_cb:TransformersEngine",  # bit for bit, batch-invariant kernels
+    "vllm": "kvverify.engines.vllm_engine:VllmEngine",  # within a measured tolerance: its kernels are its own C++
 }
-
-#: Engines whose kernels kvverify cannot reach (their own C++), checked within a measured tolerance by a check
-#: of their own: name -> its module (``run_check``, ``as_suite``, ``format_table``, ``summary``), and the tox env
-#: it runs in.
-TOLERANCE_ENGINES: dict[str, tuple[str, str]] = {
-    "vllm": ("kvverify.engines.vllm_check", "engine-vllm"),
-}
+#: Engines that live in an environment of their own: name -> its tox env.
+TOX_ENVS: dict[str, str] = {"vllm": "engine-vllm"}
 
 
 def get_engine(name: str) -> EngineAdapter:

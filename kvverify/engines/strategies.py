@@ -1,6 +1,7 @@
-"""Hypothesis strategies for engine schedules: models with full, sliding and mixed layers; 1 to 16 requests whose
-prompts share prefixes of whole and partial pages; arrivals while others decode; knobs tight enough to force
-chunked prefill, queueing and preemption.
+"""Hypothesis strategies for engine schedules, within the engine's :class:`~kvverify.engines.schedule.ScheduleSpace`
+(transformers' by default): models with full, sliding and mixed layers; 1 to 16 requests whose prompts share
+prefixes of whole and partial pages; arrivals while others decode; knobs tight enough to force chunked prefill,
+queueing and preemption.
 
 >>> from kvverify.engines.transformers_cb import TransformersEngine
 >>> schedules(engine=TransformersEngine()).example()  # doctest: +SKIP
@@ -16,16 +17,10 @@ from typing import TYPE_CHECKING
 from hypothesis import strategies as st
 
 from kvverify.engines.properties import NeighbourCase
-from kvverify.engines.schedule import ATTENTIONS, EngineKnobs, ModelSpec, RequestSpec, Schedule
+from kvverify.engines.schedule import EngineKnobs, ModelSpec, RequestSpec, Schedule, ScheduleSpace
 
 if TYPE_CHECKING:
     from kvverify.engines.adapter import EngineAdapter
-
-#: Page sizes drawn: the engine's minimum of 4, an odd one, and larger powers of two.
-PAGE_SIZES = (4, 5, 8, 16)
-MAX_REQUESTS = 16
-MAX_PROMPT = 300
-MAX_NEW_TOKENS = 8
 
 
 def _check(name: str, value: int, low: int, high: int) -> None:
@@ -33,13 +28,19 @@ def _check(name: str, value: int, low: int, high: int) -> None:
         raise ValueError(f"schedules(): {name} must be a whole number in [{low}, {high}]; got {value!r}")
 
 
+#: The default space: transformers' continuous batching.
+DEFAULT_SPACE = ScheduleSpace()
+
+
 @st.composite
-def models(draw: st.DrawFn) -> ModelSpec:
-    """A tiny model: full layers three times in five (the only kind the transformers engine shares blocks for)."""
-    layers = draw(st.sampled_from(("full", "sliding", "full", "mixed", "full")), label="layers")
+def models(draw: st.DrawFn, space: ScheduleSpace = DEFAULT_SPACE) -> ModelSpec:
+    """A tiny model of ``space``: by default full layers three times in five (the only kind the transformers
+    engine shares blocks for)."""
+    layers = draw(st.sampled_from(space.layers), label="layers")
     window = None if layers == "full" else draw(st.integers(2, 24), label="window")
-    attention = draw(st.sampled_from(ATTENTIONS), label="attention")
-    return ModelSpec(layers=layers, window=window, attention=attention, seed=draw(st.integers(0, 1), label="seed"))
+    attention = draw(st.sampled_from(space.attentions), label="attention")
+    seed = draw(st.integers(0, space.weight_seeds - 1), label="seed")
+    return ModelSpec(layers=layers, window=window, attention=attention, seed=seed, vocab=space.vocab)
 
 
 @st.composite
@@ -62,17 +63,22 @@ def prompts(draw: st.DrawFn, *, page_size: int, stems: list[tuple[int, ...]], vo
 
 
 @st.composite
-def schedules(draw: st.DrawFn, *, engine: EngineAdapter, max_requests: int = MAX_REQUESTS,
-              max_prompt: int = MAX_PROMPT, max_new_tokens: int = MAX_NEW_TOKENS,
+def schedules(draw: st.DrawFn, *, engine: EngineAdapter, max_requests: int | None = None,
+              max_prompt: int | None = None, max_new_tokens: int | None = None,
               model: ModelSpec | None = None) -> Schedule:
-    """A schedule the engine can finish: ``num_blocks`` at least what its longest request needs alone (plus
-    one page of slack), so a run can always end; block sharing only where ``engine`` allows it. ``model``: the
-    model to use (default: drawn)."""
+    """A schedule the engine can finish, within ``engine.space`` (``max_requests``, ``max_prompt`` and
+    ``max_new_tokens`` in place of the space's when given): ``num_blocks`` at least what its longest request
+    needs alone (plus one page of slack), so a run can always end; block sharing only where ``engine`` allows
+    it. ``model``: the model to use (default: drawn)."""
+    space = engine.space
+    max_requests = space.max_requests if max_requests is None else max_requests
+    max_prompt = space.max_prompt if max_prompt is None else max_prompt
+    max_new_tokens = space.max_new_tokens if max_new_tokens is None else max_new_tokens
     _check("max_requests", max_requests, 1, 64)
     _check("max_prompt", max_prompt, 1, 4096)
     _check("max_new_tokens", max_new_tokens, 1, 256)
-    model = draw(models(), label="model") if model is None else model
-    page_size = draw(st.sampled_from(PAGE_SIZES), label="page_size")
+    model = draw(models(space), label="model") if model is None else model
+    page_size = draw(st.sampled_from(space.page_sizes), label="page_size")
     stem_tokens = st.lists(st.integers(0, model.vocab - 1), min_size=page_size, max_size=max(page_size, max_prompt))
     stems = [tuple(s) for s in draw(st.lists(stem_tokens, min_size=1, max_size=2), label="stems")]
     few = st.integers(min(2, max_requests), min(6, max_requests))  # neighbours, without the cost of sixteen
@@ -80,10 +86,13 @@ def schedules(draw: st.DrawFn, *, engine: EngineAdapter, max_requests: int = MAX
     requests = []
     for _ in range(count):
         prompt = draw(prompts(page_size=page_size, stems=stems, vocab=model.vocab, max_prompt=max_prompt))
+        if space.near_boundary and draw(st.booleans(), label="ends near a page boundary"):
+            prompt = draw(near_boundary(prompt, page_size=page_size, vocab=model.vocab, max_prompt=max_prompt))
         # long generations outgrow their blocks while decoding: what makes the engine preempt
         new = draw(st.one_of(st.integers(1, max_new_tokens), st.integers(max(1, max_new_tokens // 2), max_new_tokens)),
                    label="max_new_tokens")
-        arrival = draw(st.one_of(st.just(0), st.just(0), st.just(0), st.integers(0, 12)), label="arrival step")
+        arrival = draw(st.one_of(st.just(0), st.just(0), st.just(0), st.integers(0, space.max_arrival)),
+                       label="arrival step")
         requests.append(RequestSpec(prompt, new, arrival))
     need = blocks_needed(requests, page_size)
     every = sum(ceil(r.total_len / page_size) for r in requests) + 1
@@ -92,13 +101,31 @@ def schedules(draw: st.DrawFn, *, engine: EngineAdapter, max_requests: int = MAX
                                 st.integers(need, max(need, every)), st.integers(every, 2 * every)),
                       label="num_blocks")
     longest = max(len(r.prompt) for r in requests)
-    max_batch_tokens = draw(st.one_of(st.integers(1, max(1, longest)), st.integers(1, 256)),
+    low, high = space.min_batch_tokens, space.max_batch_tokens
+    max_batch_tokens = draw(st.one_of(st.integers(low, max(low, longest)), st.integers(low, high)),
                             label="max_batch_tokens")
     sharing = engine.allows_sharing(model) and draw(st.sampled_from((True, True, False)), label="block_sharing")
-    scheduler = draw(st.sampled_from(("fifo", "prefill_first")), label="scheduler")
+    scheduler = draw(st.sampled_from(space.schedulers), label="scheduler")
+    running = None
+    if space.max_running:  # at most the budget: every running request gets a token of it each step
+        running = min(draw(st.sampled_from(space.max_running), label="max_running"), max_batch_tokens)
     knobs = EngineKnobs(page_size=page_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
-                        block_sharing=sharing, scheduler=scheduler)
+                        block_sharing=sharing, scheduler=scheduler, max_running=running)
     return Schedule(model, knobs, tuple(requests))
+
+
+@st.composite
+def near_boundary(draw: st.DrawFn, prompt: tuple[int, ...], *, page_size: int, vocab: int,
+                  max_prompt: int) -> tuple[int, ...]:
+    """``prompt`` cut or extended (fresh tokens) to end 0 to 2 tokens short of the end of its last page (of the
+    page before, past ``max_prompt``): its first decodes need a new block. Invariant: 1 <= length <= max_prompt."""
+    end = ceil(len(prompt) / page_size) * page_size
+    if end > max_prompt:
+        end -= page_size
+    length = max(1, end - draw(st.integers(0, 2), label="short of the boundary by"))
+    extra = max(0, length - len(prompt))
+    tail = draw(st.lists(st.integers(0, vocab - 1), min_size=extra, max_size=extra), label="tokens to the boundary")
+    return (prompt + tuple(tail))[:length]
 
 
 def blocks_needed(requests: list[RequestSpec] | tuple[RequestSpec, ...], page_size: int) -> int:
@@ -107,7 +134,7 @@ def blocks_needed(requests: list[RequestSpec] | tuple[RequestSpec, ...], page_si
 
 
 @st.composite
-def neighbour_cases(draw: st.DrawFn, *, engine: EngineAdapter, max_requests: int = MAX_REQUESTS) -> NeighbourCase:
+def neighbour_cases(draw: st.DrawFn, *, engine: EngineAdapter, max_requests: int | None = None) -> NeighbourCase:
     """One request of a drawn schedule, placed among the requests of a second schedule (same model, its own
     knobs, enough blocks for the request)."""
     first = draw(schedules(engine=engine, max_requests=max_requests), label="first schedule")

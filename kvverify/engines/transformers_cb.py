@@ -13,15 +13,18 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
 from kvverify.adapters import import_transformers
+from kvverify.checks.watchdog import DEFAULT_TIME_LIMIT
 from kvverify.engines.adapter import EngineRun, RequestOutput, Step
 from kvverify.engines.kernels import invariant_kernels
 from kvverify.engines.models import build_model
-from kvverify.engines.schedule import ModelSpec, Schedule
+from kvverify.engines.oracle import AloneOracle
+from kvverify.engines.schedule import ModelSpec, Schedule, ScheduleSpace
 
 #: Steps past which a run is declared stuck: this many times the tokens the schedule processes, plus a margin.
 STEPS_PER_TOKEN = 4
@@ -31,6 +34,14 @@ class TransformersEngine:
     """transformers' ``ContinuousBatchingManager`` on the CPU (``num_blocks`` is always set: no psutil here)."""
 
     name = "transformers"
+    space = ScheduleSpace()  # the defaults are this engine's
+    oracle = AloneOracle()
+    #: An example is a whole serving run plus its oracle, so far fewer than a cache property's. The ci count is
+    #: sized so that ``verify-engine transformers --profile ci`` stays under 5 minutes on 2 cores and every hard
+    #: path is reached by at least 10% of its examples.
+    examples = MappingProxyType({"dev": 20, "ci": 200, "thorough": 2000})
+    properties = ("matches_alone", "independent_of_neighbours")
+    time_limit = DEFAULT_TIME_LIMIT
 
     def version(self) -> str:
         return f"transformers {import_transformers().__version__}"

@@ -1,10 +1,11 @@
 """vLLM's CPU engine through its adapter: it serves the reference weights, its scheduler is observed (prefix-cache
 hits, chunked prefills, preemptions), each request matches the reference within the tolerance, a corrupted KV
-block is caught, and bad knobs or requests are refused by name. Runs in the engine-vllm tox env; skips elsewhere."""
+block and wrong weights are caught with a report, and ``kvverify verify-engine vllm`` passes drawn schedules.
+Runs in the engine-vllm tox env; skips elsewhere (tests/test_vllm_adapter.py covers the adapter without vLLM)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -15,151 +16,115 @@ pytest.importorskip("vllm", reason="vLLM lives in its own environment: tox -e en
 
 from kvverify.cli import main
 from kvverify.engines.llama_checkpoint import write_llama_checkpoint
-from kvverify.engines.vllm_check import ATOL, MODEL, RequestMismatch, Schedule, check_schedule, run_check
-from kvverify.engines.vllm_engine import EngineError, EngineKnobs, EngineRequest, VllmEngine
+from kvverify.engines.properties import EngineMismatch, check_matches_alone
+from kvverify.engines.runner import run_engine_suite
+from kvverify.engines.schedule import EngineKnobs, ModelSpec, RequestSpec, Schedule
+from kvverify.engines.vllm_engine import ATOL, MODEL, VllmEngine
 from kvverify.reference.model import ReferenceModel
 
-
-@pytest.fixture(scope="module")
-def model() -> ReferenceModel:
-    return ReferenceModel(MODEL, seed=0)
-
-
-@pytest.fixture(scope="module")
-def model_dir(model: ReferenceModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_llama_checkpoint(model, tmp_path_factory.mktemp("llama"))
+ENGINE = VllmEngine()
+SPEC = ModelSpec(layers="full", attention="native", vocab=MODEL.vocab_size)
 
 
 def _prompt(n: int, seed: int) -> tuple[int, ...]:
     return tuple(torch.randint(0, MODEL.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist())
 
 
-def _hard_schedule() -> Schedule:
-    """Three requests sharing a 64-token prefix (two whole blocks), a budget that chunks the first prefill, and
-    blocks for the three prompts (five) plus one: all are admitted, and their decodes, which each cross into a
-    new block, cannot all grow, so the scheduler preempts."""
-    shared = _prompt(64, 0)
-    requests = (
-        EngineRequest(shared + _prompt(30, 1), 16),
-        EngineRequest(shared + _prompt(28, 2), 16, arrival_step=4),
-        EngineRequest(shared + _prompt(26, 3), 16, arrival_step=6),
-    )
-    knobs = EngineKnobs(block_size=32, num_blocks=7, max_num_batched_tokens=48, max_num_seqs=4, max_model_len=110)
-    return Schedule(knobs, requests, (None, (0, 64), (0, 64)))
+#: Three requests sharing a 64-token prefix (two whole blocks), a budget that chunks the first prefill, and blocks
+#: for the three prompts (five) plus vLLM's null block: all are admitted, and their decodes, which each cross into
+#: a new block, cannot all grow, so the scheduler preempts.
+SHARED = _prompt(64, 0)
+HARD = Schedule(SPEC, EngineKnobs(page_size=32, num_blocks=7, max_batch_tokens=48, max_running=4), (
+    RequestSpec(SHARED + _prompt(30, 1), 16),
+    RequestSpec(SHARED + _prompt(28, 2), 16, arrival=4),
+    RequestSpec(SHARED + _prompt(26, 3), 16, arrival=6),
+))
 
 
-def test_one_request_matches_the_reference(model: ReferenceModel, model_dir: Path) -> None:
+def test_one_request_matches_the_reference_generating_it_alone() -> None:
     prompt = _prompt(37, 5)
-    with VllmEngine(model_dir, EngineKnobs(max_model_len=64)) as engine:
-        result = engine.run([EngineRequest(prompt, 8)]).results[0]
-    alone = model.generate(torch.tensor([prompt]), 8, use_cache=False)  # the request alone, no cache
-    assert list(result.tokens) == alone.tokens[0].tolist(), "vLLM's greedy tokens differ from the reference's"
-    error = float((result.logits - alone.logits[0]).abs().max())
-    assert error <= ATOL, f"vLLM's logits differ from the reference's by {error:.3g} > {ATOL}"
-    assert result.logits.shape == (8, MODEL.vocab_size) and result.logits.dtype == torch.float32
+    run = ENGINE.run(Schedule(SPEC, EngineKnobs(page_size=32, num_blocks=8, max_batch_tokens=64), (
+        RequestSpec(prompt, 8),)))
+    assert run.error is None, run.error
+    got = run.outputs["r0"]
+    alone = ReferenceModel(MODEL, seed=0).generate(torch.tensor([prompt]), 8, use_cache=False)
+    assert got.tokens == alone.tokens[0].tolist(), "vLLM's greedy tokens differ from the reference's"
+    logits = torch.stack([row for row in got.logits if row is not None])  # (8, vocab)
+    assert logits.shape == (8, MODEL.vocab_size) and logits.dtype == torch.float32
+    error = float((logits - alone.logits[0]).abs().max())
+    assert 0 < error <= ATOL, f"vLLM's logits differ from the reference's by {error:.3g} (tolerance {ATOL})"
 
 
-def test_the_scheduler_is_observed_and_every_request_holds(model: ReferenceModel, model_dir: Path) -> None:
-    schedule = _hard_schedule()
-    row = check_schedule(model, model_dir, schedule, ATOL)  # raises RequestMismatch on a wrong request
-    first, second, third = row.results
-    assert first.prefill_chunks > 0, "a 94-token prompt under a 48-token budget must be prefilled in chunks"
-    cached = (second.cached_tokens, third.cached_tokens)
-    assert cached == (64, 64), f"the two whole shared blocks must come from the prefix cache; got {cached}"
-    assert sum(r.preemptions for r in row.results) > 0, "6 usable blocks cannot hold three growing requests"
-    assert row.late_arrivals >= 1, "the later requests arrive while the first decodes"
-    assert any("preempted" in event for r in row.results for _, event in r.events)
-    assert 0 < row.max_abs <= ATOL
+def test_the_scheduler_is_observed_and_every_request_holds() -> None:
+    run = check_matches_alone(ENGINE, HARD)  # raises EngineMismatch on a wrong request
+    assert run.reached == {"preempted", "shared", "chunked"}, run.reached
+    events = [event for step in run.steps for event in step.events]
+    assert "r0 prefill chunk: tokens 0..47 of 94, blocks [1, 2]" in events, events[:5]
+    assert any(e.startswith("r1 read tokens 0..63 from the prefix cache") for e in events), "two shared blocks"
+    assert any(e.endswith("preempted: its blocks freed, to be recomputed") for e in events)
+    assert sum(e.startswith("r0 chose token #") for e in events) == 16
+    assert run.largest_difference is not None and 0 < run.largest_difference <= ATOL
 
 
-def test_a_corrupted_kv_block_is_caught(model: ReferenceModel, model_dir: Path) -> None:
-    """A planted engine bug: once the request's prompt is cached, its first KV block is overwritten with another
-    block's contents (as a block freed and reused while still read would be). The comparison must fail."""
-    prompt = _prompt(70, 7)
-    schedule = Schedule(EngineKnobs(max_model_len=90), (EngineRequest(prompt, 8),), (None,))
-    engine = VllmEngine(model_dir, schedule.knobs)
-    core: Any = engine._engine.engine_core.engine_core
-    runner = core.model_executor.driver_worker.worker.model_runner
-    scheduler, schedule_step = core.scheduler, core.scheduler.schedule
+def _corrupting(original: Any) -> Any:
+    """``VllmEngine._start`` whose engine overwrites a request's first KV block with the next block's contents
+    once it has decoded two tokens (as a block freed and reused while still read would be)."""
 
-    def corrupting_schedule(*args: Any, **kwargs: Any) -> Any:
-        output = schedule_step(*args, **kwargs)
-        for request_id in output.num_scheduled_tokens:
-            request = scheduler.requests[request_id]
-            if request.num_output_tokens == 2:  # decoding, its prompt long written
-                first = scheduler.kv_cache_manager.get_block_ids(request_id)[0][0]
-                for cache in runner.kv_caches:  # per layer; blocks along dimension 0
-                    cache[first].copy_(cache[first + 1])
-        return output
+    def start(self: VllmEngine, vllm: Any, schedule: Schedule) -> Any:
+        llm = original(self, vllm, schedule)
+        core = llm.llm_engine.engine_core.engine_core
+        caches = core.model_executor.driver_worker.worker.model_runner.kv_caches  # per layer; blocks along dim 0
+        scheduler, schedule_step = core.scheduler, core.scheduler.schedule
 
-    core.scheduler.schedule = corrupting_schedule
-    with engine:
-        run = engine.run(schedule.requests)
-    expected = model.generate(torch.tensor([prompt]), 8, use_cache=False).logits[0]
-    assert float((run.results[0].logits[3:] - expected[3:]).abs().max()) > 100 * ATOL, "the corruption did nothing"
+        def corrupting_schedule(*args: Any, **kwargs: Any) -> Any:
+            output = schedule_step(*args, **kwargs)
+            for request_id in output.num_scheduled_tokens:
+                if scheduler.requests[request_id].num_output_tokens == 2:
+                    first = scheduler.kv_cache_manager.get_block_ids(request_id)[0][0]
+                    for cache in caches:
+                        cache[first].copy_(cache[first + 1])
+            return output
+
+        scheduler.schedule = corrupting_schedule
+        return llm
+
+    return start
 
 
-def test_check_schedule_reports_the_request_and_what_the_engine_did(model_dir: Path) -> None:
-    other = ReferenceModel(MODEL, seed=1)  # different weights: every request must fail
-    schedule = _hard_schedule()
-    with pytest.raises(RequestMismatch) as failure:
-        check_schedule(other, model_dir, schedule, ATOL)
+def test_a_corrupted_kv_block_is_caught_with_the_request_the_token_and_the_steps(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(VllmEngine, "_start", _corrupting(VllmEngine._start))
+    schedule = Schedule(SPEC, EngineKnobs(page_size=32, num_blocks=8, max_batch_tokens=64),
+                        (RequestSpec(_prompt(70, 7), 8),))
+    with pytest.raises(EngineMismatch) as failure:
+        check_matches_alone(ENGINE, schedule)
     report = str(failure.value)
-    assert "request 0 of 3" in report and "what the engine did to request 0" in report
-    assert "prefill chunk: tokens 0..47" in report, report
-    assert "engine: prefix on, block 32 x 7, budget 48, seqs 4" in report
+    assert report.startswith("r0, token #") and "logits differ beyond atol=2e-05" in report, report
+    assert "what the engine did around it:" in report and "r0 decode: token" in report
 
 
-def test_run_check_draws_and_passes_a_few_examples() -> None:
-    result = run_check(profile="dev", seed=3, max_examples=2)
-    assert result.failure is None, result.failure
-    assert len(result.rows) == 2
+def test_wrong_weights_fail_at_the_first_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = VllmEngine()
+    other = write_llama_checkpoint(ReferenceModel(MODEL, seed=1), tmp_path / "other")
+    monkeypatch.setattr(engine, "checkpoint", lambda model: other)  # serves seed 1's weights as seed 0's
+    with pytest.raises(EngineMismatch, match=r"r0, token #0: logits differ beyond atol=2e-05") as failure:
+        check_matches_alone(engine, HARD)
+    assert "step 1: r0 past 48 +46\n    r0 prefill: tokens 48..93, blocks [1, 2, 3]" in str(failure.value)
 
 
-@pytest.mark.parametrize(("knobs", "message"), [
-    (dict(block_size=0), "EngineKnobs.block_size must be a positive int"),
-    (dict(max_num_batched_tokens=8, max_num_seqs=16), "must be at least max_num_seqs"),
-    (dict(num_blocks=4, block_size=32, max_model_len=100), r"does not fit in \(num_blocks - 1\) \* block_size"),
-    (dict(enable_prefix_caching="yes"), "enable_prefix_caching must be a bool"),
-])
-def test_bad_knobs_are_refused_by_name(knobs: dict[str, Any], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        EngineKnobs(**knobs)
+def test_a_small_hypothesis_run_passes_and_counts_the_hard_paths() -> None:
+    result = run_engine_suite(ENGINE, profile="dev", seed=3, max_examples=2)
+    assert result.suite.ok, "\n".join(r.detail for r in result.suite.failures)
+    assert result.examples == 2 and result.paths == ("preempted", "shared", "chunked")
+    assert result.largest_difference is not None and result.largest_difference <= ATOL
 
 
-@pytest.mark.parametrize(("request_args", "message"), [
-    (dict(prompt=(), max_new_tokens=1), "at least one token"),
-    (dict(prompt=(1, -2), max_new_tokens=1), "non-negative int token ids"),
-    (dict(prompt=(1,), max_new_tokens=0), "max_new_tokens must be a positive int"),
-    (dict(prompt=(1,), max_new_tokens=1, arrival_step=-1), "arrival_step must be an int >= 0"),
-])
-def test_bad_requests_are_refused_by_name(request_args: dict[str, Any], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        EngineRequest(**request_args)
-
-
-@pytest.fixture(scope="module")
-def small_engine(model_dir: Path) -> Iterator[VllmEngine]:
-    with VllmEngine(model_dir, EngineKnobs(max_model_len=32)) as engine:
-        yield engine
-
-
-@pytest.mark.parametrize(("requests", "message"), [
-    ([], "at least one EngineRequest"),
-    ([EngineRequest((MODEL.vocab_size,), 1)], "outside the model's vocabulary of 256"),
-    ([EngineRequest((1,) * 30, 5)], "more than max_model_len 32"),
-])
-def test_requests_the_engine_cannot_serve_are_refused(small_engine: VllmEngine, requests: list[EngineRequest],
-                                                       message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        small_engine.run(requests)
-
-
-def test_a_missing_checkpoint_is_an_engine_error(tmp_path: Path) -> None:
-    with pytest.raises(EngineError, match=r"holds no config\.json"):
-        VllmEngine(tmp_path, EngineKnobs())
-
-
-def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["verify-engine", "vllm", "--max-examples", "0"]) == 2
-    assert "--max-examples must be >= 1" in capsys.readouterr().err
+def test_the_command_exits_0_with_its_tables_and_junit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = tmp_path / "vllm.xml"
+    assert main(["verify-engine", "vllm", "--profile", "dev", "--max-examples", "2", "--seed", "1",
+                 "--junitxml", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "kvverify verify-engine: vLLM 0.32.0" in out and "within 2e-05 of the strict reference" in out
+    assert "matches_alone" in out and "hard path" in out and "largest logit difference" in out
+    suite = ET.parse(report).getroot().find("testsuite")
+    assert suite is not None and suite.get("tests") == "1" and suite.get("failures") == "0"
