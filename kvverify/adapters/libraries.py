@@ -3,14 +3,29 @@
 Each :class:`LibraryCache` names a library, one of its caches, the kvverify target that adapts it, what it needs
 installed, and where it runs. A cache whose package is missing, or that needs a device this machine lacks, gets
 a row saying why instead of a verdict.
+
+A cache kvverify cannot hold as a :class:`~kvverify.protocol.KVCache` (llama.cpp's lives in C++) names its own
+checks instead (``checks``: ``MODULE:FUNCTION``, a function ``(*, profile, seed, device, max_examples) ->
+SuiteResult``); ``verify-libs`` tables their results like the property suite's.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+from kvverify.runs.runner import SuiteResult
+
+
+class LibraryChecks(Protocol):
+    """A library's own checks: what ``LibraryCache.checks`` names."""
+
+    def __call__(self, *, profile: str, seed: int, device: torch.device, max_examples: int | None) -> SuiteResult:
+        ...
 
 
 @dataclass(frozen=True)
@@ -22,6 +37,16 @@ class LibraryCache:
     needs: tuple[str, ...] = ()  # importable modules it needs, beyond the library
     module: str = ""  # the library's import name, when it differs from `library`
     cuda: bool = False  # CUDA only
+    checks: str = ""  # MODULE:FUNCTION running the library's own checks (a LibraryChecks) instead of the suite
+
+    def own_checks(self) -> LibraryChecks:
+        """The function ``checks`` names; ValueError saying what is wrong when it names none."""
+        module, _, name = self.checks.partition(":")
+        function = getattr(importlib.import_module(module), name, None) if module and name else None
+        if not callable(function):
+            raise ValueError(f"LibraryCache {self.cache!r}: checks={self.checks!r} names no function; expected "
+                             f"'MODULE:FUNCTION' with FUNCTION(*, profile, seed, device, max_examples) -> SuiteResult")
+        return function  # type: ignore[no-any-return]
 
     def unavailable(self, device: torch.device) -> str | None:
         """Why the cache cannot run here, or None."""
@@ -50,4 +75,6 @@ LIBRARY_CACHES: tuple[LibraryCache, ...] = (
                  "flashinfer-paged", module="flashinfer", cuda=True),
     LibraryCache("kvverify", "FlashInfer's page table, torch append (CPU)",
                  "kvverify.adapters.flashinfer:paged_kv_cache_torch", "flashinfer-paged-torch"),
+    LibraryCache("llama-cpp-python", "llama.cpp KV cache (from outside: eval, crop, state, prefix reuse)",
+                 "", "llamacpp", ("gguf",), module="llama_cpp", checks="kvverify.adapters.llamacpp.checks:run_checks"),
 )

@@ -16,10 +16,11 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from kvverify.adapters.known import registry
 from kvverify.adapters.known_failures import installed_version
-from kvverify.adapters.libraries import LIBRARY_CACHES
+from kvverify.adapters.libraries import LIBRARY_CACHES, LibraryCache
 from kvverify.commands.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from kvverify.commands.libs_rows import (
     KnownRow,
@@ -32,6 +33,11 @@ from kvverify.commands.libs_rows import (
     rows_table,
 )
 from kvverify.runs import print_table
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvverify.runs import SuiteResult
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if args.merge:
         return merge(args.merge)
     from kvverify.checks import DeviceError, TargetError, resolve_device, resolve_target
-    from kvverify.runs import SuiteResult, run_suite, write_junit
+    from kvverify.runs import run_suite, write_junit
 
     try:
         device = resolve_device(args.device, option="--device")
@@ -80,8 +86,11 @@ def run(args: argparse.Namespace) -> int:
             rows.append(LibraryRow(library, entry.cache, "-", "n/a", "-", "-", why))
             continue
         try:
-            result = run_suite(resolve_target(entry.target), target=entry.target, profile=args.profile,
-                               seed=args.seed, device=device, max_examples=args.max_examples)
+            if entry.checks:  # a cache kvverify cannot hold runs the library's own checks
+                result = _own_checks(entry, args, device)
+            else:
+                result = run_suite(resolve_target(entry.target), target=entry.target, profile=args.profile,
+                                   seed=args.seed, device=device, max_examples=args.max_examples)
         except (TargetError, DeviceError) as error:
             rows.append(LibraryRow(library, entry.cache, "-", "ERROR", "-", "-", str(error)))
             continue
@@ -107,6 +116,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         done.write(args.json)
     return EXIT_FAILED if done.unexpected else EXIT_OK
+
+
+def _own_checks(entry: LibraryCache, args: argparse.Namespace, device: torch.device) -> SuiteResult:
+    """The library's own checks (``entry.checks``); a TargetError when they cannot be loaded or refuse the run."""
+    from kvverify.checks import TargetError
+
+    try:
+        return entry.own_checks()(profile=args.profile, seed=args.seed, device=device, max_examples=args.max_examples)
+    except (ImportError, ValueError) as error:
+        raise TargetError(f"{entry.checks}: {error}") from error
 
 
 def merge(paths: list[str]) -> int:
