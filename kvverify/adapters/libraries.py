@@ -75,6 +75,6 @@ LIBRARY_CACHES: tuple[LibraryCache, ...] = (
                  "flashinfer-paged", module="flashinfer", cuda=True),
     LibraryCache("kvverify", "FlashInfer's page table, torch append (CPU)",
                  "kvverify.adapters.flashinfer:paged_kv_cache_torch", "flashinfer-paged-torch"),
-    LibraryCache("llama-cpp-python", "llama.cpp KV cache (from outside: eval, crop, state, prefix reuse)",
+    LibraryCache("llama-cpp-python", "llama.cpp KV cache, from outside",
                  "", "llamacpp", ("gguf",), module="llama_cpp", checks="kvverify.adapters.llamacpp.checks:run_checks"),
 )
