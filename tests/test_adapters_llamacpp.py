@@ -92,3 +92,37 @@ def test_a_load_state_that_restores_only_python_fails(monkeypatch: pytest.Monkey
     monkeypatch.setattr(session, "load_state", python_side_only)
     (r,) = checks.run_checks(profile="dev", seed=0, max_examples=50, checks=("state_save_load",)).results
     assert r.verdict == "failed" and "minimal case: program=" in r.detail, r.detail
+
+
+def test_a_crop_that_leaves_llama_cpp_memory_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    checks = _checks()
+    from kvverify.adapters.llamacpp import session
+
+    def n_tokens_only(llama: object, keep: int) -> bool:  # the planted bug: no llama_memory_seq_rm
+        llama.n_tokens = keep  # type: ignore[attr-defined]
+        return True
+
+    monkeypatch.setattr(session, "crop", n_tokens_only)
+    (r,) = checks.run_checks(profile="dev", seed=0, max_examples=50, checks=("crop",)).results
+    assert r.verdict == "failed" and "llama_memory_seq_pos_min/max" in r.detail, r.detail
+    assert "Crop(" in r.detail.split("minimal case:")[1]
+
+
+@pytest.mark.parametrize("avoid_known", [False, True])
+def test_the_shrunk_rollback_case_fails_unless_avoided(tmp_path: object, avoid_known: bool) -> None:
+    checks = _checks()
+    from kvverify.adapters.llamacpp.interpreter import Interpreter
+    from kvverify.adapters.llamacpp.model import export
+    from kvverify.adapters.llamacpp.oracle import FreshEval
+    from kvverify.adapters.llamacpp.programs import Crop, Eval, Generate
+
+    spec = export(str(tmp_path)).spec
+    interpreter = Interpreter(spec, FreshEval(spec), checks.ATOL, avoid_known=avoid_known)
+    try:
+        outcome = interpreter.run([Eval((3, 4)), Crop(-1), Generate(0, None, (), 2)])
+    finally:
+        interpreter.close()
+    if avoid_known:
+        assert outcome.failure is None, outcome.failure
+    else:
+        assert outcome.failure is not None and "greedy choice is 43" in outcome.failure, outcome.failure

@@ -30,8 +30,12 @@ class Outcome:
 class Interpreter:
     """One fresh context, the tokens it should hold, the states saved so far and every sequence seen."""
 
-    def __init__(self, spec: ContextSpec, oracle: FreshEval, atol: float) -> None:
-        self.spec, self.oracle, self.atol = spec, oracle, atol
+    def __init__(self, spec: ContextSpec, oracle: FreshEval, atol: float, *, avoid_known: bool = False) -> None:
+        # avoid_known: skip a generation whose prompt is exactly the tokens held right after a crop (the known
+        # stale-logits failure, kvverify.adapters.llamacpp.known), so a search can look past it
+        self.spec, self.oracle, self.atol, self.avoid_known = spec, oracle, atol, avoid_known
+        self.rolled_back = False  # a crop lowered n_tokens, and nothing has evaluated since
+        self.after_rollback = False  # the operation running now follows such a crop
         self.llama: Any = session.open_context(spec)
         self.held: list[int] = []
         self.saved: dict[int, tuple[Any, list[int]]] = {}
@@ -51,6 +55,8 @@ class Interpreter:
         return self.spec.n_ctx - 1 - len(self.held)
 
     def step(self, op: Operation) -> str | None:
+        if not isinstance(op, (Crop, Save)):
+            self.after_rollback, self.rolled_back = self.rolled_back, False
         if isinstance(op, Eval):
             tokens = list(op.tokens[: self.room()])
             session.evaluate(self.llama, tokens)
@@ -59,6 +65,7 @@ class Interpreter:
             keep = min(op.keep, len(self.held)) if op.keep >= 0 else max(0, len(self.held) + op.keep)
             if not session.crop(self.llama, keep):
                 return f"llama_memory_seq_rm(mem, -1, {keep}, -1) returned false on a {len(self.held)}-token context"
+            self.rolled_back = self.rolled_back or keep < len(self.held)
             self.held = self.held[:keep]
         elif isinstance(op, Save):
             self.saved[op.slot] = (session.save_state(self.llama), list(self.held))
@@ -81,7 +88,7 @@ class Interpreter:
 
     def prompted(self, op: Generate | Complete) -> str | None:
         prompt = self.prompt(op)
-        if not prompt:
+        if not prompt or (self.avoid_known and self.after_rollback and prompt == self.held):
             return None
         if isinstance(op, Generate):
             chosen = session.generate(self.llama, prompt, op.n_new)
