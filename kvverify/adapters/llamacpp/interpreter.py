@@ -34,8 +34,9 @@ class Interpreter:
         # avoid_known: skip a generation whose prompt is exactly the tokens held right after a crop (the known
         # stale-logits failure, kvverify.adapters.llamacpp.known), so a search can look past it
         self.spec, self.oracle, self.atol, self.avoid_known = spec, oracle, atol, avoid_known
-        self.rolled_back = False  # a crop lowered n_tokens, and nothing has evaluated since
-        self.after_rollback = False  # the operation running now follows such a crop
+        # a crop lowered n_tokens and nothing has evaluated since: the context's last logits are not those of the
+        # last token held (what the known failure samples from)
+        self.stale = False
         self.llama: Any = session.open_context(spec)
         self.held: list[int] = []
         self.saved: dict[int, tuple[Any, list[int]]] = {}
@@ -55,17 +56,16 @@ class Interpreter:
         return self.spec.n_ctx - 1 - len(self.held)
 
     def step(self, op: Operation) -> str | None:
-        if not isinstance(op, (Crop, Save)):
-            self.after_rollback, self.rolled_back = self.rolled_back, False
         if isinstance(op, Eval):
             tokens = list(op.tokens[: self.room()])
             session.evaluate(self.llama, tokens)
             self.held += tokens
+            self.stale = self.stale and not tokens
         elif isinstance(op, Crop):
             keep = min(op.keep, len(self.held)) if op.keep >= 0 else max(0, len(self.held) + op.keep)
             if not session.crop(self.llama, keep):
                 return f"llama_memory_seq_rm(mem, -1, {keep}, -1) returned false on a {len(self.held)}-token context"
-            self.rolled_back = self.rolled_back or keep < len(self.held)
+            self.stale = self.stale or keep < len(self.held)
             self.held = self.held[:keep]
         elif isinstance(op, Save):
             self.saved[op.slot] = (session.save_state(self.llama), list(self.held))
@@ -74,6 +74,7 @@ class Interpreter:
                 state, tokens = self.saved[op.slot]
                 session.load_state(self.llama, state)
                 self.held = list(tokens)
+                self.stale = False
         else:
             problem = self.prompted(op)
             if problem is not None:
@@ -88,8 +89,9 @@ class Interpreter:
 
     def prompted(self, op: Generate | Complete) -> str | None:
         prompt = self.prompt(op)
-        if not prompt or (self.avoid_known and self.after_rollback and prompt == self.held):
+        if not prompt or (self.avoid_known and self.stale and prompt == self.held):
             return None
+        self.stale = self.stale and prompt == self.held and op.n_new == 1  # else it evaluates a token
         if isinstance(op, Generate):
             chosen = session.generate(self.llama, prompt, op.n_new)
             self.held = prompt + chosen[:-1]  # the last choice is not evaluated yet
