@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from hypothesis import given, seed, settings
@@ -49,15 +49,16 @@ CHECKS = ("export_matches_reference", *PROGRAM_CHECKS)
 
 @dataclass
 class _Search:
-    """What one search saw: examples run, the largest difference, the last (after shrinking: minimal) failure."""
+    """What one search saw: examples run up to the first failure, the largest difference, the last (after
+    shrinking: minimal) failure."""
 
     examples: int = 0
     largest: float = 0.0
     failure: str | None = None
-    failures: list[str] = field(default_factory=list)
 
     def record(self, largest: float, failure: str | None, case: str) -> None:
-        self.examples += 1
+        if self.failure is None:  # examples up to the first failure, as PropertyResult counts them (not shrinking)
+            self.examples += 1
         self.largest = max(self.largest, largest)
         if failure is not None:
             self.failure = f"{failure}\nminimal case: {case}"
