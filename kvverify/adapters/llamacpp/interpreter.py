@@ -95,7 +95,7 @@ class Interpreter:
         if isinstance(op, Generate):
             chosen = session.generate(self.llama, prompt, op.n_new)
             self.held = prompt + chosen[:-1]  # the last choice is not evaluated yet
-            return self.greedy(prompt, chosen[:-1], f"Llama.generate chose {chosen}")
+            return self.greedy(prompt, chosen, f"Llama.generate chose {chosen}")
         if not self.cache_set:
             self.llama.set_cache(session.ram_cache())
             self.cache_set = True
@@ -108,8 +108,8 @@ class Interpreter:
         return self.greedy(prompt, held[len(prompt):], "create_completion")
 
     def greedy(self, prompt: list[int], chosen: list[int], what: str) -> str | None:
-        """Each chosen token (but the last, not evaluated) is the argmax of the fresh logits before it."""
-        fresh = self.oracle.logits(prompt + chosen)  # (L + n, vocab)
+        """Each chosen token is the argmax of the fresh logits of the position before it."""
+        fresh = self.oracle.logits((prompt + chosen)[:-1])  # (L + n - 1, vocab): row L - 1 + j chose token j
         for j, token in enumerate(chosen):
             row = fresh[len(prompt) - 1 + j]
             want = int(np.argmax(row))
