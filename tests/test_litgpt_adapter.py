@@ -1,7 +1,10 @@
 """litgpt's KVCache as a kvverify target: the full buffer bitwise equal to recomputation, the sliding-window ring
-exact token by token (its slots rotated oldest first)."""
+exact token by token (its slots rotated oldest first), and its known failure: a multi-token chunk once the ring is
+full, found by the suite and reproduced by litgpt alone."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -9,12 +12,14 @@ import torch
 pytest.importorskip("litgpt", reason="litgpt is not installed: tox -e lib-litgpt", exc_type=ImportError)
 
 from kvverify.adapters import litgpt as lg
+from kvverify.adapters.known import registry
+from kvverify.adapters.litgpt_known import KNOWN, chunked_prefill_logits
 from kvverify.checks.loading import load_factory
 from kvverify.checks.target import make_target
 from kvverify.protocol.cache import Unsupported
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference.model import ReferenceModel
-from kvverify.runs import check_cache
+from kvverify.runs import check_cache, run_suite
 
 CONFIG = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=24,
                      max_batch_size=2, dtype=torch.float64)
@@ -73,3 +78,20 @@ def test_an_update_without_positions_says_what_to_pass() -> None:
 def test_full_buffer_passes_the_suite_on_a_few_examples() -> None:
     check_cache(lg.kv_cache, profile="dev", seed=0, max_examples=5,
                 properties=["cached_equals_uncached", "chunked_prefill", "crop", "reset"])
+
+
+def test_the_suite_finds_the_chunked_prefill_failure_and_the_registry_names_it() -> None:
+    target = "kvverify.adapters.litgpt:sliding_kv_cache"
+    result = run_suite(load_factory(target), target=target, profile="dev", seed=0, properties=["sliding_window"])
+    (failure,) = result.failures
+    entry = KNOWN[0]
+    assert re.search(entry.pattern, failure.detail), failure.detail
+    assert registry().match("litgpt-sliding", "sliding_window", failure.detail) is entry
+
+
+def test_litgpt_alone_reproduces_it() -> None:
+    one_by_one, chunked = chunked_prefill_logits(4, (4, 4, 4))
+    assert one_by_one < 1e-12, "token-by-token decoding should match the uncached forward"
+    assert chunked > 0.01, "chunks of 4 with a window of 4 no longer differ: fixed upstream? see litgpt_known.py"
+    (reproduction,) = [r for r in registry().reproductions() if r.entry.library == "litgpt"]
+    assert reproduction.verdict == "XFAIL", reproduction.detail
