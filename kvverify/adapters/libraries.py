@@ -53,4 +53,6 @@ LIBRARY_CACHES: tuple[LibraryCache, ...] = (
     LibraryCache("litgpt", "KVCache", "kvverify.adapters.litgpt:kv_cache", "litgpt-full"),
     LibraryCache("litgpt", "KVCache (sliding-window ring)", "kvverify.adapters.litgpt:sliding_kv_cache",
                  "litgpt-sliding"),
+    LibraryCache("mistral-inference", "BufferCache", "kvverify.adapters.mistral:buffer_cache", "mistral-buffer",
+                 ("xformers",), module="mistral_inference"),
 )
