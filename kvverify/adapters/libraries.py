@@ -50,4 +50,9 @@ LIBRARY_CACHES: tuple[LibraryCache, ...] = (
                  "flashinfer-paged", module="flashinfer", cuda=True),
     LibraryCache("kvverify", "FlashInfer's page table, torch append (CPU)",
                  "kvverify.adapters.flashinfer:paged_kv_cache_torch", "flashinfer-paged-torch"),
+    LibraryCache("litgpt", "KVCache", "kvverify.adapters.litgpt:kv_cache", "litgpt-full"),
+    LibraryCache("litgpt", "KVCache (sliding-window ring)", "kvverify.adapters.litgpt:sliding_kv_cache",
+                 "litgpt-sliding"),
+    LibraryCache("mistral-inference", "BufferCache", "kvverify.adapters.mistral:buffer_cache", "mistral-buffer",
+                 ("xformers",), module="mistral_inference"),
 )
