@@ -50,4 +50,11 @@ LIBRARY_CACHES: tuple[LibraryCache, ...] = (
                  "flashinfer-paged", module="flashinfer", cuda=True),
     LibraryCache("kvverify", "FlashInfer's page table, torch append (CPU)",
                  "kvverify.adapters.flashinfer:paged_kv_cache_torch", "flashinfer-paged-torch"),
+    *(LibraryCache("kvpress", f"{press} on DynamicCache (ratio 0.5)", f"kvverify.adapters.kvpress:{factory}", key)
+      for press, factory, key in (("KnormPress", "knorm_press_cache", "kvpress-knorm"),
+                                  ("StreamingLLMPress", "streaming_llm_press_cache", "kvpress-streaming-llm"),
+                                  ("StreamingLLMPress, prompts >= 2 n_sink", "streaming_llm_past_sinks_cache",
+                                   "kvpress-streaming-llm-past-sinks"),
+                                  ("KeyDiffPress", "keydiff_press_cache", "kvpress-keydiff"),
+                                  ("RandomPress", "random_press_cache", "kvpress-random"))),
 )
