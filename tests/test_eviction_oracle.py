@@ -1,7 +1,8 @@
 """The eviction oracle (kvverify.checks.eviction) on kvverify's own compressing cache (StreamingLLM's sinks and
 window, kvverify.caches.sinks_window) and its mutants: the correct cache passes bit for bit, a cache that keeps
 the right tokens at shifted positions, one that keeps one token too few and one that counts kept tokens as its
-length are each killed, with a message naming what went wrong."""
+length are each killed, with a message naming what went wrong; a second call from the compressed cache is held
+to the same."""
 
 from __future__ import annotations
 
@@ -95,11 +96,38 @@ def test_a_kept_set_off_the_rule_is_named() -> None:
         check_evicted(make_target(factory), _case(), DECLARED)
 
 
-def test_only_cached_equals_uncached_runs_for_a_compressing_cache() -> None:
+def test_only_the_generation_properties_run_for_a_compressing_cache() -> None:
     target = make_target(sinks_window_cache)
     runs = [name for name, prop in PROPERTIES.items() if prop.skip_reason(target) is None]
-    assert runs == ["cached_equals_uncached"]
-    assert "keeps a subset" in (PROPERTIES["continuation"].skip_reason(target) or "")
+    assert runs == ["cached_equals_uncached", "continuation"]
+    assert "keeps a subset" in (PROPERTIES["crop"].skip_reason(target) or "")
+
+
+def _turn(case: Case, tokens: int = 3) -> tuple[torch.Tensor, int]:
+    return torch.arange(tokens).repeat(case.batch, 1), 4  # a new turn of 3 tokens per row, then 4 more
+
+
+def test_a_second_call_from_the_compressed_cache_passes() -> None:
+    case = _case()
+    check_evicted(make_target(sinks_window_cache), case, DECLARED, then=_turn(case))
+
+
+def test_a_cache_that_compresses_the_second_call_again_is_killed() -> None:
+    class CompressesEveryChunk(SinksWindowCache):  # any multi-token update taken for a prefill
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+                   cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[type-arg]
+            keys, values = super().update(key_states, value_states, layer_idx, cache_kwargs)
+            if key_states.shape[-2] > 1 and layer_idx < len(self.keys) and self.seen[layer_idx] > key_states.shape[-2]:
+                self.compress(layer_idx)
+            return keys, values
+
+    def factory(config: ModelConfig) -> CompressesEveryChunk:
+        return CompressesEveryChunk()
+
+    factory.kvverify_declaration = sinks_window_cache.kvverify_declaration  # type: ignore[attr-defined]
+    case = _case()
+    with pytest.raises(EvictionMismatch, match=r"layer 0, 7 token\(s\) after the prefill: holds slots"):
+        check_evicted(make_target(factory), case, DECLARED, then=_turn(case))
 
 
 def test_the_search_passes_the_cache_and_finds_a_mutant() -> None:

@@ -60,6 +60,13 @@ def test_kept_tokens_are_the_recomputed_ones_bit_for_bit(factory: str, positiona
     check_evicted(make_target(made), _case(positional=positional), made.kvverify_declaration.keeps)
 
 
+@pytest.mark.parametrize("factory", ["knorm_press_cache", "streaming_llm_past_sinks_cache"])
+def test_a_second_call_is_not_compressed_again(factory: str) -> None:
+    made, case = getattr(adapter, factory), _case()
+    turn = (torch.arange(3).repeat(2, 1), 4)  # 3 new tokens per row, then 4 more from the returned cache
+    check_evicted(make_target(made), case, made.kvverify_declaration.keeps, then=turn)
+
+
 def test_knorm_keeps_the_smallest_key_norms_per_head() -> None:
     model = ReferenceModel(CONFIG, seed=0)
     cache = adapter.knorm_press_cache(CONFIG)
@@ -106,4 +113,4 @@ def test_key_rerotation_press_moves_kept_keys_and_is_rejected() -> None:
 
 def test_the_search_passes_knorm() -> None:
     check_cache(adapter.knorm_press_cache, profile="dev", seed=0, max_examples=10,
-                properties=["cached_equals_uncached"])
+                properties=["cached_equals_uncached", "continuation"])

@@ -12,19 +12,23 @@ One generation runs through the cache under test, recording before every ``updat
 4. the generation ≡ the reference model through :class:`~kvverify.reference.eviction.SubsetReplayCache` told
    the same slots: bit for bit in strict numerics. A cache that kept the right tokens but changed them (rerotated
    keys, shifted positions) differs here;
-5. ``get_seq_length()`` counts the tokens seen, not kept (the model checks it before every forward, and the
+5. a second call (``continuation``: a new turn appended to what was generated, then more tokens from the
+   returned cache) is held to the same: no second compression, every token since the prefill kept, the
+   positions continuing from the tokens seen;
+6. ``get_seq_length()`` counts the tokens seen, not kept (the model checks it before every forward, and the
    contract after every call): the next token's position, as for a sliding window.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kvverify.checks.case import Case
-from kvverify.checks.property import expect_same
+from kvverify.checks.property import expect_same, join
 from kvverify.checks.target import Target
 from kvverify.engine.generation import generate
 from kvverify.protocol.cache import KVCache
@@ -68,6 +72,7 @@ class _Recording(_Logged):
     def __init__(self, inner: KVCache, n_layers: int) -> None:
         super().__init__(inner)
         self.held: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        self.before: list[list[int]] = [[] for _ in range(n_layers)]  # tokens written before each update
         self.written = [0] * n_layers
 
     def kept(self, layer_idx: int, like: torch.Tensor) -> torch.Tensor:
@@ -94,6 +99,7 @@ class _Recording(_Logged):
         _check_slots(held, self.written[layer_idx], f"before update {len(self.held[layer_idx]) + 1} of layer "
                                                      f"{layer_idx}")
         self.held[layer_idx].append(held)
+        self.before[layer_idx].append(self.written[layer_idx])
         result = super().update(key_states, value_states, layer_idx, cache_kwargs)
         self.written[layer_idx] += key_states.shape[-2]
         return result
@@ -108,24 +114,25 @@ def _check_slots(slots: torch.Tensor, written: int, when: str) -> None:
         raise EvictionMismatch(f"kept_positions {when} holds a slot twice in one head: {slots.tolist()}")
 
 
-def _check_counts(eviction: Eviction, held: list[torch.Tensor], final: torch.Tensor, prompt: int,
+def _check_counts(eviction: Eviction, states: list[tuple[torch.Tensor, int]], prompt: int,
                   layer: int) -> torch.Tensor:
     """The prompt slots kept after the prefill, (B, Hkv, n_kept) ascending, checked against the declared count
-    and against every later state (tokens written after the prefill are all kept)."""
-    states = [*held[1:], final]  # after the prefill, after each later update
+    and against every later state: ``states`` holds (slots held, tokens written) after the prefill and after
+    each later update; tokens written after the prefill are all kept."""
     n_kept = eviction.n_kept(prompt)
-    kept = states[0].sort(dim=-1).values
+    kept = states[0][0].sort(dim=-1).values
     if kept.shape[-1] != n_kept or bool((kept >= prompt).any()):
         raise EvictionMismatch(
             f"layer {layer} holds {kept.shape[-1]} slots after a prefill of {prompt} tokens; expected "
             f"n_kept = {n_kept} prompt tokens per KV head ({eviction}): slots held {kept.tolist()}")
-    for step, state in enumerate(states[1:], start=1):
-        expected = torch.cat((kept, torch.arange(prompt, prompt + step, device=kept.device)
-                              .expand(*kept.shape[:2], step)), dim=-1)
+    for state, written in states[1:]:
+        since = torch.arange(prompt, written, device=kept.device).expand(*kept.shape[:2], written - prompt)
+        expected = torch.cat((kept, since), dim=-1)
         if not torch.equal(state.sort(dim=-1).values, expected):
             raise EvictionMismatch(
-                f"layer {layer}, {step} token(s) after the prefill: holds slots {state.sort(dim=-1).values.tolist()}, "
-                f"expected the prefill's kept ones and every token since: {expected.tolist()}")
+                f"layer {layer}, {written - prompt} token(s) after the prefill: holds slots "
+                f"{state.sort(dim=-1).values.tolist()}, expected the prefill's kept ones and every token since: "
+                f"{expected.tolist()}")
     return kept
 
 
@@ -170,25 +177,36 @@ def _first_difference(actual: _Recording, expected: _Logged) -> str:
     return ""
 
 
-def check_evicted(target: Target, case: Case, eviction: Eviction) -> None:
+def check_evicted(target: Target, case: Case, eviction: Eviction,
+                  then: tuple[torch.Tensor, int] | None = None) -> None:
     """Generation through the compressing cache ≡ the reference attending to the tokens it kept; the kept
-    tokens follow the declared rule (see the module's docstring)."""
+    tokens follow the declared rule (see the module's docstring). ``then``: (extra (B, E) tokens, more): append
+    them to what was generated and generate ``more`` from the returned cache (a new turn, a second call)."""
     model = case.model()
     prompt, mask = case.tokens(), case.attention_mask()
     recording = _Recording(target.new_cache(case.config), case.config.n_layers)
-    actual = generate(model, prompt, case.max_new_tokens, cache=recording, attention_mask=mask)
+    calls = [(prompt, case.max_new_tokens, mask)]
+    actual = [generate(model, prompt, case.max_new_tokens, cache=recording, attention_mask=mask)]
+    if then is not None:
+        extra, more = then
+        sequences = torch.cat((actual[0].sequences, extra), dim=1)
+        following = torch.cat((actual[0].attention_mask, torch.ones_like(extra)), dim=1)
+        calls.append((sequences, more, following))
+        actual.append(generate(model, sequences, more, cache=recording, attention_mask=following))
     like = prompt.new_zeros(case.batch, case.config.n_kv_heads)
-    finals = [recording.kept(layer, like) for layer in range(case.config.n_layers)]
-    for layer, final in enumerate(finals):
+    kept = []
+    for layer in range(case.config.n_layers):
+        final = recording.kept(layer, like)
         _check_slots(final, recording.written[layer], f"after the generation, layer {layer}")
-    kept = [_check_counts(eviction, recording.held[layer], finals[layer], case.prompt_len, layer)
-            for layer in range(case.config.n_layers)]
+        states = [*zip(recording.held[layer][1:], recording.before[layer][1:], strict=True),
+                  (final, recording.written[layer])]
+        kept.append(_check_counts(eviction, states, case.prompt_len, layer))
     replay = SubsetReplayCache(recording.held)
     logged = _Logged(replay)
-    expected = generate(model, prompt, case.max_new_tokens, cache=logged, attention_mask=mask)
+    expected = [generate(model, tokens, n, cache=logged, attention_mask=m) for tokens, n, m in calls]
     for layer in range(case.config.n_layers):
         _check_rule(eviction, kept[layer], replay.keys[layer][:, :, :case.prompt_len], layer)
     where = _first_difference(recording, logged)  # "" unless a returned key or value differs
-    expect_same(target, case, expected, actual,
+    expect_same(target, case, functools.reduce(join, expected), functools.reduce(join, actual),
                 "cached generation differs from the reference attending to exactly the tokens the cache kept, at "
                 f"their original positions{f' ({where})' if where else ''}", label="generation over the kept tokens")

@@ -173,8 +173,9 @@ class CacheDeclaration:
         ``compiled`` property then checks it (see :mod:`kvverify.checks.properties.compiled`).
     keeps: the cache keeps a subset of its tokens after the prefill (KV compression), by the declared
         :class:`~kvverify.protocol.eviction.Eviction`, and offers ``kept_positions(layer_idx)``;
-        ``cached_equals_uncached`` then compares it with the reference attending to exactly the tokens it kept
-        (:mod:`kvverify.checks.eviction`), and the properties that compare with full recomputation are skipped.
+        ``cached_equals_uncached`` and ``continuation`` then compare it with the reference attending to exactly the
+        tokens it kept (:mod:`kvverify.checks.eviction`); the properties that compare with full recomputation are
+        skipped.
     """
 
     lossy_atol: float | None = None

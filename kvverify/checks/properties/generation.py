@@ -88,6 +88,9 @@ def continuations(draw: st.DrawFn, target: Target) -> Continuation:
 
 def check_continuation(target: Target, plan: Continuation) -> None:
     case = plan.case
+    if target.declaration.keeps is not None:  # a compressing cache: the oracle follows it into the second call
+        extra = torch.tensor(plan.extra, dtype=torch.long, device=case.config.device).reshape(case.batch, -1)
+        return check_evicted(target, case, target.declaration.keeps, then=(extra, plan.more))
     model = case.model()
     prompt, mask = case.tokens(), case.attention_mask()
     cache = target.new_cache(case.config)
