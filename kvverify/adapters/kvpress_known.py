@@ -5,7 +5,7 @@
   (a prompt of 5 to 7 tokens at ratio 0.5 with the default 4 sinks) the kept tokens are chosen among tied ones
   by ``torch.topk``'s tie-breaking: of 5 tokens it keeps slots 1 and 3, not the first two, so the oldest token
   (the attention sink the press exists to keep) is dropped. Found by the eviction oracle's
-  ``cached_equals_uncached`` on ``kvverify.adapters.kvpress:streaming_llm_press_cache``.
+  ``cached_equals_uncached`` and ``continuation`` on ``kvverify.adapters.kvpress:streaming_llm_press_cache``.
 
 No upstream issue was found (searched kvpress' issues for StreamingLLM, n_sink and short contexts).
 """
@@ -36,7 +36,7 @@ KNOWN: tuple[KnownFailure, ...] = (
         library="kvpress",
         versions=("0.5.5", None),
         cache="kvpress-streaming-llm",
-        checks=("cached_equals_uncached",),
+        checks=("cached_equals_uncached", "continuation"),
         pattern=r"kept slots .*keeps the first 4 and the newest",
         summary="fewer kept tokens than sinks: which sinks survive is topk's tie-break, not the first ones",
         reproduce=streaming_llm_sinks_by_tie,
