@@ -59,7 +59,8 @@ class _Logged:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.inner.update(key_states, value_states, layer_idx, cache_kwargs)
-        self.calls.append(_Call(layer_idx, (key_states, value_states), (keys, values)))
+        # copies: a cache may return views of a buffer it writes in place later
+        self.calls.append(_Call(layer_idx, (key_states, value_states), (keys.clone(), values.clone())))
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
