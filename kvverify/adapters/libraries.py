@@ -22,12 +22,17 @@ class LibraryCache:
     needs: tuple[str, ...] = ()  # importable modules it needs, beyond the library
     module: str = ""  # the library's import name, when it differs from `library`
     cuda: bool = False  # CUDA only
+    install: str = ""  # how to install it, when not the extra kvverify[library] (a library in an env of its own)
+
+    @property
+    def extra(self) -> str:
+        return f"pip install 'kvverify[{self.library}]'"
 
     def unavailable(self, device: torch.device) -> str | None:
         """Why the cache cannot run here, or None."""
         for name in (self.module or self.library, *self.needs):
             if importlib.util.find_spec(name.split(".")[0]) is None:
-                return f"needs {name}, not installed (pip install 'kvverify[{self.library}]')"
+                return f"needs {name}, not installed ({self.install or self.extra})"
         if self.cuda and device.type != "cuda":
             return "needs CUDA (run with --device cuda on a GPU machine)"
         return None
@@ -55,4 +60,12 @@ LIBRARY_CACHES: tuple[LibraryCache, ...] = (
                  "litgpt-sliding"),
     LibraryCache("mistral-inference", "BufferCache", "kvverify.adapters.mistral:buffer_cache", "mistral-buffer",
                  ("xformers",), module="mistral_inference"),
+    *(LibraryCache("kvpress", f"{press} on DynamicCache (ratio 0.5)", f"kvverify.adapters.kvpress:{factory}", key,
+                   install="its own env: tox -e lib-kvpress")
+      for press, factory, key in (("KnormPress", "knorm_press_cache", "kvpress-knorm"),
+                                  ("StreamingLLMPress", "streaming_llm_press_cache", "kvpress-streaming-llm"),
+                                  ("StreamingLLMPress, prompts >= 2 n_sink", "streaming_llm_past_sinks_cache",
+                                   "kvpress-streaming-llm-past-sinks"),
+                                  ("KeyDiffPress", "keydiff_press_cache", "kvpress-keydiff"),
+                                  ("RandomPress", "random_press_cache", "kvpress-random"))),
 )
