@@ -37,7 +37,12 @@ class LibraryCache:
     needs: tuple[str, ...] = ()  # importable modules it needs, beyond the library
     module: str = ""  # the library's import name, when it differs from `library`
     cuda: bool = False  # CUDA only
+    install: str = ""  # how to install it, when not the extra kvverify[library] (a library in an env of its own)
     checks: str = ""  # MODULE:FUNCTION running the library's own checks (a LibraryChecks) instead of the suite
+
+    @property
+    def extra(self) -> str:
+        return f"pip install 'kvverify[{self.library}]'"
 
     def own_checks(self) -> LibraryChecks:
         """The function ``checks`` names; ValueError saying what is wrong when it names none."""
@@ -52,7 +57,7 @@ class LibraryCache:
         """Why the cache cannot run here, or None."""
         for name in (self.module or self.library, *self.needs):
             if importlib.util.find_spec(name.split(".")[0]) is None:
-                return f"needs {name}, not installed (pip install 'kvverify[{self.library}]')"
+                return f"needs {name}, not installed ({self.install or self.extra})"
         if self.cuda and device.type != "cuda":
             return "needs CUDA (run with --device cuda on a GPU machine)"
         return None
@@ -75,6 +80,20 @@ LIBRARY_CACHES: tuple[LibraryCache, ...] = (
                  "flashinfer-paged", module="flashinfer", cuda=True),
     LibraryCache("kvverify", "FlashInfer's page table, torch append (CPU)",
                  "kvverify.adapters.flashinfer:paged_kv_cache_torch", "flashinfer-paged-torch"),
+    LibraryCache("litgpt", "KVCache", "kvverify.adapters.litgpt:kv_cache", "litgpt-full"),
+    LibraryCache("litgpt", "KVCache (sliding-window ring)", "kvverify.adapters.litgpt:sliding_kv_cache",
+                 "litgpt-sliding"),
+    LibraryCache("mistral-inference", "BufferCache", "kvverify.adapters.mistral:buffer_cache", "mistral-buffer",
+                 ("xformers",), module="mistral_inference"),
+    *(LibraryCache("kvpress", f"{press} on DynamicCache (ratio 0.5)", f"kvverify.adapters.kvpress:{factory}", key,
+                   install="its own env: tox -e lib-kvpress")
+      for press, factory, key in (("KnormPress", "knorm_press_cache", "kvpress-knorm"),
+                                  ("StreamingLLMPress", "streaming_llm_press_cache", "kvpress-streaming-llm"),
+                                  ("StreamingLLMPress, prompts >= 2 n_sink", "streaming_llm_past_sinks_cache",
+                                   "kvpress-streaming-llm-past-sinks"),
+                                  ("KeyDiffPress", "keydiff_press_cache", "kvpress-keydiff"),
+                                  ("RandomPress", "random_press_cache", "kvpress-random"))),
     LibraryCache("llama-cpp-python", "llama.cpp KV cache, from outside",
-                 "", "llamacpp", ("gguf",), module="llama_cpp", checks="kvverify.adapters.llamacpp.checks:run_checks"),
+                 "", "llamacpp", ("gguf",), module="llama_cpp", checks="kvverify.adapters.llamacpp.checks:run_checks",
+                 install="its own env: tox -e lib-llamacpp (builds llama-cpp-python's CPU wheel once)"),
 )
