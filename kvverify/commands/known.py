@@ -7,15 +7,9 @@ from collections.abc import Sequence
 from rich.table import Table
 
 from kvverify.adapters.known_failures import Reproduction
-from kvverify.runs import table
+from kvverify.commands.libs_rows import KnownRow, known_table
 
 
 def known_failures_table(reproductions: Sequence[Reproduction]) -> Table:
-    """One row per known failure: library and version, cache, checks, verdict of its fixed example (XFAIL: it
-    still fails, as expected; XPASS: it passes, fixed upstream: remove the entry), what happened, the issue."""
-    rows = table("known upstream failure", "library", "cache", "checks", "fixed example", "what happened", "issue")
-    for r in reproductions:
-        e = r.entry
-        library = f"{e.library} {r.version}" if r.version else e.library
-        rows.add_row(e.name, library, e.cache, ", ".join(e.checks), r.verdict, r.detail, e.reference)
-    return rows
+    """:func:`~kvverify.commands.libs_rows.known_table` of these reproductions."""
+    return known_table([KnownRow.of(r) for r in reproductions])
