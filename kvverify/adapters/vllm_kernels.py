@@ -100,7 +100,7 @@ def fp8_round_trip(states: torch.Tensor, *, positions: torch.Tensor, layer: int,
 
 class VllmPagedCache:
     """Per layer, vLLM's storage (num_blocks, Hkv, block_size, 2D); one block table shared by the layers, which
-    grows when layer 0 is written (layer 0 comes first in every forward)."""
+    grows when a write needs room (the first layer of each forward) and shrinks on crop."""
 
     def __init__(self, config: ModelConfig, *, kv_cache_dtype: str, blocks: Blocks | None = None,
                  num_blocks: int | None = None, block_size: int = BLOCK_SIZE) -> None:
@@ -131,8 +131,7 @@ class VllmPagedCache:
 
     def _write(self, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                slots: torch.Tensor) -> None:
-        self.reshape_and_cache(key, value, key_cache, value_cache, slots, self.isa, SCALE, SCALE,
-                                            self.kv_cache_dtype)
+        self.reshape_and_cache(key, value, key_cache, value_cache, slots, self.isa, SCALE, SCALE, self.kv_cache_dtype)
 
     def _as_float(self, stored: torch.Tensor) -> torch.Tensor:
         return (stored.view(self.fp8) if self.fp8 is not None else stored).float()
