@@ -57,7 +57,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="override the profile's examples per property")
     group.addoption("--kv-seed", type=int, default=None, metavar="N", help="Hypothesis seed (default: random, shown)")
     group.addoption("--kv-time-limit", default=None, metavar="SECONDS",
-                    help="seconds one example may take before the cache is reported as hanging (default: 60; "
+                    help="seconds one example may take before the cache is reported as hanging (default: 60, 300 at "
+                    "--kv-shapes production; "
                     "none: no limit)")
     group.addoption("--kv-shapes", choices=("default", "production"), default="default",
                     help="default: toy models (fast); production: head_dim 64/128, GQA up to 8, bf16/fp16, "
@@ -135,9 +136,9 @@ class _TargetSession:
     @classmethod
     def load(cls, config: pytest.Config, spec: str) -> _TargetSession:
         from kvverify.checks import (
-            DEFAULT_TIME_LIMIT,
             DeviceError,
             TargetError,
+            default_time_limit,
             parse_time_limit,
             resolve_device,
             resolve_target,
@@ -149,7 +150,8 @@ class _TargetSession:
             raise pytest.UsageError(f"--kv-max-examples must be >= 1; got {max_examples}")
         limit = config.getoption("kv_time_limit")
         try:
-            time_limit = DEFAULT_TIME_LIMIT if limit is None else parse_time_limit(limit, "--kv-time-limit")
+            time_limit = (default_time_limit(config.getoption("kv_shapes")) if limit is None
+                          else parse_time_limit(limit, "--kv-time-limit"))
         except ValueError as error:
             raise pytest.UsageError(f"kvverify: {error}") from None
         database_option = config.getoption("kv_database")

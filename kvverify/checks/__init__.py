@@ -12,7 +12,7 @@ from kvverify.checks.drift import compared_difference
 from kvverify.checks.loading import TargetError, load_factory, raised_at, resolve_target
 from kvverify.checks.properties import ALL_PROPERTIES, OPT_IN_PROPERTIES, PROPERTIES, Property
 from kvverify.checks.properties.long_context import LONG_CONTEXT, long_case
-from kvverify.checks.shapes import SHAPES
+from kvverify.checks.shapes import SHAPES, default_time_limit
 from kvverify.checks.strategies import cases
 from kvverify.checks.target import Target, make_target
 from kvverify.checks.tolerance import BACKENDS, measure, measure_target
@@ -36,6 +36,7 @@ __all__ = [
     "build_model",
     "cases",
     "compared_difference",
+    "default_time_limit",
     "describe_device",
     "load_factory",
     "long_case",

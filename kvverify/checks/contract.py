@@ -47,8 +47,10 @@ class UpdateObserver(Protocol):
 class CheckedCache:
     """``inner`` checked against the contract for a model of ``config``; an ``observer`` sees every call."""
 
-    def __init__(self, inner: KVCache, config: ModelConfig, observer: UpdateObserver | None = None) -> None:
+    def __init__(self, inner: KVCache, config: ModelConfig, observer: UpdateObserver | None = None, *,
+                 keeps_subset: bool = False) -> None:
         self.inner = inner
+        self.keeps_subset = keeps_subset  # declared keeps=...: fewer slots than tokens, checked by the oracle
         self.config = config
         self.observer = observer
         self._written = [0] * config.n_layers
@@ -93,7 +95,7 @@ class CheckedCache:
 
     def __getattr__(self, name: str) -> Any:
         """The optional methods the inner cache has (checked); other public attributes of the inner cache."""
-        if name.startswith("_") or name in ("inner", "config", "observer"):
+        if name.startswith("_") or name in ("inner", "config", "observer", "keeps_subset"):
             raise AttributeError(name)
         if name in OPTIONAL_METHODS:
             if not callable(getattr(self.inner, name, None)):
@@ -165,6 +167,11 @@ class CheckedCache:
     def _check_slots(self, slots: int, where: str, count: int, written: int) -> None:
         """``S >= N``, or a window's newest ``min(N, W - 1 + T)`` tokens at least."""
         if slots >= written:
+            return
+        if self.keeps_subset:  # which tokens it kept is the eviction oracle's to judge (kvverify.checks.eviction)
+            if slots < count:
+                raise ContractViolation(f"{where}: update() returned {slots} slots for {count} new tokens; a cache "
+                                        "that keeps a subset returns what it kept and every new token.")
             return
         window = self.config.sliding_window
         if window is None:

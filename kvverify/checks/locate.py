@@ -145,6 +145,8 @@ def _visible_slots(first: int, written: int, count: int, window: int | None, dev
 
 def locate(check: Callable[[Target, Any], None], target: Target, case: Any, time_limit: float | None) -> str:
     """Run ``check(target, case)`` again with shadows and say where the cache first went wrong."""
+    if target.declaration.keeps is not None:  # slots hold kept tokens, not the newest: the oracle locates itself
+        return "where: for a cache that keeps a subset, the eviction oracle's message above (kvverify.checks.eviction)."
     config = getattr(case, "config", None)
     log = DifferenceLog(window=getattr(config, "sliding_window", None),
                         lossy=target.declaration.lossy_atol is not None)

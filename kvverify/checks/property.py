@@ -38,6 +38,9 @@ class Property:
 
     def skip_reason(self, target: Target) -> str | None:
         """Why the property is skipped for ``target`` (a method it lacks, or :attr:`skip`'s reason); None: it runs."""
+        if target.declaration.keeps is not None and self.name not in ("cached_equals_uncached", "continuation"):
+            return ("the cache keeps a subset of its tokens (CacheDeclaration(keeps=...)): only "
+                    "cached_equals_uncached and continuation compare it, through the eviction oracle")
         missing = self.needs - target.capabilities
         if missing:
             return f"the cache has no {', '.join(f'{m}()' for m in sorted(missing))}"

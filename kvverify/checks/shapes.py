@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvverify.checks.watchdog import DEFAULT_TIME_LIMIT
+
 #: The names :func:`shape_space` accepts.
 SHAPES: tuple[str, ...] = ("default", "production")
 
@@ -32,7 +34,8 @@ class ShapeSpace:
 
     strict: whether strict numerics (bitwise, and slow at large widths on the CPU) is drawn; when False every
     case runs fast numerics, compared within the dtype's tolerance. dtypes: None keeps what each property asks
-    for; else the only dtypes drawn."""
+    for; else the only dtypes drawn. time_limit: the seconds one example may take unless the user says otherwise
+    (a hang is reported past it)."""
 
     name: str
     head_dims: tuple[int, ...]
@@ -49,6 +52,7 @@ class ShapeSpace:
     max_new: int
     strict: bool = True
     dtypes: tuple[str, ...] | None = None
+    time_limit: float = DEFAULT_TIME_LIMIT
 
 
 DEFAULT = ShapeSpace(
@@ -58,18 +62,24 @@ DEFAULT = ShapeSpace(
     block_size=4, short_prompt=12, long_prompt=96, max_new=32,
 )
 
-#: On the CPU the strict oracle at these widths takes seconds per forward, so production cases run fast
-#: numerics there; on CUDA both, and wider models.
+#: Seconds one production-shape example may take by default: padded batches of thousands of tokens passed 60 s
+#: on a 2-core machine at load 8 (``verify contiguous --shapes production --profile dev --seed 1``: three
+#: properties in strict numerics, five in fast), a hang reported where there was none.
+PRODUCTION_TIME_LIMIT = 300.0
+
+#: Strict numerics on the CPU too (the native fixed-order kernels make a forward at these widths cost about
+#: twice the standard kernels' time); on CUDA, wider models.
 _PRODUCTION_CPU = ShapeSpace(
     name="production", head_dims=(64, 128), kv_heads=(1, 2), groups=(1, 2, 4, 8), d_models=(256, 512, 1024),
     d_ffs=(512, 1024), vocab_sizes=(256, 1024), n_layers=(1, 2), max_seq_lens=(256, 1024, 4096),
-    block_size=16, short_prompt=64, long_prompt=4096, max_new=16, strict=False, dtypes=("bfloat16", "float16"),
+    block_size=16, short_prompt=64, long_prompt=4096, max_new=16, dtypes=("bfloat16", "float16"),
+    time_limit=PRODUCTION_TIME_LIMIT,
 )
 _PRODUCTION_CUDA = ShapeSpace(
     name="production", head_dims=(64, 128), kv_heads=(1, 2, 4, 8), groups=(1, 2, 4, 8),
     d_models=(1024, 2048, 4096), d_ffs=(2048, 4096), vocab_sizes=(1024, 32000), n_layers=(1, 2, 4),
     max_seq_lens=(256, 1024, 4096), block_size=16, short_prompt=64, long_prompt=4096, max_new=32,
-    dtypes=("bfloat16", "float16"),
+    dtypes=("bfloat16", "float16"), time_limit=PRODUCTION_TIME_LIMIT,
 )
 
 
@@ -81,3 +91,8 @@ def shape_space(name: str, device: str | torch.device = "cpu") -> ShapeSpace:
         return _PRODUCTION_CUDA if torch.device(device).type == "cuda" else _PRODUCTION_CPU
     raise ShapesError(f"unknown shapes {name!r}; expected one of {', '.join(SHAPES)} (default: toy models for "
                       "CI; production: head_dim 64/128, GQA up to 8, bf16/fp16, blocks of 16, contexts to 4096).")
+
+
+def default_time_limit(shapes: str) -> float:
+    """Seconds one example may take at these shapes unless the user sets a limit (or ``none``)."""
+    return shape_space(shapes).time_limit

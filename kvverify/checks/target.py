@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from hypothesis import strategies as st
 
 from kvverify.checks.compare import Tolerance, tolerance_for
 from kvverify.checks.contract import CheckedCache, UpdateObserver
@@ -51,7 +52,8 @@ class Target:
         check_cache_object(self.name, cache)
         if self.declaration.positional == "rope":
             cache = RotatingCache(cache, config)
-        return CheckedCache(cache, config, self.observe() if self.observe is not None else None)
+        return CheckedCache(cache, config, self.observe() if self.observe is not None else None,
+                            keeps_subset=self.declaration.keeps is not None)
 
     def tolerance(self, config: ModelConfig) -> Tolerance | None:
         """None for a bitwise comparison: strict numerics with an exact cache."""
@@ -77,6 +79,10 @@ class Target:
                 constraints[name] = getattr(d, name)
         if d.positional == "rope":
             constraints["positional"], constraints["left_padding"] = "rope", False
+        if d.keeps is not None:  # the oracle's mask reads kept slots as unpadded, unwindowed, without ALiBi
+            constraints["left_padding"], constraints["sliding_window"] = False, st.none()
+            if d.positional is None:
+                constraints["positional"] = ("rope", "learned", "none")
         return constraints
 
 

@@ -62,7 +62,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "is there")
     parser.add_argument("--time-limit", default=None, metavar="SECONDS",
                         help="seconds one example may take before the cache is reported as hanging "
-                        "(default: 60; none: no limit)")
+                        "(default: 60, 300 at --shapes production; none: no limit)")
     parser.add_argument("--database", metavar="DIR|URL", default=None,
                         help="keep failing examples in this directory (created when missing), or in a Redis server "
                         "shared by CI jobs: redis://HOST:PORT[/DB] (needs kvverify[redis]); the next run replays "
@@ -228,9 +228,11 @@ def unwritable(path: str) -> str | None:
 
 
 def _time_limit(args: argparse.Namespace) -> float | None:
-    from kvverify.checks import DEFAULT_TIME_LIMIT, parse_time_limit
+    from kvverify.checks import default_time_limit, parse_time_limit
 
-    return DEFAULT_TIME_LIMIT if args.time_limit is None else parse_time_limit(args.time_limit, "--time-limit")
+    if args.time_limit is None:
+        return default_time_limit(getattr(args, "shapes", "default"))
+    return parse_time_limit(args.time_limit, "--time-limit")
 
 
 def _reproduce_command(args: argparse.Namespace, name: str, seed: int) -> str:

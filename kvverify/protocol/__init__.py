@@ -6,7 +6,8 @@
   and the crop rule (:func:`resolve_crop`) the suite and the caches share;
 - :class:`CacheDeclaration` (:mod:`~kvverify.protocol.declaration`): what a cache says about itself;
 - :class:`Quantizer` (:mod:`~kvverify.protocol.quantizers`, :mod:`~kvverify.protocol.rounding`): how a lossy
-  cache rounds, so that the suite can replay it bit for bit.
+  cache rounds, so that the suite can replay it bit for bit;
+- :class:`Eviction` (:mod:`~kvverify.protocol.eviction`): which tokens a compressing cache keeps.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from kvverify.protocol.cache import (
 )
 from kvverify.protocol.config import ConfigError, ModelConfig
 from kvverify.protocol.declaration import DeclarationError
+from kvverify.protocol.eviction import Eviction, EvictionError
 from kvverify.protocol.quantizers import INT8_PER_TOKEN, KIVI_2, KIVI_4, Quantizer, QuantizerError, kivi
 from kvverify.protocol.rounding import Rounding
 
@@ -36,6 +38,8 @@ __all__ = [
     "CacheFactory",
     "ConfigError",
     "DeclarationError",
+    "Eviction",
+    "EvictionError",
     "KVCache",
     "ModelConfig",
     "Quantizer",

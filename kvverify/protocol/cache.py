@@ -13,6 +13,7 @@ import torch
 
 from kvverify.protocol.config import ModelConfig
 from kvverify.protocol.declaration import normalised, refuse_attribute
+from kvverify.protocol.eviction import Eviction
 from kvverify.protocol.quantizers import Quantizer
 
 #: Optional methods, detected on each cache rather than assumed.
@@ -170,6 +171,11 @@ class CacheDeclaration:
         of within ``lossy_atol``.
     compile: the cache is meant to run inside ``torch.compile`` and CUDA graphs (a static cache): the
         ``compiled`` property then checks it (see :mod:`kvverify.checks.properties.compiled`).
+    keeps: the cache keeps a subset of its tokens after the prefill (KV compression), by the declared
+        :class:`~kvverify.protocol.eviction.Eviction`, and offers ``kept_positions(layer_idx)``;
+        ``cached_equals_uncached`` and ``continuation`` then compare it with the reference attending to exactly the
+        tokens it kept (:mod:`kvverify.checks.eviction`); the properties that compare with full recomputation are
+        skipped.
     """
 
     lossy_atol: float | None = None
@@ -185,6 +191,7 @@ class CacheDeclaration:
     positional: Literal["rope"] | None = None
     quantizer: Quantizer | None = None
     compile: bool = False
+    keeps: Eviction | None = None
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from kvverify.protocol.config import DTYPES, device_name
+from kvverify.protocol.eviction import Eviction
 from kvverify.protocol.quantizers import Quantizer
 
 
@@ -129,6 +130,9 @@ RULES: Mapping[str, Rule] = MappingProxyType({
                       "kivi(2), INT8_PER_TOKEN or Quantizer(kind=your_round_trip, scheme='append')",
                       _instance_of(Quantizer)),
     "compile": Rule("True or False (whether the compiled property checks the cache)", _instance_of(bool)),
+    "keeps": Rule("None or a kvverify.protocol.eviction.Eviction (the cache keeps a subset of its tokens), e.g. "
+                  "Eviction('smallest_key_norm', 0.5) or Eviction('sinks_window', 0.5, n_sink=4)",
+                  _instance_of(Eviction)),
 })
 
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from kvverify.checks.boundaries import ENGINE_CHUNKS, near_marks
 from kvverify.checks.case import Case
+from kvverify.checks.eviction import check_evicted
 from kvverify.checks.expected import expected_generation
 from kvverify.checks.property import Property, expect_same, join, numerics_cases, random_tokens
 from kvverify.checks.replay import check_replayed
@@ -20,6 +21,8 @@ from kvverify.engine.generation import generate
 def check_cached_equals_uncached(target: Target, case: Case) -> None:
     if target.declaration.quantizer is not None:  # a lossy cache with its quantizer: the oracle replays it
         return check_replayed(target, case, target.declaration.quantizer)
+    if target.declaration.keeps is not None:  # a compressing cache: the oracle attends to the tokens it kept
+        return check_evicted(target, case, target.declaration.keeps)
     model = case.model()
     prompt, mask = case.tokens(), case.attention_mask()
     cache = target.new_cache(case.config)
@@ -85,6 +88,9 @@ def continuations(draw: st.DrawFn, target: Target) -> Continuation:
 
 def check_continuation(target: Target, plan: Continuation) -> None:
     case = plan.case
+    if target.declaration.keeps is not None:  # a compressing cache: the oracle follows it into the second call
+        extra = torch.tensor(plan.extra, dtype=torch.long, device=case.config.device).reshape(case.batch, -1)
+        return check_evicted(target, case, target.declaration.keeps, then=(extra, plan.more))
     model = case.model()
     prompt, mask = case.tokens(), case.attention_mask()
     cache = target.new_cache(case.config)
