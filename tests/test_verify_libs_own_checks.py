@@ -43,3 +43,36 @@ def test_checks_that_cannot_run_are_an_error_row(monkeypatch: pytest.MonkeyPatch
     assert main(["verify-libs"]) == EXIT_FAILED
     out = capsys.readouterr().out
     assert "ERROR" in out and says in out, out
+
+
+def test_prepare_runs_once_before_the_checks(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A library's one-time build (quanto compiles its extension on first use) runs before any time limit."""
+    from tests.targets import own_checks
+
+    monkeypatch.setattr(own_checks, "CALLS", [])
+    monkeypatch.setattr(verify_libs, "LIBRARY_CACHES", (LibraryCache(
+        "pytest", "in C++", "", "own", checks="tests.targets.own_checks:checks_after_build",
+        prepare="tests.targets.own_checks:build_once"),))
+    monkeypatch.setattr(verify_libs, "registry", lambda: KnownFailures([]))
+    assert main(["verify-libs"]) == EXIT_OK, capsys.readouterr().out
+    assert own_checks.CALLS == ["prepare", "checks"]
+
+
+@pytest.mark.parametrize("prepare,says", [("tests.targets.own_checks:build_fails", "ninja: build stopped"),
+                                          ("tests.targets.own_checks:absent", "names no function")])
+def test_a_failed_prepare_is_an_error_row(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                          prepare: str, says: str) -> None:
+    monkeypatch.setattr(verify_libs, "LIBRARY_CACHES", (LibraryCache(
+        "pytest", "in C++", "", "own", checks="tests.targets.own_checks:two_checks", prepare=prepare),))
+    monkeypatch.setattr(verify_libs, "registry", lambda: KnownFailures([]))
+    assert main(["verify-libs"]) == EXIT_FAILED
+    out = capsys.readouterr().out
+    assert "ERROR" in out and says in out and "holds" not in out, out
+
+
+def test_the_quanto_row_builds_quanto_first() -> None:
+    from kvverify.adapters.libraries import LIBRARY_CACHES
+
+    (quanto,) = [e for e in LIBRARY_CACHES if e.cache == "QuantizedCache quanto"]
+    assert quanto.prepare == "kvverify.adapters.hf.caches:build_quanto_extension"

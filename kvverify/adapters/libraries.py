@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import torch
 
@@ -39,6 +39,7 @@ class LibraryCache:
     cuda: bool = False  # CUDA only
     install: str = ""  # how to install it, when not the extra kvverify[library] (a library in an env of its own)
     checks: str = ""  # MODULE:FUNCTION running the library's own checks (a LibraryChecks) instead of the suite
+    prepare: str = ""  # MODULE:FUNCTION run once before the checks, outside any example's time limit (a JIT build)
 
     @property
     def extra(self) -> str:
@@ -46,12 +47,23 @@ class LibraryCache:
 
     def own_checks(self) -> LibraryChecks:
         """The function ``checks`` names; ValueError saying what is wrong when it names none."""
-        module, _, name = self.checks.partition(":")
+        checks: LibraryChecks = self._function("checks", self.checks,
+                                               "FUNCTION(*, profile, seed, device, max_examples) -> SuiteResult")
+        return checks
+
+    def prepared(self) -> None:
+        """Run ``prepare`` (when set): one-time work such as a library's JIT build, which would otherwise count
+        against the first example's time limit. ValueError when it names no function."""
+        if self.prepare:
+            self._function("prepare", self.prepare, "FUNCTION() -> None")()
+
+    def _function(self, field: str, spec: str, signature: str) -> Any:
+        module, _, name = spec.partition(":")
         function = getattr(importlib.import_module(module), name, None) if module and name else None
         if not callable(function):
-            raise ValueError(f"LibraryCache {self.cache!r}: checks={self.checks!r} names no function; expected "
-                             f"'MODULE:FUNCTION' with FUNCTION(*, profile, seed, device, max_examples) -> SuiteResult")
-        return function  # type: ignore[no-any-return]
+            raise ValueError(f"LibraryCache {self.cache!r}: {field}={spec!r} names no function; expected "
+                             f"'MODULE:FUNCTION' with {signature}")
+        return function
 
     def unavailable(self, device: torch.device) -> str | None:
         """Why the cache cannot run here, or None."""
@@ -74,7 +86,8 @@ LIBRARY_CACHES: tuple[LibraryCache, ...] = (
     _hf("DynamicCache (sliding window)", "sliding_window_cache", "transformers-sliding"),
     _hf("StaticCache (sliding window)", "static_sliding_window_cache", "transformers-hybrid"),
     _hf("QuantizedCache fp8", "quantized_cache", "transformers-fp8"),
-    _hf("QuantizedCache quanto", "quanto_cache", "transformers-quanto", ("optimum.quanto",)),
+    replace(_hf("QuantizedCache quanto", "quanto_cache", "transformers-quanto", ("optimum.quanto",)),
+            prepare="kvverify.adapters.hf.caches:build_quanto_extension"),
     _hf("QuantizedCache HQQ", "hqq_cache", "transformers-hqq", ("hqq",)),
     LibraryCache("flashinfer", "paged KV cache (append_paged_kv_cache)", "kvverify.adapters.flashinfer:paged_kv_cache",
                  "flashinfer-paged", module="flashinfer", cuda=True),

@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             rows.append(LibraryRow(library, entry.cache, "-", "n/a", "-", "-", why))
             continue
         try:
+            _prepare(entry)
             if entry.checks:  # a cache kvverify cannot hold runs the library's own checks
                 result = _own_checks(entry, args, device)
             else:
@@ -128,6 +129,16 @@ def _own_checks(entry: LibraryCache, args: argparse.Namespace, device: torch.dev
         return entry.own_checks()(profile=args.profile, seed=args.seed, device=device, max_examples=args.max_examples)
     except (ImportError, ValueError) as error:
         raise TargetError(f"{entry.checks}: {error}") from error
+
+
+def _prepare(entry: LibraryCache) -> None:
+    """The library's one-time preparation (``entry.prepare``); a TargetError saying what failed."""
+    from kvverify.checks import TargetError
+
+    try:
+        entry.prepared()
+    except Exception as error:  # a failed build is the row's ERROR, not a crash of the whole table
+        raise TargetError(f"prepare {entry.prepare}: {type(error).__name__}: {error}") from error
 
 
 def merge(paths: list[str]) -> int:

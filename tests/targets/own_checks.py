@@ -16,3 +16,20 @@ def two_checks(*, profile: str, seed: int, device: torch.device, max_examples: i
 
 def refuses(*, profile: str, seed: int, device: torch.device, max_examples: int | None) -> SuiteResult:
     raise ValueError("these checks run on the CPU only")
+
+
+#: Every call of :func:`build_once`, in order, beside the checks it came before.
+CALLS: list[str] = []
+
+
+def build_once() -> None:
+    CALLS.append("prepare")
+
+
+def checks_after_build(*, profile: str, seed: int, device: torch.device, max_examples: int | None) -> SuiteResult:
+    CALLS.append("checks")
+    return SuiteResult(target="own", seed=seed, profile=profile, results=[PropertyResult("holds", "passed", 3, 0.1)])
+
+
+def build_fails() -> None:
+    raise RuntimeError("ninja: build stopped: subcommand failed")

@@ -188,6 +188,15 @@ def quanto_cache(config: ModelConfig) -> KVCache:
     return _quantized(config, "quanto", INT4_ATOL, "optimum-quanto")
 
 
+def build_quanto_extension() -> None:
+    """Build optimum-quanto's C++ extension now: quanto compiles it on first use (tens of seconds, minutes on a
+    loaded machine), which inside an example passes its time limit and, killed, leaves a broken build behind."""
+    from optimum.quanto.library.extensions import get_extension, is_extension_available
+
+    if is_extension_available("quanto_cpp"):
+        _ = get_extension("quanto_cpp").lib  # the property builds and loads it
+
+
 def hqq_cache(config: ModelConfig) -> KVCache:
     """``QuantizedCache(backend="hqq")``: 4-bit group-wise; needs ``hqq``."""
     return _quantized(config, "hqq", INT4_ATOL, "hqq")
