@@ -25,6 +25,14 @@ def import_transformers(submodule: str | None = None) -> ModuleType:
     return transformers if submodule is None else importlib.import_module(f"transformers.{submodule}")
 
 
+def import_library(module: str, *, needs: str, install: str, who: str = "this adapter") -> ModuleType:
+    """``module``, or an ImportError naming what ``who`` needs, why the import failed and how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(f"{who} needs {needs}, which could not be imported ({error}); run: {install}") from error
+
+
 def transformers_version() -> str | None:
     """The installed transformers' version, or None when it is not installed."""
     try:

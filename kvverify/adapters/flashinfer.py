@@ -16,12 +16,12 @@ verifies without CUDA. ``paged_kv_cache`` calls FlashInfer's kernel; it needs CU
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from kvverify.adapters import import_library
 from kvverify.protocol.cache import CacheDeclaration, KVCache
 from kvverify.protocol.config import ModelConfig
 
@@ -99,11 +99,7 @@ def flashinfer_append(key: torch.Tensor, value: torch.Tensor, batch_indices: tor
 
 
 def import_flashinfer() -> Any:
-    try:
-        return importlib.import_module("flashinfer")
-    except ImportError as error:
-        raise ImportError(f"this adapter needs flashinfer, which could not be imported ({error}); run: "
-                          f"{INSTALL_HINT}") from error
+    return import_library("flashinfer", needs="flashinfer", install=INSTALL_HINT)
 
 
 class FlashInferPagedCache:

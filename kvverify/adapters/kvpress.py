@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from kvverify.adapters import import_library
 from kvverify.protocol.cache import CacheDeclaration, Unsupported
 from kvverify.protocol.config import ModelConfig
 from kvverify.protocol.eviction import Eviction
@@ -45,11 +46,7 @@ N_SINK = 4
 
 def import_kvpress() -> ModuleType:
     """``kvpress``, or an ImportError that says how to install it."""
-    try:
-        return importlib.import_module("kvpress")
-    except ImportError as error:
-        raise ImportError(f"this adapter needs kvpress, which could not be imported ({error}); run: "
-                          f"{INSTALL_HINT}") from error
+    return import_library("kvpress", needs="kvpress", install=INSTALL_HINT)
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,12 @@ them.
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 from typing import Any
 
 import torch
 
+from kvverify.adapters import import_library
 from kvverify.protocol.cache import KVCache, Unsupported, resolve_crop
 from kvverify.protocol.config import ModelConfig
 
@@ -37,11 +37,7 @@ INSTALL_HINT = "pip install 'kvverify[litgpt]' (litgpt 0.5.13), or run tox -e li
 
 def import_litgpt_model() -> ModuleType:
     """``litgpt.model``, or an ImportError that says what to install."""
-    try:
-        return importlib.import_module("litgpt.model")
-    except ImportError as error:
-        raise ImportError(f"this adapter needs litgpt, which could not be imported ({error}); run: "
-                          f"{INSTALL_HINT}") from error
+    return import_library("litgpt.model", needs="litgpt", install=INSTALL_HINT)
 
 
 def build_layer(config: ModelConfig, window: int | None) -> Any:

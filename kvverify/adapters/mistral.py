@@ -24,12 +24,12 @@ attention itself is kvverify's reference, so no xformers kernel runs.
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 from typing import Any
 
 import torch
 
+from kvverify.adapters import import_library
 from kvverify.protocol.cache import KVCache
 from kvverify.protocol.config import ModelConfig
 
@@ -38,11 +38,7 @@ INSTALL_HINT = "pip install 'kvverify[mistral-inference]' (mistral-inference 1.6
 
 def import_mistral_cache() -> ModuleType:
     """``mistral_inference.cache``, or an ImportError that says what to install."""
-    try:
-        return importlib.import_module("mistral_inference.cache")
-    except ImportError as error:
-        raise ImportError(f"this adapter needs mistral-inference, which could not be imported ({error}); run: "
-                          f"{INSTALL_HINT}") from error
+    return import_library("mistral_inference.cache", needs="mistral-inference", install=INSTALL_HINT)
 
 
 class MistralBufferCache:

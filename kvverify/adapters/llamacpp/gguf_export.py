@@ -16,13 +16,13 @@ only gives each id a name: the checks evaluate token ids, never text.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import torch
 
+from kvverify.adapters import import_library
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference.weights import ModelWeights
 
@@ -40,11 +40,7 @@ class ExportError(ValueError):
 
 def import_gguf() -> ModuleType:
     """The ``gguf`` package, or an ImportError that says what to install."""
-    try:
-        return importlib.import_module("gguf")
-    except ImportError as error:
-        raise ImportError(f"the GGUF export needs the gguf package, which could not be imported ({error}); run: "
-                          f"{INSTALL_HINT}") from error
+    return import_library("gguf", needs="the gguf package", install=INSTALL_HINT, who="the GGUF export")
 
 
 def check_exportable(config: ModelConfig) -> None:

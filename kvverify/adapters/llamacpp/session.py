@@ -8,7 +8,6 @@ machine's cores are shared), no flash attention, quiet.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from kvverify.adapters import import_library
 from kvverify.adapters.llamacpp.gguf_export import INSTALL_HINT
 
 #: The release the checks are written against (the changelog's prefix-reuse fixes: #2306, #2108, #2152).
@@ -25,11 +25,7 @@ TESTED_VERSION = "0.3.36"
 
 def import_llama_cpp() -> ModuleType:
     """``llama_cpp``, or an ImportError that says what to install."""
-    try:
-        return importlib.import_module("llama_cpp")
-    except ImportError as error:
-        raise ImportError(f"this adapter needs llama-cpp-python, which could not be imported ({error}); run: "
-                          f"{INSTALL_HINT}") from error
+    return import_library("llama_cpp", needs="llama-cpp-python", install=INSTALL_HINT)
 
 
 @dataclass(frozen=True)
