@@ -223,3 +223,12 @@ def test_measure_tolerance_is_a_subcommand(monkeypatch: pytest.MonkeyPatch,
     assert "declared lossy_atol 1.0" in capsys.readouterr().out
     assert main(["measure-tolerance", "--target", "no_such_module:factory", "--cases", "3"]) == 2
     assert "kvverify measure-tolerance: target 'no_such_module:factory'" in capsys.readouterr().err
+
+
+def test_measure_tolerance_draws_only_the_dtypes_asked_for_with_percentiles(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvverify.commands.measure_tolerance import main as measure
+
+    assert measure(["--dtype", "bfloat16", "--cases", "12", "--backend", "math"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "bfloat16: max abs difference" in lines[0], lines
+    assert "over 12 cases (99% at or under" in lines[0] and "99.9%" in lines[0], lines

@@ -69,9 +69,13 @@ class Mismatch:
 class GenerationMismatch(AssertionError):
     """Cached and uncached generations differ; ``mismatch`` says where and by how much."""
 
-    def __init__(self, mismatch: Mismatch, context: str = "") -> None:
-        self.mismatch = mismatch
-        super().__init__(f"{context}{mismatch}")
+    def __init__(self, mismatch: Mismatch, context: str = "", note: str = "") -> None:
+        self.mismatch, self.context = mismatch, context
+        super().__init__(f"{context}{mismatch}" + (f"\n{note}" if note else ""))
+
+    def noted(self, note: str) -> GenerationMismatch:
+        """The same mismatch, its message followed by ``note`` (a line of its own)."""
+        return GenerationMismatch(self.mismatch, self.context, note)
 
 
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:

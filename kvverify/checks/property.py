@@ -15,6 +15,7 @@ from hypothesis.control import current_build_context, currently_in_test_context
 from kvverify.checks import drift
 from kvverify.checks.case import Case
 from kvverify.checks.compare import GenerationMismatch, first_difference
+from kvverify.checks.confirm import check_confirmed
 from kvverify.checks.strategies import cases, token_rows
 from kvverify.checks.target import Target
 from kvverify.protocol.config import ModelConfig
@@ -27,7 +28,9 @@ Ex = TypeVar("Ex")
 class Property:
     """name: a test-id-friendly name; summary: one sentence, with the bug classes it catches;
     needs: optional cache methods it uses (skipped, with the reason, when the target lacks one);
-    skip: why the property does not apply to a target (None: it does), for conditions other than methods."""
+    skip: why the property does not apply to a target (None: it does), for conditions other than methods;
+    confirm_in_strict: a mismatch in fast numerics stands only if the example fails in strict numerics too
+    (:mod:`kvverify.checks.confirm`); False where strict numerics is not what the property compares."""
 
     name: str
     summary: str
@@ -35,6 +38,15 @@ class Property:
     strategy: Callable[[Target], st.SearchStrategy[Any]]
     check: Callable[[Target, Any], None]
     skip: Callable[[Target], str | None] | None = None
+    confirm_in_strict: bool = True
+
+    def run(self, target: Target, plan: Any) -> None:
+        """Check one drawn example (``plan``), as the suite judges it: :attr:`check`, with a fast-numerics
+        mismatch confirmed in strict numerics when :attr:`confirm_in_strict`."""
+        if self.confirm_in_strict:
+            check_confirmed(self.check, target, plan)
+        else:
+            self.check(target, plan)
 
     def skip_reason(self, target: Target) -> str | None:
         """Why the property is skipped for ``target`` (a method it lacks, or :attr:`skip`'s reason); None: it runs."""

@@ -1,12 +1,13 @@
 """Measure how far cached and uncached logits drift apart in fast numerics, per device, SDPA backend and dtype.
 
-``kvverify measure-tolerance [--cases N] [--seed S] [--device D] [--backend B ...]`` (or ``python -m
-kvverify.commands.measure_tolerance``) draws
-cases from the property suite's strategy (every positional scheme, norm, window, GQA shape and left padding) in
-fast numerics, generates with and without a contiguous cache on the device, once per scaled-dot-product attention
-backend that applies there, and prints the largest max-abs logit difference and the largest logit magnitude seen
-per dtype. A case a backend cannot run (float64 in flash attention, a mask where it takes none) is counted as not
-applicable. :data:`kvverify.checks.compare.FAST_TOLERANCES` is set from these figures.
+``kvverify measure-tolerance [--cases N] [--seed S] [--device D] [--backend B ...] [--dtype T ...]`` (or
+``python -m kvverify.commands.measure_tolerance``) draws cases from the property suite's strategy (every
+positional scheme, norm, window, GQA shape and left padding) in fast numerics, generates with and without a
+contiguous cache on the device, once per scaled-dot-product attention backend that applies there, and prints
+the largest max-abs logit difference (with the 99th and 99.9th percentile over the cases) and the largest logit
+magnitude seen per dtype (``--dtype``: only those drawn). A case a backend cannot run (float64 in flash
+attention, a mask where it takes none) is counted as not applicable.
+:data:`kvverify.checks.compare.FAST_TOLERANCES` is set from these figures.
 
 ``--target MODULE:FACTORY`` measures a lossy cache instead: cases drawn within its declaration (strict numerics,
 so every difference is the cache's), generated uncached and with the target's caches; it prints the largest
@@ -30,6 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--backend", nargs="+", choices=("cudnn", "efficient", "flash", "math"),
                         help="SDPA backends to measure (default: every one that applies on the device)")
+    parser.add_argument("--dtype", nargs="+", choices=("float64", "float32", "bfloat16", "float16"),
+                        help="the dtypes drawn (default: all four)")
     parser.add_argument("--target", metavar="NAME_OR_MODULE:FACTORY",
                         help="measure a lossy cache's largest logit difference instead (strict numerics)")
     parser.add_argument("--shapes", choices=("default", "production"), default="default",
@@ -39,6 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvverify.checks import BACKENDS, DeviceError, TargetError, make_target, measure, resolve_device, resolve_target
     from kvverify.commands.exits import EXIT_OK, EXIT_USAGE
+    from kvverify.protocol.config import DTYPES
 
     try:
         device = resolve_device(args.device, option="--device")
@@ -52,10 +56,12 @@ def run(args: argparse.Namespace) -> int:
         _report_target(target, args.cases, args.seed)
         return EXIT_OK
     for backend in args.backend or BACKENDS.get(device.type, ("math",)):
-        for dtype, drift in sorted(measure(args.cases, args.seed, device, backend).items()):
+        dtypes = tuple(args.dtype or DTYPES)
+        for dtype, drift in sorted(measure(args.cases, args.seed, device, backend, dtypes).items()):
             skipped = f", {drift.not_applicable} not applicable" if drift.not_applicable else ""
             print(f"{device} {backend:>9} {dtype:>9}: max abs difference {drift.max_abs:.3g} over {drift.cases} "
-                  f"cases{skipped} (largest |logit| {drift.max_logit:.3g})")
+                  f"cases{skipped} (99% at or under {drift.quantile(0.99):.3g}, 99.9% {drift.quantile(0.999):.3g}; "
+                  f"largest |logit| {drift.max_logit:.3g})")
     return EXIT_OK
 
 

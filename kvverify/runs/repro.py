@@ -38,7 +38,7 @@ def main() -> int:
     print(f"kvverify {{kvverify.__version__}}: {{PROPERTY}} against {{TARGET}}")
     print(CASE.describe() if hasattr(CASE, "describe") else repr(CASE))
     try:
-        ALL_PROPERTIES[PROPERTY].check(target, CASE)
+        ALL_PROPERTIES[PROPERTY].run(target, CASE)
     except Exception as error:
         print(f"\\nFAILED: {{type(error).__name__}}: {{error}}")
         return 1

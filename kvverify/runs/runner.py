@@ -107,7 +107,7 @@ def failure_report(error: BaseException, case: Any, where: str = "", label: str 
 
 
 def _checked(prop: Property, target: Target, case: Any, time_limit: float | None) -> None:
-    run_with_time_limit(lambda: prop.check(target, case), time_limit, f"one example of {prop.name}", case)
+    run_with_time_limit(lambda: prop.run(target, case), time_limit, f"one example of {prop.name}", case)
 
 
 def property_test(
