@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kvverify.caches import ContiguousCache
 from kvverify.checks.case import Case
 from kvverify.checks.drift import compared_difference
+from kvverify.checks.expected import expected_generation
 from kvverify.checks.strategies import cases
 from kvverify.checks.target import Target
 from kvverify.engine.generation import generate
@@ -92,9 +93,8 @@ def measure(
 def _both_ways(case: Case) -> tuple[Generation, Generation]:
     model = case.model()
     prompt, mask = case.tokens(), case.attention_mask()
-    expected = model.generate(prompt, case.max_new_tokens, use_cache=False, attention_mask=mask)
     actual = generate(model, prompt, case.max_new_tokens, cache=ContiguousCache(), attention_mask=mask)
-    return expected, actual
+    return expected_generation(model, prompt, case.max_new_tokens, mask, actual), actual  # as the suite compares
 
 
 def measure_target(target: Target, n_cases: int, seed: int) -> dict[str, Drift]:
