@@ -11,6 +11,10 @@ dtype, shapes, tokens and operations, with the fixed-order kernels, compared bit
 cache's own declared tolerance). The cache sees the same calls either way; only the model's rounding changes.
 Strict numerics agreeing means the difference was the standard kernels' rounding, and the example passes; strict
 numerics disagreeing confirms the failure, which is reported as found, with the strict comparison below it.
+
+Only logit differences that rounding could reach are rerun: up to :data:`ROUNDING_REACH` times the tolerance
+(the tail above reached 1.45 times it; 10,000 drawn bfloat16 cases at most 0.86 times). A larger one is reported
+at once, which keeps shrinking a real bug in fast numerics at the cost it had.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ from kvverify.checks.compare import GenerationMismatch
 from kvverify.checks.target import Target
 from kvverify.protocol.config import ModelConfig
 
+#: Logit differences up to this many times the tolerance are confirmed in strict numerics; larger ones are not
+#: rounding and are reported as found.
+ROUNDING_REACH = 4.0
+
 #: What Hypothesis' statistics (``--hypothesis-show-statistics``) call an example the confirmation passed.
 EXPLAINED = "fast numerics beyond the tolerance, identical in strict numerics"
 
@@ -33,25 +41,26 @@ EXPLAINED = "fast numerics beyond the tolerance, identical in strict numerics"
 def in_strict_numerics(plan: Any) -> Any | None:
     """``plan`` (a case, or a dataclass or tuple holding cases) with every fast-numerics config made strict;
     None when nothing in it runs fast numerics."""
-    changed, strict = _strict(plan)
-    return strict if changed else None
+    made_strict = _map_configs(plan, lambda c: c.replace(numerics="strict") if c.numerics == "fast" else c)
+    return made_strict if made_strict is not plan else None
 
 
-def _strict(value: Any) -> tuple[bool, Any]:
+def _map_configs(value: Any, change: Callable[[ModelConfig], ModelConfig]) -> Any:
+    """``value`` with ``change`` applied to every model config in it: the same object where nothing changed."""
     if isinstance(value, ModelConfig):
-        return (True, value.replace(numerics="strict")) if value.numerics == "fast" else (False, value)
+        return change(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         changes = {}
         for field in dataclasses.fields(value):
-            changed, strict = _strict(getattr(value, field.name))
-            if changed:
-                changes[field.name] = strict
-        return (True, dataclasses.replace(value, **changes)) if changes else (False, value)
+            before = getattr(value, field.name)
+            after = _map_configs(before, change)
+            if after is not before:
+                changes[field.name] = after
+        return dataclasses.replace(value, **changes) if changes else value
     if type(value) is tuple:
-        results = [_strict(item) for item in value]
-        if any(changed for changed, _ in results):
-            return True, tuple(strict for _, strict in results)
-    return False, value
+        items = tuple(_map_configs(item, change) for item in value)
+        return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
+    return value
 
 
 def check_confirmed(check: Callable[[Target, Any], None], target: Target, plan: Any) -> None:
@@ -61,7 +70,7 @@ def check_confirmed(check: Callable[[Target, Any], None], target: Target, plan: 
         check(target, plan)
     except GenerationMismatch as fast:
         strict = in_strict_numerics(plan)
-        if strict is None:
+        if strict is None or not _within_rounding_reach(fast, target, plan):
             raise
         try:
             check(target, strict)
@@ -72,3 +81,19 @@ def check_confirmed(check: Callable[[Target, Any], None], target: Target, plan: 
             raise fast from None
         if currently_in_test_context():
             event(EXPLAINED)
+
+
+def _within_rounding_reach(error: GenerationMismatch, target: Target, plan: Any) -> bool:
+    """Whether a mismatch is a logit difference within :data:`ROUNDING_REACH` times the fast tolerance."""
+    fast: list[ModelConfig] = []
+
+    def note(config: ModelConfig) -> ModelConfig:
+        if config.numerics == "fast":
+            fast.append(config)
+        return config
+
+    _map_configs(plan, note)
+    tolerances = [target.tolerance(config) for config in fast]
+    allowed = max((t.atol for t in tolerances if t is not None), default=0.0)
+    mismatch = error.mismatch
+    return mismatch.reason.startswith("logits differ") and mismatch.max_abs <= ROUNDING_REACH * allowed
