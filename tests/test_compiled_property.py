@@ -19,6 +19,7 @@ COMPILE_MUTANTS = sorted(name for name, mutant in MUTANTS.items() if "compile" i
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available())")
 
 
+@pytest.mark.slow  # ten inductor compilations through run_property (the fast tier compiles in properties/): 13 s
 def test_the_built_in_static_cache_passes() -> None:
     result = run_property(COMPILED, make_target(BUILTIN_CACHES["static"], "static"), profile="dev", seed=1,
                           max_examples=10)

@@ -116,6 +116,7 @@ class _FactoryAudit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@pytest.mark.slow  # every torch call of four caches' suites through a TorchFunctionMode: 13 s
 def test_the_suite_and_the_caches_name_the_device_of_every_tensor_they_make() -> None:
     audit = _FactoryAudit()
     with audit:

@@ -317,6 +317,7 @@ def test_subtle_mutant_hides_below_its_boundary(name: str) -> None:
     assert torch.equal(cached, uncached), f"{name} fails without {sorted(MUTANTS[name].needs)}: the catalogue is wrong"
 
 
+@pytest.mark.slow  # two spawned processes, each importing torch and kvverify afresh: 22 s
 def test_isolated_mutants_run_each_in_a_fresh_process_and_report_the_same() -> None:
     # The path `mutants --device cuda` takes (one spawned process per mutant), run on the CPU.
     from kvverify.commands.mutants import _rows
