@@ -13,7 +13,7 @@ import torch
 from kvverify.caches import BUILTIN_CACHES
 from kvverify.checks import PROPERTIES, make_target
 from kvverify.checks.case import Case
-from kvverify.checks.compare import GenerationMismatch, Mismatch
+from kvverify.checks.compare import GenerationMismatch, Mismatch, tolerance_for
 from kvverify.checks.confirm import check_confirmed, in_strict_numerics
 from kvverify.checks.properties.stateful import Operation, Program
 from kvverify.checks.target import Target
@@ -58,7 +58,8 @@ def test_every_fast_config_in_a_plan_is_made_strict_and_a_strict_plan_is_left_al
 
 
 def _mismatch(max_abs: float = 1.0) -> GenerationMismatch:
-    return GenerationMismatch(Mismatch(0, 0, max_abs, 1.0, 1, [1], [2], "logits differ beyond atol=0.25"))
+    return GenerationMismatch(Mismatch(0, 0, max_abs, 1.0, 1, [1], [2], "logits differ beyond atol=0.25",
+                                       tolerance_for(torch.bfloat16)))
 
 
 class _Calls:

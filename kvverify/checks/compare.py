@@ -56,6 +56,7 @@ class Mismatch:
     expected_tokens: list[int]
     actual_tokens: list[int]
     reason: str
+    tolerance: Tolerance | None = None  # what the comparison allowed (None: bit for bit)
 
     def __str__(self) -> str:
         return (
@@ -100,7 +101,9 @@ def _errors(expected: torch.Tensor, actual: torch.Tensor) -> tuple[float, float]
     return float(diff.max()), float((diff / e.abs().clamp_min(1e-30)).max())
 
 
-def _mismatch(expected: Generation, actual: Generation, step: int, row: int, reason: str) -> Mismatch:
+def _mismatch(
+    expected: Generation, actual: Generation, step: int, row: int, reason: str, tolerance: Tolerance | None
+) -> Mismatch:
     e, a = expected.logits[row, step], actual.logits[row, step]
     max_abs, max_rel = _errors(e, a)
     return Mismatch(
@@ -112,6 +115,7 @@ def _mismatch(expected: Generation, actual: Generation, step: int, row: int, rea
         expected_tokens=expected.tokens[row, : step + 1].tolist(),
         actual_tokens=actual.tokens[row, : step + 1].tolist(),
         reason=reason,
+        tolerance=tolerance,
     )
 
 
@@ -167,10 +171,10 @@ def _walk(
             bad_rows = ~((e - a).abs() <= allowed).all(-1) & alive
             reason = f"logits differ beyond atol={tolerance.atol:g}, rtol={tolerance.rtol:g}"
         if bool(bad_rows.any()):
-            return _mismatch(expected, actual, step, int(bad_rows.nonzero()[0]), reason), tuple(near_ties)
+            return _mismatch(expected, actual, step, int(bad_rows.nonzero()[0]), reason, tolerance), tuple(near_ties)
         for row in ((expected.tokens[:, step] != actual.tokens[:, step]) & alive).nonzero().flatten().tolist():
             if tolerance is None or not tolerance.near_ties or not _near_tie(e[row], tolerance):
-                return _mismatch(expected, actual, step, row, "greedy tokens differ"), tuple(near_ties)
+                return _mismatch(expected, actual, step, row, "greedy tokens differ", tolerance), tuple(near_ties)
             near_ties.append((row, step))
             if not teacher_forced:
                 alive[row] = False  # both choices are within the tolerance of the best: the paths may split here

@@ -70,7 +70,7 @@ def check_confirmed(check: Callable[[Target, Any], None], target: Target, plan: 
         check(target, plan)
     except GenerationMismatch as fast:
         strict = in_strict_numerics(plan)
-        if strict is None or not _within_rounding_reach(fast, target, plan):
+        if strict is None or not _within_rounding_reach(fast):
             raise
         try:
             check(target, strict)
@@ -83,17 +83,8 @@ def check_confirmed(check: Callable[[Target, Any], None], target: Target, plan: 
             event(EXPLAINED)
 
 
-def _within_rounding_reach(error: GenerationMismatch, target: Target, plan: Any) -> bool:
-    """Whether a mismatch is a logit difference within :data:`ROUNDING_REACH` times the fast tolerance."""
-    fast: list[ModelConfig] = []
-
-    def note(config: ModelConfig) -> ModelConfig:
-        if config.numerics == "fast":
-            fast.append(config)
-        return config
-
-    _map_configs(plan, note)
-    tolerances = [target.tolerance(config) for config in fast]
-    allowed = max((t.atol for t in tolerances if t is not None), default=0.0)
+def _within_rounding_reach(error: GenerationMismatch) -> bool:
+    """Whether a mismatch is a logit difference within :data:`ROUNDING_REACH` times the tolerance it broke."""
     mismatch = error.mismatch
+    allowed = mismatch.tolerance.atol if mismatch.tolerance is not None else 0.0
     return mismatch.reason.startswith("logits differ") and mismatch.max_abs <= ROUNDING_REACH * allowed

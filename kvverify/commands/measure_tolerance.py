@@ -55,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
     if target is not None:
         _report_target(target, args.cases, args.seed)
         return EXIT_OK
+    dtypes = tuple(args.dtype or DTYPES)
     for backend in args.backend or BACKENDS.get(device.type, ("math",)):
-        dtypes = tuple(args.dtype or DTYPES)
         for dtype, drift in sorted(measure(args.cases, args.seed, device, backend, dtypes).items()):
             skipped = f", {drift.not_applicable} not applicable" if drift.not_applicable else ""
             print(f"{device} {backend:>9} {dtype:>9}: max abs difference {drift.max_abs:.3g} over {drift.cases} "
