@@ -16,14 +16,23 @@
 
 namespace {
 
+// The vector width of the machine's widest registers: 64 bytes with AVX-512, else 32 (AVX2, NEON pairs). A wider
+// type than the registers is split by the compiler and spilled through memory; the order of the additions is
+// the tree's whatever the width, so the width changes no bit.
+#if defined(__AVX512F__)
+constexpr int VBYTES = 64;
+#else
+constexpr int VBYTES = 32;
+#endif
+
 template <typename T> struct Lanes;
 template <> struct Lanes<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef float U __attribute__((vector_size(64), aligned(4)));  // for unaligned loads
+  typedef float V __attribute__((vector_size(VBYTES)));
+  typedef float U __attribute__((vector_size(VBYTES), aligned(4)));  // for unaligned loads
 };
 template <> struct Lanes<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef double U __attribute__((vector_size(64), aligned(8)));
+  typedef double V __attribute__((vector_size(VBYTES)));
+  typedef double U __attribute__((vector_size(VBYTES), aligned(8)));
 };
 
 // Blocking (measured on a Zen 4 core, AVX-512): RB rows × NV vectors of outputs per microkernel call, leaves
@@ -36,7 +45,7 @@ constexpr int64_t MIN_WORK = 1 << 21;  // products per thread below which fewer 
 constexpr int64_t ROW_KERNEL_ROWS = 4;  // rows up to which the row kernel runs (see run_rows)
 constexpr int64_t AHEAD = 8;  // groups of leaves ahead whose rows of b are prefetched (direct path)
 
-template <typename T> constexpr int64_t block_outputs() { return NV * int64_t(64 / sizeof(T)); }
+template <typename T> constexpr int64_t block_outputs() { return NV * int64_t(VBYTES / sizeof(T)); }
 
 template <typename T, int R, int C> struct Block {  // R rows × C vectors of outputs
   typename Lanes<T>::V v[R][C];
@@ -45,7 +54,7 @@ template <typename T, int R, int C> struct Block {  // R rows × C vectors of ou
 template <typename T> using Vec = typename Lanes<T>::V;
 template <typename T> using VecU = typename Lanes<T>::U;
 
-template <typename T> constexpr int lanes() { return int(64 / sizeof(T)); }
+template <typename T> constexpr int lanes() { return int(VBYTES / sizeof(T)); }
 
 struct Aligned {
   void* p = nullptr;

@@ -151,8 +151,8 @@ void rows_against(const S& bp, const T* xp, int64_t xs, const bool* upper, int64
 // log2(L) levels, inside one vector, are taken for L outputs at once by a butterfly: two vectors' groups of 2g
 // lanes are split into lower and upper halves and added, g = L/2 .. 1, so lane i meets lane i + g as in the tree.
 template <typename T> struct Index;
-template <> struct Index<float> { typedef int32_t I __attribute__((vector_size(64))); };
-template <> struct Index<double> { typedef int64_t I __attribute__((vector_size(64))); };
+template <> struct Index<float> { typedef int32_t I __attribute__((vector_size(VBYTES))); };
+template <> struct Index<double> { typedef int64_t I __attribute__((vector_size(VBYTES))); };
 
 
 // Groups of 2g lanes of a and b -> groups of g: [a0, b0, a1, b1, ...], each the sum of its group's two halves.
