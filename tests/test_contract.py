@@ -125,3 +125,44 @@ def test_a_crop_that_leaves_a_layer_long_is_named() -> None:
         cache.update(kv, kv, layer)
     with pytest.raises(ContractViolation, match=r"after crop\(3\): get_seq_length\(0\) returned 5; expected 3"):
         cache.crop(3)
+
+
+class _NanAt(ContiguousCache):
+    """Puts a NaN into layer 0's key slot ``slot`` once ``when`` tokens are written (a fault in an old slot)."""
+
+    def __init__(self, slot: int, when: int) -> None:
+        super().__init__()
+        self.slot, self.when = slot, when
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, kw: Any = None) -> Any:
+        keys, values = super().update(k, v, layer_idx, kw)
+        if layer_idx == 0 and keys.shape[2] >= self.when:
+            keys = keys.clone()
+            keys[:, :, self.slot] = float("nan")
+        return keys, values
+
+
+def _updates_until_violation(cache: Any, config: ModelConfig, tokens: int) -> int:
+    checked = CheckedCache(cache, config)
+    k = torch.ones(1, config.n_kv_heads, 1, config.head_dim)
+    for step in range(tokens):
+        try:
+            for layer in range(config.n_layers):
+                checked.update(k, k, layer)
+        except ContractViolation as error:
+            assert "NaN or infinite values" in str(error)
+            return step + 1
+    raise AssertionError(f"no violation in {tokens} updates")
+
+
+@pytest.mark.parametrize(("slot", "when", "found_at"), [
+    (3, 10, 10),  # within WHOLE_CHECK_TOKENS: every slot, every update
+    (299, 300, 300),  # a new token's slot: at once
+    (5, 300, 512),  # an old slot past WHOLE_CHECK_TOKENS: at the next multiple of it
+])
+def test_non_finite_slots_are_found_on_the_schedule(slot: int, when: int, found_at: int) -> None:
+    from kvverify.checks.contract import WHOLE_CHECK_TOKENS
+
+    config = CONFIG.replace(max_seq_len=600, n_layers=1)
+    assert WHOLE_CHECK_TOKENS == 256
+    assert _updates_until_violation(_NanAt(slot, when), config, 600) == found_at
