@@ -117,12 +117,14 @@ def _check(x: torch.Tensor, b: torch.Tensor, name: str) -> tuple[int, int, int]:
 
 
 def _call(symbol: str, x: torch.Tensor, b: torch.Tensor, *index: int | None) -> torch.Tensor:
-    out = torch.empty((x.shape[0], x.shape[1], b.shape[2]), dtype=x.dtype)
+    groups, rows, n = x.shape
+    columns = b.shape[2]
+    out = torch.empty((groups, rows, columns), dtype=x.dtype)
     library = _library()
     assert library is not None, f"{symbol} called where applies() is False"
     status = getattr(library, symbol)(
-        x.shape[0], x.shape[1], x.shape[2], b.shape[2], x.data_ptr(), *x.stride(), b.data_ptr(), *b.stride(),
-        out.data_ptr(), *out.stride(), *index, torch.get_num_threads(),
+        groups, rows, n, columns, x.data_ptr(), *x.stride(), b.data_ptr(), *b.stride(),
+        out.data_ptr(), rows * columns, columns, 1, *index, torch.get_num_threads(),
     )  # fmt: skip
     if status:
         raise RuntimeError(f"the native {symbol} refused x {tuple(x.shape)}, b {tuple(b.shape)} (status {status})")
@@ -132,10 +134,16 @@ def _call(symbol: str, x: torch.Tensor, b: torch.Tensor, *index: int | None) -> 
 def tree_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
     """:func:`kvverify.reference.numerics.tree_sum` over ``dim`` of a float32 or float64 tensor, as
     :func:`tree_matmul` of ones against the rows: each product 1 × x is x itself, then the same tree."""
-    moved = x.movedim(dim, -1)
-    rows = moved.reshape(-1, moved.shape[-1])  # (R, n)
-    ones = torch.ones((1, 1, rows.shape[1]), dtype=x.dtype)
-    return tree_matmul(ones, rows.T[None]).view(moved.shape[:-1])  # rows as outputs: n contiguous per output
+    moved = x if dim in (-1, x.dim() - 1) else x.movedim(dim, -1)
+    n = moved.shape[-1]
+    rows = moved.reshape(-1, n)  # (R, n)
+    return tree_matmul(_ones(n, x.dtype), rows.T[None]).view(moved.shape[:-1])  # rows as outputs
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, n) ones, read (never written) by :func:`tree_sum`: a norm or a softmax asks for the same few."""
+    return torch.ones((1, 1, n), dtype=dtype)
 
 
 @functools.cache

@@ -46,6 +46,8 @@ def lane_stable(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
     pad = (-n) % _LANES
     if pad:
         flat = torch.cat((flat, flat.new_zeros(pad)))
+    if flat.numel() <= _PIECE:  # one piece (a decode step's rows): no split, no cat
+        return fn(flat)[:n].view(x.shape)
     out = torch.cat([fn(piece) for piece in torch.split(flat, _PIECE)])
     return out[:n].view(x.shape)
 
@@ -210,9 +212,8 @@ def _strict_attention(
 ) -> torch.Tensor:
     """:func:`attention` in strict numerics, for a chunk of queries (shapes as there; q, k, v in the compute
     dtype, ``returned`` the dtype of the output, ``keys`` k as (B, Hkv, D, S) or None)."""
-    batch, n_heads, t_q, head_dim = q.shape
-    n_kv_heads, s = k.shape[1], k.shape[2]
-    group = n_heads // n_kv_heads
+    batch, n_heads, t_q, _ = q.shape
+    s = k.shape[2]
     compute = q.dtype
     scores = _scores(q, k, keys) * scale
     scores = scores.reshape(batch, n_heads, t_q, s)
@@ -227,9 +228,31 @@ def _strict_attention(
     if not prefix:
         order = torch.sort((~visible).to(torch.uint8), dim=-1, stable=True).indices  # (B, 1, Tq, S)
         scores = scores.gather(-1, order.expand(batch, n_heads, t_q, s))
+    return _softmax_values(scores, v, order, returned)
+
+
+def attention_to_every_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`attention` for queries that see every key they are given, without a mask: a decode step's query
+    against the keys of its window. The same bits as ``attention(q, k, v, visible, None)`` with ``visible`` all
+    True, and as a longer key span whose other keys are masked (they add exact zeros after these). Shapes as
+    :func:`attention`; one chunk of queries (a decode step has one)."""
+    batch, n_heads, t_q, head_dim = q.shape
+    returned = torch.promote_types(q.dtype, torch.promote_types(k.dtype, v.dtype))
+    compute = compute_dtype(returned)
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    scores = _scores(q, k) * (1.0 / math.sqrt(head_dim))
+    return _softmax_values(scores.reshape(batch, n_heads, t_q, k.shape[2]), v, None, returned)
+
+
+def _softmax_values(scores: torch.Tensor, v: torch.Tensor, order: torch.Tensor | None,
+                    returned: torch.dtype) -> torch.Tensor:
+    """The softmax of scores (B, H, Tq, S), masked keys -inf and after the visible ones, against the values
+    (B, Hkv, S, D) in ``order`` (see :func:`_weighted_values`) -> (B, H, Tq, D) of dtype ``returned``."""
+    batch, n_heads, t_q, s = scores.shape
+    n_kv_heads, head_dim = v.shape[1], v.shape[3]
     weights = lane_stable(torch.exp, scores - scores.amax(-1, keepdim=True))  # masked keys: exactly 0
     probs = weights / tree_sum(weights, -1)[..., None]  # (B, H, Tq, S)
-    out = _weighted_values(probs.view(batch, n_kv_heads, group, t_q, s), v, order)
+    out = _weighted_values(probs.view(batch, n_kv_heads, n_heads // n_kv_heads, t_q, s), v, order)
     return out.reshape(batch, n_heads, t_q, head_dim).to(returned)
 
 

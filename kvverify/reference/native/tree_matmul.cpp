@@ -332,7 +332,7 @@ void run_units(const Problem<T>& p, const std::vector<int64_t>& rev, const bool*
 template <typename T> void run_rows(const Problem<T>& p, int64_t P, int64_t u0, int64_t u1) {
   constexpr int L = lanes<T>();
   const int64_t blocks = (p.N + L - 1) / L, H = P / 2;
-  const std::vector<int> order = butterfly_order<T>();
+  static const std::vector<int> order = butterfly_order<T>();  // built once (thread-safe static)
   Aligned xbuf(sizeof(T) * size_t(p.R * P));
   Aligned abuf(sizeof(Vec<T>) * size_t(H / L));
   T* xpad = static_cast<T*>(xbuf.p);

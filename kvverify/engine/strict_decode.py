@@ -1,0 +1,122 @@
+"""One decoded token through a whole model in strict numerics, bit for bit what the model's modules compute.
+
+The module path (:meth:`kvverify.reference.model.ReferenceModel.forward`) spends most of a one-token step on
+Python: module calls, a step context, a mask per layer, the checks that find which keys each query sees. A
+decode step of an unpadded batch without ALiBi needs none of it: its one query sees every key the cache returns
+(the newest ``sliding_window`` of them with a window). :class:`StrictDecodeStep` runs the same strict kernels
+(:mod:`kvverify.reference.numerics`) from flat per-layer tuples, with the projections that read one input
+fused into one call (each output is its own tree over the input, so fusing changes no bit) and the weights
+cast to the compute dtype once. ``tests/test_strict_decode.py`` checks it against the model bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from kvverify.protocol.cache import KVCache, written_slots
+from kvverify.protocol.config import ModelConfig
+from kvverify.reference import numerics
+from kvverify.reference.inputs import check_cache_output
+from kvverify.reference.weights import ModelWeights, NormWeights
+
+
+class _Layer(NamedTuple):
+    """One block's weights, in the compute dtype where a projection reads them."""
+
+    layer_idx: int
+    attn_norm: NormWeights
+    qkv: torch.Tensor  # (n_heads * D + 2 * n_kv_heads * D, d_model)
+    wo: torch.Tensor  # (d_model, n_heads * D)
+    mlp_norm: NormWeights
+    gate_up: torch.Tensor  # (2 * d_ff, d_model)
+    down: torch.Tensor  # (d_model, d_ff)
+
+
+def supports(config: ModelConfig) -> bool:
+    """Whether a model of this configuration can decode with :class:`StrictDecodeStep` (when unpadded)."""
+    return config.numerics == "strict" and config.positional != "alibi"
+
+
+class StrictDecodeStep:
+    """``step(tokens (B, 1), cache, start) -> logits (B, vocab)`` for a token at slot ``start`` of every row,
+    without padding: bit for bit ``model(tokens, cache=cache, start=start)[:, -1]`` for a model that
+    :func:`supports` it, for ``start < max_len`` (default: the model's ``max_seq_len``). It copies ``weights``
+    when built and reads nothing of the model after."""
+
+    def __init__(self, weights: ModelWeights, max_len: int | None = None) -> None:
+        c = weights.config
+        if not supports(c):
+            raise ValueError(
+                f"StrictDecodeStep needs strict numerics without ALiBi; got numerics={c.numerics!r}, "
+                f"positional={c.positional!r}. Use the model itself for this configuration."
+            )
+        self.config = c
+        self.max_len = c.max_seq_len if max_len is None else min(max_len, c.max_seq_len)
+        compute = numerics.compute_dtype(c.dtype)
+
+        def fused(*parts: torch.Tensor) -> torch.Tensor:  # (sum of d_out, d_in): one call, the same bits
+            return torch.cat(parts).to(compute)
+
+        self._layers = tuple(
+            _Layer(i, _copy(w.attn_norm), fused(w.wq, w.wk, w.wv), w.wo.to(compute, copy=True), _copy(w.mlp_norm),
+                   fused(w.w_gate, w.w_up), w.w_down.to(compute, copy=True))
+            for i, w in enumerate(weights.layers)
+        )
+        self._final_norm = _copy(weights.final_norm)
+        self._lm_head = weights.lm_head.to(compute, copy=True)  # (vocab, d_model)
+        self._embeddings = weights.tok_embeddings.clone()  # (vocab, d_model)
+        positions = weights.pos_embeddings
+        self._positions = None if positions is None else positions[: self.max_len].clone()  # (max_len, d_model)
+        self._slots = torch.arange(self.max_len, device=self._embeddings.device)  # cache_position of each slot
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin: (max_seq_len, D), as the model's
+        if c.positional == "rope":
+            every = torch.arange(c.max_seq_len, device=self._embeddings.device)[None]
+            cos, sin = numerics.rope_tables(every, c.head_dim, c.rope_theta, c.dtype)
+            self._rope = cos[0, 0], sin[0, 0]
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        c = self.config
+        batch = tokens.shape[0]
+        n_q, n_kv, head_dim, window = c.n_heads, c.n_kv_heads, c.head_dim, c.sliding_window
+        q_width, kv_width = n_q * head_dim, n_kv * head_dim
+        total = start + 1  # N: tokens in the cache after this step
+        cache_kwargs = {"cache_position": self._slots[start:total]}
+        x = self._embeddings[tokens]  # (B, 1, d_model)
+        if self._positions is not None:
+            x = x + self._positions[start]
+        rope = None if self._rope is None else (self._rope[0][start], self._rope[1][start])  # (D,) each
+        for layer_idx, attn_norm, w_qkv, w_o, mlp_norm, w_gate_up, w_down in self._layers:
+            qkv = numerics.linear(_norm(x, attn_norm, c.norm_eps), w_qkv)  # (B, 1, (H + 2 Hkv) D)
+            q = qkv[..., :q_width].reshape(batch, n_q, 1, head_dim)  # (B, H, 1, D): one token, heads as rows
+            k = qkv[..., q_width : q_width + kv_width].reshape(batch, n_kv, 1, head_dim)
+            v = qkv[..., q_width + kv_width :].reshape(batch, n_kv, 1, head_dim).contiguous()
+            if rope is not None:  # before caching: the cache holds rotated keys
+                q, k = numerics.apply_rope(q, *rope), numerics.apply_rope(k, *rope)
+            else:
+                k = k.contiguous()
+            result = cache.update(k, v, layer_idx, cache_kwargs)
+            check_cache_output(c, result, layer_idx)
+            keys, values = written_slots(result[0], result[1], total)  # (B, Hkv, S', D)
+            held = keys.shape[2]
+            if window is not None and held > window:  # the query sees the newest `window` keys only
+                keys, values = keys[:, :, held - window :], values[:, :, held - window :]
+            out = numerics.attention_to_every_key(q, keys, values)  # (B, H, 1, D)
+            x = x + numerics.linear(out.reshape(batch, 1, q_width), w_o)
+            gate_up = numerics.linear(_norm(x, mlp_norm, c.norm_eps), w_gate_up)  # (B, 1, 2 d_ff)
+            d_ff = gate_up.shape[-1] // 2
+            gate = numerics.lane_stable(F.silu, gate_up[..., :d_ff])
+            x = x + numerics.linear(gate * gate_up[..., d_ff:], w_down)
+        return numerics.linear(_norm(x, self._final_norm, c.norm_eps), self._lm_head)[:, -1]  # (B, vocab)
+
+
+def _copy(norm: NormWeights) -> NormWeights:
+    return NormWeights(norm.weight.clone(), None if norm.bias is None else norm.bias.clone())
+
+
+def _norm(x: torch.Tensor, norm: NormWeights, eps: float) -> torch.Tensor:
+    if norm.bias is None:
+        return numerics.rms_norm(x, norm.weight, eps)
+    return numerics.layer_norm(x, norm.weight, norm.bias, eps)

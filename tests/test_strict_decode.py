@@ -1,0 +1,108 @@
+"""The engine's strict decode step against the model's modules: the same logits and the same cache, bit for bit,
+over positional schemes, norms, GQA and MQA, windows, dtypes, every built-in cache, and both kernel paths."""
+
+from __future__ import annotations
+
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+
+from kvverify.caches import BUILTIN_CACHES
+from kvverify.engine import strict_decode
+from kvverify.engine.generation import generate
+from kvverify.engine.strict_decode import StrictDecodeStep
+from kvverify.protocol.config import ModelConfig
+from kvverify.reference import fixed_order
+from kvverify.reference.model import ReferenceModel
+from kvverify.reference.weights import ModelWeights
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "gqa-rope": {},
+    "mqa-rope": {"n_kv_heads": 1},
+    "mha-learned": {"positional": "learned", "n_kv_heads": 4},
+    "gqa-none-layernorm": {"positional": "none", "norm": "layer"},
+    "window": {"sliding_window": 5},
+    "float64": {"dtype": "float64"},
+    "bfloat16": {"dtype": "bfloat16"},
+    "float16-window": {"dtype": "float16", "sliding_window": 3},
+}
+
+
+def strict_model(**overrides: Any) -> ReferenceModel:
+    return ReferenceModel(ModelConfig.preset("tiny", numerics="strict", max_seq_len=40, **overrides), seed=1)
+
+
+def prompt(config: ModelConfig, batch: int, length: int) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(length))
+
+
+def _step_against_modules(model: ReferenceModel, cache_name: str, batch: int, name: str = "") -> None:
+    config = model.config
+    tokens = prompt(config, batch, 14)
+    make = BUILTIN_CACHES[cache_name]
+    step_cache, module_cache = make(config), make(config)
+    step = StrictDecodeStep(model.weights())
+    model(tokens[:, :5], cache=step_cache)
+    model(tokens[:, :5], cache=module_cache)
+    for slot in range(5, tokens.shape[1]):
+        token = tokens[:, slot : slot + 1]
+        got = step(token, step_cache, slot)  # (B, vocab)
+        expected = model(token, cache=module_cache, start=slot)[:, -1]
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert torch.equal(got, expected), (
+            f"{name}, {cache_name}, slot {slot}: the strict decode step differs from the model's modules by "
+            f"{(got.double() - expected.double()).abs().max():.3g}"
+        )
+    after = model(tokens[:, :1], cache=step_cache, start=tokens.shape[1])  # the step left the cache as the model
+    assert torch.equal(after, model(tokens[:, :1], cache=module_cache, start=tokens.shape[1]))
+
+
+@pytest.mark.parametrize("cache_name", sorted(BUILTIN_CACHES))
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_the_strict_decode_step_is_the_models_bits(name: str, cache_name: str) -> None:
+    _step_against_modules(strict_model(**CONFIGS[name]), cache_name, batch=2, name=name)
+
+
+@pytest.mark.parametrize("name", ["gqa-rope", "bfloat16", "window"])
+def test_the_pure_pytorch_kernels_give_the_step_the_same_bits(name: str) -> None:
+    with fixed_order.use("python"):
+        _step_against_modules(strict_model(**CONFIGS[name]), "contiguous", batch=3, name=name)
+
+
+def test_one_row_alone() -> None:
+    _step_against_modules(strict_model(n_kv_heads=1), "static", batch=1)
+
+
+def test_generate_decodes_with_the_step_and_gives_the_models_bits() -> None:
+    model = strict_model()
+    tokens = prompt(model.config, 2, 6)
+    calls: list[int] = []
+
+    class Counting(StrictDecodeStep):
+        def __call__(self, new: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
+            calls.append(start)
+            return super().__call__(new, cache, start)
+
+    with mock.patch.object(strict_decode, "StrictDecodeStep", Counting):
+        out = generate(model, tokens, 5)
+    expected = model.generate(tokens, 5)  # the model alone: every step through its modules
+    assert calls == [6, 7, 8, 9], f"expected one strict decode step per token after the prefill; got {calls}"
+    assert torch.equal(out.logits, expected.logits) and torch.equal(out.tokens, expected.tokens)
+
+
+@pytest.mark.parametrize("overrides", [{"positional": "alibi"}, {"numerics": "fast"}])
+def test_alibi_and_fast_models_have_no_strict_decode_step(overrides: dict[str, Any]) -> None:
+    config = ModelConfig.preset("tiny", **{"numerics": "strict", **overrides})
+    assert not strict_decode.supports(config)
+    model = ReferenceModel(config)
+
+    class Refuse(StrictDecodeStep):
+        def __init__(self, weights: ModelWeights, max_len: int | None = None) -> None:
+            raise AssertionError("the strict decode step was built where the model's modules should have run")
+
+    with mock.patch.object(strict_decode, "StrictDecodeStep", Refuse):
+        assert generate(model, prompt(config, 2, 4), 3).tokens.shape == (2, 3)
+    with pytest.raises(ValueError, match="strict numerics without ALiBi"):
+        StrictDecodeStep(model.weights())
