@@ -12,13 +12,13 @@ pure-PyTorch fallback, ``KVVERIFY_KERNELS=python``). One thread, float32, batch 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
+from kvverify.profiling.floor import best_seconds
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference import fixed_order
 from kvverify.reference.model import ReferenceModel
@@ -35,16 +35,6 @@ REPEATS = {256: 5, 512: 3, 1024: 2}
 def _config(d_model: int, head_dim: int, tokens: int, heads: int, numerics: str) -> ModelConfig:
     return ModelConfig(vocab_size=1000, d_model=d_model, n_layers=1, n_heads=heads, n_kv_heads=2, head_dim=head_dim,
                        d_ff=int(2.75 * d_model) // 8 * 8, max_seq_len=tokens, numerics=numerics)
-
-
-def _best_seconds(forward: Callable[[], Any], repeats: int) -> float:
-    forward()  # warm: first-call allocations and lazy initialisation
-    best = float("inf")
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        forward()
-        best = min(best, time.perf_counter() - begin)
-    return best
 
 
 def _peak_bytes(forward: Callable[[], Any]) -> int | None:
@@ -78,7 +68,7 @@ def test_strict_against_fast_uncached_forward(benchmark: Any, d_model: int, head
 
     def measure() -> float:
         with torch_threads(1):
-            seconds = {n: _best_seconds(forward(n), REPEATS[d_model]) for n in models}
+            seconds = {n: best_seconds(forward(n), REPEATS[d_model]) for n in models}
             peaks = {n: _peak_bytes(forward(n)) for n in models}
         benchmark.extra_info.update(fast_s=seconds["fast"], strict_s=seconds["strict"],
                                     fast_peak=peaks["fast"], strict_peak=peaks["strict"])

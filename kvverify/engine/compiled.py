@@ -54,6 +54,14 @@ class PositionStep(DecodeStep):
 
         return self.blocks(x, cache, input_pos, rope, visible)
 
+    def choose(
+        self, tokens: torch.Tensor, cache: KVCache, input_pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`at` and the greedy choice after it: logits (B, vocab) and the next tokens (B, 1), so that a
+        compiled step is the whole of a greedy decode step, argmax included."""
+        logits = self.at(tokens, cache, input_pos)
+        return logits, logits.argmax(-1, keepdim=True)
+
 
 class CompileCounter:
     """A ``torch.compile`` backend that counts the graphs dynamo hands it, then compiles them with ``inner``
@@ -82,10 +90,11 @@ def compile_step(fn: PositionFn, counter: CompileCounter | str, *, fullgraph: bo
     return compiled
 
 
-def own_code(step: PositionStep) -> PositionFn:
-    """``step.at`` on a copy of its code object. dynamo caches compiled code, and counts recompiles against its
-    limit (8), per code object: a process holding decoders of many shapes would otherwise hit that limit."""
-    function = PositionStep.at
+def own_code(step: PositionStep, method: str = "at") -> Callable[..., Any]:
+    """``step.at`` (or another of its methods) on a copy of its code object. dynamo caches compiled code, and
+    counts recompiles against its limit (8), per code object: a process holding decoders of many shapes would
+    otherwise hit that limit."""
+    function = getattr(PositionStep, method)
     copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
                               function.__defaults__, function.__closure__)
     return types.MethodType(copy, step)
@@ -107,6 +116,17 @@ class CompiledStep:
         self.use_graphs = torch.device(model.config.device).type == "cuda" if cuda_graphs is None else cuda_graphs
         self.graphed: dict[tuple[int, int], GraphedStep] = {}  # by (cache, batch): a capture has fixed buffers
         self._decode = compile_step(own_code(self.step), self.counter)
+        self._choose: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None  # compiled on first use
+
+    def choose(
+        self, tokens: torch.Tensor, cache: KVCache, input_pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step and the greedy choice in one compiled graph (without a CUDA graph): logits (B, vocab) and the
+        next tokens (B, 1)."""
+        if self._choose is None:
+            self._choose = torch.compile(own_code(self.step, "choose"), backend=self.counter, fullgraph=True,
+                                         dynamic=False)
+        return self._choose(tokens, cache, input_pos)
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, input_pos: torch.Tensor) -> torch.Tensor:
         if not self.use_graphs:
@@ -153,6 +173,14 @@ class CompiledDecoder:
         """One token per row at slot ``input_pos`` (1,): logits (B, vocab), through the CUDA graph when on."""
         return self.compiled(tokens, self.cache, input_pos)
 
+    def decode_and_choose(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`decode` and the greedy choice: logits (B, vocab) and the next tokens (B, 1). Without CUDA graphs
+        the argmax is inside the compiled graph; with them, after the replay."""
+        if self.compiled.use_graphs:
+            logits = self.decode(tokens, input_pos)
+            return logits, logits.argmax(-1, keepdim=True)
+        return self.compiled.choose(tokens, self.cache, input_pos)
+
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy generation without padding: tokens (B, N) and the logits that chose them (B, N, vocab), as
@@ -167,11 +195,11 @@ class CompiledDecoder:
         logits = self.model(prompt, cache=self.cache, last_only=True)[:, -1]  # (B, vocab), eager prefill
         chosen, chosen_logits = [], []
         position = torch.full((1,), length, dtype=torch.long, device=prompt.device)
+        token = logits.argmax(-1, keepdim=True)  # (B, 1)
         for step in range(max_new_tokens):
-            token = logits.argmax(-1, keepdim=True)  # (B, 1)
             chosen.append(token)
             chosen_logits.append(logits)
             if step + 1 < max_new_tokens:
-                logits = self.decode(token, position)
+                logits, token = self.decode_and_choose(token, position)
                 position += 1
         return torch.cat(chosen, dim=1), torch.stack(chosen_logits, dim=1)
