@@ -113,6 +113,21 @@ def test_linear_is_bitwise_the_python_path(dtype: torch.dtype, lead: tuple[int, 
     _assert_same_bits(native, python, f"linear {tuple(x.shape)} @ {tuple(weight.shape)}.T, {dtype}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(max_examples=20, deadline=None, database=None, derandomize=True)
+@given(lead=st.sampled_from([(1,), (5,), (2, 3), (1, 1, 7)]), d=st.integers(1, 260), layer=st.booleans(),
+       seed=st.integers(0, 9))
+def test_norms_are_bitwise_the_python_path(dtype: torch.dtype, lead: tuple[int, ...], d: int, layer: bool,
+                                           seed: int) -> None:
+    x = _values((*lead, d), dtype, seed)
+    weight, bias = _values((d,), dtype, seed + 1), _values((d,), dtype, seed + 2)
+    if layer:
+        native, python = _both(numerics.layer_norm, x, weight, bias, 1e-5)
+    else:
+        native, python = _both(numerics.rms_norm, x, weight, 1e-5)
+    _assert_same_bits(native, python, f"{'layer' if layer else 'rms'} norm of {tuple(x.shape)}, {dtype}")
+
+
 def _mask(batch: int, t_q: int, s: int, layout: str, seed: int) -> torch.Tensor:
     """visible (B, 1, Tq, S): causal over the last Tq keys, with keys masked before, between or after."""
     generator = torch.Generator().manual_seed(seed)

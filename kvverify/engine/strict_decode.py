@@ -90,13 +90,11 @@ class StrictDecodeStep:
         rope = None if self._rope is None else (self._rope[0][start], self._rope[1][start])  # (D,) each
         for layer_idx, attn_norm, w_qkv, w_o, mlp_norm, w_gate_up, w_down in self._layers:
             qkv = numerics.linear(_norm(x, attn_norm, c.norm_eps), w_qkv)  # (B, 1, (H + 2 Hkv) D)
-            q = qkv[..., :q_width].reshape(batch, n_q, 1, head_dim)  # (B, H, 1, D): one token, heads as rows
-            k = qkv[..., q_width : q_width + kv_width].reshape(batch, n_kv, 1, head_dim)
+            qk = qkv[..., : q_width + kv_width].reshape(batch, n_q + n_kv, 1, head_dim)  # one token, heads as rows
+            if rope is not None:  # before caching: the cache holds rotated keys (elementwise: q and k at once)
+                qk = numerics.apply_rope(qk, *rope)
+            q, k = qk[:, :n_q], qk[:, n_q:].contiguous()  # (B, H, 1, D), (B, Hkv, 1, D)
             v = qkv[..., q_width + kv_width :].reshape(batch, n_kv, 1, head_dim).contiguous()
-            if rope is not None:  # before caching: the cache holds rotated keys
-                q, k = numerics.apply_rope(q, *rope), numerics.apply_rope(k, *rope)
-            else:
-                k = k.contiguous()
             result = cache.update(k, v, layer_idx, cache_kwargs)
             check_cache_output(c, result, layer_idx)
             keys, values = written_slots(result[0], result[1], total)  # (B, Hkv, S', D)
