@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -29,6 +29,8 @@ from kvverify.reference.model import ReferenceModel
 
 #: ``step(tokens (B, 1), cache, input_pos (1,) long) -> logits (B, vocab)``
 PositionFn = Callable[[torch.Tensor, KVCache, torch.Tensor], torch.Tensor]
+#: What :func:`compile_step` takes and returns: ``PositionFn``, or a step that also returns its greedy choice.
+StepT = TypeVar("StepT", bound=Callable[..., Any])
 
 
 class PositionStep(DecodeStep):
@@ -82,12 +84,11 @@ class CompileCounter:
         return compiled
 
 
-def compile_step(fn: PositionFn, counter: CompileCounter | str, *, fullgraph: bool = True) -> PositionFn:
+def compile_step(fn: StepT, counter: CompileCounter | str, *, fullgraph: bool = True) -> StepT:
     """``fn`` under ``torch.compile`` with ``counter`` (or a backend's name) as its backend, static shapes
     (``dynamic=False``: a new shape is a recompile, which a counter sees) and, by default, one graph or an error
     at a graph break."""
-    compiled: PositionFn = torch.compile(fn, backend=counter, fullgraph=fullgraph, dynamic=False)
-    return compiled
+    return cast(StepT, torch.compile(fn, backend=counter, fullgraph=fullgraph, dynamic=False))
 
 
 def own_code(step: PositionStep, method: str = "at") -> Callable[..., Any]:
@@ -115,7 +116,7 @@ class CompiledStep:
         self.counter = backend if isinstance(backend, CompileCounter) else CompileCounter(backend)
         self.use_graphs = torch.device(model.config.device).type == "cuda" if cuda_graphs is None else cuda_graphs
         self.graphed: dict[tuple[int, int], GraphedStep] = {}  # by (cache, batch): a capture has fixed buffers
-        self._decode = compile_step(own_code(self.step), self.counter)
+        self._decode: PositionFn = compile_step(own_code(self.step), self.counter)
         self._choose: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None  # compiled on first use
 
     def choose(
@@ -124,8 +125,7 @@ class CompiledStep:
         """The step and the greedy choice in one compiled graph (without a CUDA graph): logits (B, vocab) and the
         next tokens (B, 1)."""
         if self._choose is None:
-            self._choose = torch.compile(own_code(self.step, "choose"), backend=self.counter, fullgraph=True,
-                                         dynamic=False)
+            self._choose = compile_step(own_code(self.step, "choose"), self.counter)
         return self._choose(tokens, cache, input_pos)
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, input_pos: torch.Tensor) -> torch.Tensor:

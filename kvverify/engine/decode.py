@@ -105,11 +105,7 @@ class DecodeStep:
         rope = None if self._rope is None else (self._rope[0][start], self._rope[1][start])  # (D,) each
 
         def visible(k: torch.Tensor, v: torch.Tensor) -> Keys:
-            k, v = written_slots(k, v, total)
-            s = k.shape[-2]
-            if window is not None and s > window:  # the query sees the newest `window` keys only
-                k, v = k[:, :, s - window :], v[:, :, s - window :]
-            return k, v, None
+            return (*decode_keys(k, v, total, window), None)
 
         return self.blocks(x, cache, self._slots[start:total], rope, visible)
 
@@ -144,6 +140,17 @@ class DecodeStep:
             d_ff = gate_up.shape[-1] // 2
             x.addmm_(silu(gate_up[:, :d_ff]).mul_(gate_up[:, d_ff:]), w_down)
         return mm(self._final_norm(x), self._lm_head)  # (B, vocab)
+
+
+def decode_keys(keys: torch.Tensor, values: torch.Tensor, total: int,
+                window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values (B, Hkv, S', D) a decode step's one query sees, of what ``update`` returned with
+    ``total`` tokens written: the written slots, and of them the newest ``window`` with a sliding window."""
+    keys, values = written_slots(keys, values, total)
+    held = keys.shape[-2]
+    if window is not None and held > window:
+        keys, values = keys[:, :, held - window :], values[:, :, held - window :]
+    return keys, values
 
 
 def _norm(norm: NormWeights, config: ModelConfig) -> tuple[NormFn, torch.Tensor | None]:

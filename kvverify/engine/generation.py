@@ -27,10 +27,9 @@ def generate(
     now, for at most ``T + max_new_tokens`` slots."""
     step: DecodeStepFn | None = None
     unpadded = attention_mask is None or (isinstance(attention_mask, torch.Tensor) and bool(attention_mask.all()))
-    config = model.config
-    if (decode.supports(config) or strict_decode.supports(config)) and unpadded and isinstance(
-            prompt, torch.Tensor) and prompt.dim() == 2:
-        kind = decode.DecodeStep if decode.supports(config) else strict_decode.StrictDecodeStep
+    kind = decode.DecodeStep if decode.supports(model.config) else (
+        strict_decode.StrictDecodeStep if strict_decode.supports(model.config) else None)
+    if kind is not None and unpadded and isinstance(prompt, torch.Tensor) and prompt.dim() == 2:
         engine = kind(model.weights(), max_len=prompt.shape[1] + max_new_tokens)
 
         def step(new: torch.Tensor, held: KVCache, past: int) -> torch.Tensor | None:

@@ -16,7 +16,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kvverify.protocol.cache import KVCache, written_slots
+from kvverify.engine.decode import decode_keys
+from kvverify.protocol.cache import KVCache
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference import numerics
 from kvverify.reference.inputs import check_cache_output
@@ -97,10 +98,7 @@ class StrictDecodeStep:
             v = qkv[..., q_width + kv_width :].reshape(batch, n_kv, 1, head_dim).contiguous()
             result = cache.update(k, v, layer_idx, cache_kwargs)
             check_cache_output(c, result, layer_idx)
-            keys, values = written_slots(result[0], result[1], total)  # (B, Hkv, S', D)
-            held = keys.shape[2]
-            if window is not None and held > window:  # the query sees the newest `window` keys only
-                keys, values = keys[:, :, held - window :], values[:, :, held - window :]
+            keys, values = decode_keys(result[0], result[1], total, window)  # (B, Hkv, S', D)
             out = numerics.attention_to_every_key(q, keys, values)  # (B, H, 1, D)
             x = x + numerics.linear(out.reshape(batch, 1, q_width), w_o)
             gate_up = numerics.linear(_norm(x, mlp_norm, c.norm_eps), w_gate_up)  # (B, 1, 2 d_ff)

@@ -124,7 +124,7 @@ def _call(symbol: str, x: torch.Tensor, b: torch.Tensor, *index: int | None) -> 
     assert library is not None, f"{symbol} called where applies() is False"
     status = getattr(library, symbol)(
         groups, rows, n, columns, x.data_ptr(), *x.stride(), b.data_ptr(), *b.stride(),
-        out.data_ptr(), rows * columns, columns, 1, *index, torch.get_num_threads(),
+        out.data_ptr(), *out.stride(), *index, torch.get_num_threads(),
     )  # fmt: skip
     if status:
         raise RuntimeError(f"the native {symbol} refused x {tuple(x.shape)}, b {tuple(b.shape)} (status {status})")

@@ -169,9 +169,7 @@ def attention(
     """
     batch, n_heads, t_q, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim)
-    returned = torch.promote_types(q.dtype, torch.promote_types(k.dtype, v.dtype))  # a cache's dtype shows through
-    compute = compute_dtype(returned)
-    q, k, v = q.to(compute), k.to(compute), v.to(compute)  # once for every chunk
+    q, k, v, returned = _in_compute_dtype(q, k, v)  # once for every chunk
     keys = None
     if fixed_order.applies(q, k):  # the native kernel builds no products tensor: a chunk is its scores
         step = max(1, _NATIVE_ATTENTION_CHUNK // max(1, batch * n_heads * k.shape[2]))  # queries per chunk
@@ -237,11 +235,19 @@ def attention_to_every_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     True, and as a longer key span whose other keys are masked (they add exact zeros after these). Shapes as
     :func:`attention`; one chunk of queries (a decode step has one)."""
     batch, n_heads, t_q, head_dim = q.shape
-    returned = torch.promote_types(q.dtype, torch.promote_types(k.dtype, v.dtype))
-    compute = compute_dtype(returned)
-    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    q, k, v, returned = _in_compute_dtype(q, k, v)
     scores = _scores(q, k) * (1.0 / math.sqrt(head_dim))
     return _softmax_values(scores.reshape(batch, n_heads, t_q, k.shape[2]), v, None, returned)
+
+
+def _in_compute_dtype(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]:
+    """q, k, v in the compute dtype, and the dtype attention returns: the three promoted (a cache's dtype shows
+    through)."""
+    returned = torch.promote_types(q.dtype, torch.promote_types(k.dtype, v.dtype))
+    compute = compute_dtype(returned)
+    return q.to(compute), k.to(compute), v.to(compute), returned
 
 
 def _softmax_values(scores: torch.Tensor, v: torch.Tensor, order: torch.Tensor | None,
