@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvverify.caches import BUILTIN_CACHES
-from kvverify.engine import strict_decode
+from kvverify.engine import native_step, strict_decode
 from kvverify.engine.generation import generate
 from kvverify.engine.strict_decode import StrictDecodeStep
 from kvverify.protocol.config import ModelConfig
@@ -27,6 +27,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "float64": {"dtype": "float64"},
     "bfloat16": {"dtype": "bfloat16"},
     "float16-window": {"dtype": "float16", "sliding_window": 3},
+    # sizes that fill no vector: rows of 44, 11 and 37, a rotation of odd halves' neighbours, 3 heads to 1
+    "odd-sizes": {"d_model": 44, "n_heads": 3, "n_kv_heads": 1, "head_dim": 10, "d_ff": 37, "vocab_size": 53},
+    "float64-layernorm-learned": {"dtype": "float64", "norm": "layer", "positional": "learned"},
 }
 
 
@@ -106,3 +109,77 @@ def test_alibi_and_fast_models_have_no_strict_decode_step(overrides: dict[str, A
         assert generate(model, prompt(config, 2, 4), 3).tokens.shape == (2, 3)
     with pytest.raises(ValueError, match="strict numerics without ALiBi"):
         StrictDecodeStep(model.weights())
+
+
+@pytest.mark.parametrize(("dtype", "native"), [("float32", True), ("float64", True), ("bfloat16", False)])
+def test_float32_and_float64_models_decode_through_the_native_step(dtype: str, native: bool) -> None:
+    calls: list[int] = []
+    real = native_step.NativeStep.__call__
+
+    def counting(self: native_step.NativeStep, tokens: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
+        calls.append(start)
+        return real(self, tokens, cache, start)
+
+    with mock.patch.object(native_step.NativeStep, "__call__", counting):
+        _step_against_modules(strict_model(dtype=dtype), "static", batch=2)
+    assert bool(calls) == native, f"{dtype}: native step calls {calls}"
+    with fixed_order.use("python"), mock.patch.object(native_step.NativeStep, "__call__", counting):
+        calls.clear()
+        _step_against_modules(strict_model(dtype=dtype), "static", batch=1)
+    assert not calls, "the native step ran with the native kernels turned off"
+
+
+@pytest.mark.parametrize("unreadable_from", [0, 1])
+def test_a_layer_the_kernels_cannot_read_finishes_the_step_in_python(unreadable_from: int) -> None:
+    """The cache's keys of a layer from ``unreadable_from`` on are taken as unreadable (a tensor subclass, say):
+    that layer's attention and every later layer run in Python, with the same bits."""
+    layers: list[int] = []  # per step, the layers whose keys were offered to the kernels
+    real = native_step.NativeStep.__call__
+
+    def step(self: native_step.NativeStep, tokens: torch.Tensor, cache: Any, start: int) -> torch.Tensor:
+        layers.clear()
+        logits = real(self, tokens, cache, start)
+        assert layers == list(range(unreadable_from + 1)), f"layers offered: {layers}"
+        return logits
+
+    def readable(self: native_step.NativeStep, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        layers.append(len(layers))
+        return layers[-1] < unreadable_from
+
+    with mock.patch.object(native_step.NativeStep, "__call__", step), \
+            mock.patch.object(native_step.NativeStep, "_readable", readable):
+        _step_against_modules(strict_model(), "paged", batch=2)
+
+
+class _RepeatedHeads:
+    """A cache that returns its keys and values repeated to every query head (B, H, S, D): wasteful, and read by
+    the model as any head count that divides n_heads."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.inner = BUILTIN_CACHES["contiguous"](config)
+        self.group = config.n_heads // config.n_kv_heads
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int,
+               cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.inner.update(k, v, layer_idx, cache_kwargs)
+        return keys.repeat_interleave(self.group, 1), values.repeat_interleave(self.group, 1)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.inner.get_seq_length(layer_idx))
+
+
+def test_keys_repeated_to_every_query_head_give_the_models_bits() -> None:
+    model = strict_model()
+    with mock.patch.dict(BUILTIN_CACHES, {"repeated": _RepeatedHeads}):
+        _step_against_modules(model, "repeated", batch=2)
+
+
+def test_weights_in_any_memory_layout_give_the_models_bits() -> None:
+    """Parameters stored transposed (a checkpoint's layout) hold the same values: the step copies them to its own
+    layout."""
+    model = strict_model()
+    for name, param in model.named_parameters():
+        if param.dim() == 2:
+            param.data = param.data.T.contiguous().T  # the same values, column-major
+    assert not model.lm_head.is_contiguous()
+    _step_against_modules(model, "static", batch=2)

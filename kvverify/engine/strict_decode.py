@@ -59,15 +59,15 @@ class StrictDecodeStep:
         compute = numerics.compute_dtype(c.dtype)
 
         def fused(*parts: torch.Tensor) -> torch.Tensor:  # (sum of d_out, d_in): one call, the same bits
-            return torch.cat(parts).to(compute)
+            return _own(torch.cat(parts), compute)
 
         self._layers = tuple(
-            _Layer(i, _copy(w.attn_norm), fused(w.wq, w.wk, w.wv), w.wo.to(compute, copy=True), _copy(w.mlp_norm),
-                   fused(w.w_gate, w.w_up), w.w_down.to(compute, copy=True))
+            _Layer(i, _copy(w.attn_norm), fused(w.wq, w.wk, w.wv), _own(w.wo, compute), _copy(w.mlp_norm),
+                   fused(w.w_gate, w.w_up), _own(w.w_down, compute))
             for i, w in enumerate(weights.layers)
         )
         self._final_norm = _copy(weights.final_norm)
-        self._lm_head = weights.lm_head.to(compute, copy=True)  # (vocab, d_model)
+        self._lm_head = _own(weights.lm_head, compute)  # (vocab, d_model)
         self._embeddings = weights.tok_embeddings.clone()  # (vocab, d_model)
         positions = weights.pos_embeddings
         self._positions = None if positions is None else positions[: self.max_len].clone()  # (max_len, d_model)
@@ -78,38 +78,79 @@ class StrictDecodeStep:
             cos, sin = numerics.rope_tables(every, c.head_dim, c.rope_theta, c.dtype)
             self._rope = cos[0, 0], sin[0, 0]
 
+        from kvverify.engine.native_step import NativeStep  # the native kernels' driver, where they apply
+
+        self._native = NativeStep(self) if NativeStep.supports(c) else None
+
     def __call__(self, tokens: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        c = self.config
-        batch = tokens.shape[0]
-        n_q, n_kv, head_dim, window = c.n_heads, c.n_kv_heads, c.head_dim, c.sliding_window
-        q_width, kv_width = n_q * head_dim, n_kv * head_dim
-        total = start + 1  # N: tokens in the cache after this step
-        cache_kwargs = {"cache_position": self._slots[start:total]}
+        if self._native is not None and self._native.takes(tokens):
+            return self._native(tokens, cache, start)
+        return self.layers_from(self.embed(tokens, start), cache, start, 0)
+
+    def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """tokens (B, 1) -> x (B, 1, d_model): the token's embedding, and its position's where learned."""
         x = self._embeddings[tokens]  # (B, 1, d_model)
-        if self._positions is not None:
-            x = x + self._positions[start]
-        rope = None if self._rope is None else (self._rope[0][start], self._rope[1][start])  # (D,) each
-        for layer_idx, attn_norm, w_qkv, w_o, mlp_norm, w_gate_up, w_down in self._layers:
-            qkv = numerics.linear(_norm(x, attn_norm, c.norm_eps), w_qkv)  # (B, 1, (H + 2 Hkv) D)
-            qk = qkv[..., : q_width + kv_width].reshape(batch, n_q + n_kv, 1, head_dim)  # one token, heads as rows
-            if rope is not None:  # before caching: the cache holds rotated keys (elementwise: q and k at once)
-                qk = numerics.apply_rope(qk, *rope)
-            q, k = qk[:, :n_q], qk[:, n_q:].contiguous()  # (B, H, 1, D), (B, Hkv, 1, D)
-            v = qkv[..., q_width + kv_width :].reshape(batch, n_kv, 1, head_dim).contiguous()
-            result = cache.update(k, v, layer_idx, cache_kwargs)
-            check_cache_output(c, result, layer_idx)
-            keys, values = decode_keys(result[0], result[1], total, window)  # (B, Hkv, S', D)
-            out = numerics.attention_to_every_key(q, keys, values)  # (B, H, 1, D)
-            x = x + numerics.linear(out.reshape(batch, 1, q_width), w_o)
-            gate_up = numerics.linear(_norm(x, mlp_norm, c.norm_eps), w_gate_up)  # (B, 1, 2 d_ff)
-            d_ff = gate_up.shape[-1] // 2
-            gate = numerics.lane_stable(F.silu, gate_up[..., :d_ff])
-            x = x + numerics.linear(gate * gate_up[..., d_ff:], w_down)
-        return numerics.linear(_norm(x, self._final_norm, c.norm_eps), self._lm_head)[:, -1]  # (B, vocab)
+        return x if self._positions is None else x + self._positions[start]
+
+    def rope_at(self, start: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos and sin (D,) each at slot ``start``, or None without RoPE."""
+        return None if self._rope is None else (self._rope[0][start], self._rope[1][start])
+
+    def layers_from(self, x: torch.Tensor, cache: KVCache, start: int, first: int) -> torch.Tensor:
+        """Layers ``first`` onwards from x (B, 1, d_model), then the logits (B, vocab)."""
+        rope = self.rope_at(start)
+        for layer in self._layers[first:]:
+            q, k, v = self.project(x, layer, rope)
+            keys, values = self.cached(cache, k, v, layer.layer_idx, start)
+            x = self.attend(x, q, keys, values, layer)
+        return self.logits(x)
+
+    def project(self, x: torch.Tensor, layer: _Layer,
+                rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention norm and q, k, v: (B, H, 1, D), (B, Hkv, 1, D), (B, Hkv, 1, D), RoPE applied."""
+        c = self.config
+        batch, n_q, n_kv, head_dim = x.shape[0], c.n_heads, c.n_kv_heads, c.head_dim
+        q_width, kv_width = n_q * head_dim, n_kv * head_dim
+        qkv = numerics.linear(_norm(x, layer.attn_norm, c.norm_eps), layer.qkv)  # (B, 1, (H + 2 Hkv) D)
+        qk = qkv[..., : q_width + kv_width].reshape(batch, n_q + n_kv, 1, head_dim)  # one token, heads as rows
+        if rope is not None:  # before caching: the cache holds rotated keys (elementwise: q and k at once)
+            qk = numerics.apply_rope(qk, *rope)
+        v = qkv[..., q_width + kv_width :].reshape(batch, n_kv, 1, head_dim).contiguous()
+        return qk[:, :n_q], qk[:, n_q:].contiguous(), v
+
+    def cached(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor, layer_idx: int,
+               start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, Hkv, 1, D) through the cache at slot ``start`` -> the keys and values (B, Hkv, S', D) the
+        query sees."""
+        result = cache.update(k, v, layer_idx, {"cache_position": self._slots[start : start + 1]})
+        check_cache_output(self.config, result, layer_idx)
+        return decode_keys(result[0], result[1], start + 1, self.config.sliding_window)
+
+    def attend(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               layer: _Layer) -> torch.Tensor:
+        """x (B, 1, d_model) after the block's attention to keys and values (B, Hkv, S', D) and its MLP."""
+        c = self.config
+        batch = x.shape[0]
+        out = numerics.attention_to_every_key(q, keys, values)  # (B, H, 1, D)
+        x = x + numerics.linear(out.reshape(batch, 1, c.n_heads * c.head_dim), layer.wo)
+        gate_up = numerics.linear(_norm(x, layer.mlp_norm, c.norm_eps), layer.gate_up)  # (B, 1, 2 d_ff)
+        d_ff = gate_up.shape[-1] // 2
+        gate = numerics.lane_stable(F.silu, gate_up[..., :d_ff])
+        return x + numerics.linear(gate * gate_up[..., d_ff:], layer.down)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 1, d_model) -> logits (B, vocab)."""
+        return numerics.linear(_norm(x, self._final_norm, self.config.norm_eps), self._lm_head)[:, -1]
+
+
+def _own(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy in ``dtype`` (the native step reads the memory row by row)."""
+    return weight.to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def _copy(norm: NormWeights) -> NormWeights:
-    return NormWeights(norm.weight.clone(), None if norm.bias is None else norm.bias.clone())
+    bias = None if norm.bias is None else _own(norm.bias, norm.bias.dtype)
+    return NormWeights(_own(norm.weight, norm.weight.dtype), bias)
 
 
 def _norm(x: torch.Tensor, norm: NormWeights, eps: float) -> torch.Tensor:

@@ -3,7 +3,8 @@
 products summed left to right (:mod:`kvverify.invariant.ordered`); bit for bit, vectorised across outputs like a
 GEMM.
 
-``native/*.cpp`` are compiled just in time with the machine's C++ compiler (``$CXX``, else ``c++``;
+``native/strict_step.cpp`` (the strict decode step's arithmetic between its transcendentals,
+:mod:`kvverify.engine.native_step`) is built into the same library. ``native/*.cpp`` are compiled just in time with the machine's C++ compiler (``$CXX``, else ``c++``;
 ``-O3 -march=native -ffp-contract=off``, no fused multiply-add, no ``-ffast-math``) into a per-user cache
 (``$KVVERIFY_BUILD_DIR``, else ``$XDG_CACHE_HOME/kvverify/kernels``, else ``~/.cache/kvverify/kernels``), keyed by
 the source, the compiler, the flags and the CPU, and loaded with ctypes: no build step at install, no CUDA torch in
@@ -31,7 +32,7 @@ import torch
 ENV = "KVVERIFY_KERNELS"
 NATIVE = Path(__file__).parent / "native"
 #: Compiled together into one library; common.h is hashed into the build key with them.
-SOURCES = (NATIVE / "tree_matmul.cpp", NATIVE / "ordered_matmul.cpp")
+SOURCES = (NATIVE / "tree_matmul.cpp", NATIVE / "ordered_matmul.cpp", NATIVE / "strict_step.cpp")
 FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-std=c++17", "-fPIC", "-shared", "-pthread")
 #: Tried first; dropped for compilers or CPUs that refuse it.
 NATIVE_ARCH = "-march=native"
@@ -168,7 +169,32 @@ def _library() -> ctypes.CDLL | None:
         getattr(library, symbol).argtypes = [*operands, ctypes.c_int]
     for symbol in (*_SYMBOLS.values(), *_ORDERED_SYMBOLS.values()):
         getattr(library, symbol).restype = ctypes.c_int
+    _declare_step(library)
     return library
+
+
+def built() -> ctypes.CDLL | None:
+    """The compiled library (built on first use), or None where it cannot be built: the strict decode step's
+    kernels (``native/strict_step.cpp``, :mod:`kvverify.engine.native_step`) are in it too."""
+    return _library()
+
+
+def _declare_step(library: ctypes.CDLL) -> None:
+    """The argument types of ``native/strict_step.cpp``'s functions (sizes int64, scalars double, flags int)."""
+    i64, pointer, flag, real = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+    signatures = {
+        "norm_stats": [i64, i64, pointer, flag, real, pointer, flag],
+        "norm_linear": [i64, i64, pointer, pointer, pointer, pointer, pointer, i64, pointer, pointer, pointer, i64,
+                        i64, i64, pointer, flag],
+        "scores": [i64] * 5 + [pointer, i64, pointer, i64, i64, i64, i64, real, pointer, flag],
+        "attend": [i64] * 5 + [pointer, pointer, i64, i64, i64, i64, pointer, i64, pointer, flag, real, pointer,
+                               flag],
+        "gated_down": [i64, i64, pointer, pointer, pointer, i64, pointer, flag, real, pointer, flag],
+    }
+    for name, arguments in signatures.items():
+        for suffix in ("f32", "f64"):
+            function = getattr(library, f"kv_step_{name}_{suffix}")
+            function.argtypes, function.restype = arguments, ctypes.c_int
 
 
 def build_dir() -> Path:

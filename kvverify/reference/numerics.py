@@ -27,10 +27,10 @@ from kvverify.reference import fixed_order
 #: On the CPU, elementwise transcendental kernels (exp, sin, silu...) run SIMD over full vector chunks and
 #: scalar code over the tail; the two can differ in the last bit, so an element's bits would depend on where it
 #: sits in its tensor. Strict numerics lays every element on a full chunk: a flat buffer padded to a multiple of
-#: _LANES, processed in pieces below the size at which torch splits work across threads. CUDA's kernels give an
+#: LANES, processed in pieces below the size at which torch splits work across threads. CUDA's kernels give an
 #: element the same bits at any offset, so other devices call ``fn`` directly.
-_LANES = 64
-_PIECE = 8192
+LANES = 64
+PIECE = 8192
 
 #: Strict products (rows × d_out × d_in, queries × keys × head_dim) are built this many elements at a time at
 #: most, in chunks of rows or queries: every element is computed alone, so chunking changes no bit.
@@ -43,12 +43,12 @@ def lane_stable(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
         return fn(x)
     flat = x.reshape(-1)
     n = flat.numel()
-    pad = (-n) % _LANES
+    pad = (-n) % LANES
     if pad:
         flat = torch.cat((flat, flat.new_zeros(pad)))
-    if flat.numel() <= _PIECE:  # one piece (a decode step's rows): no split, no cat
+    if flat.numel() <= PIECE:  # one piece (a decode step's rows): no split, no cat
         return fn(flat)[:n].view(x.shape)
-    out = torch.cat([fn(piece) for piece in torch.split(flat, _PIECE)])
+    out = torch.cat([fn(piece) for piece in torch.split(flat, PIECE)])
     return out[:n].view(x.shape)
 
 
