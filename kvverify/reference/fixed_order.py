@@ -4,8 +4,9 @@ products summed left to right (:mod:`kvverify.invariant.ordered`); bit for bit, 
 GEMM.
 
 ``native/strict_step.cpp`` (the strict decode step's arithmetic between its transcendentals,
-:mod:`kvverify.engine.native_step`) is built into the same library. ``native/*.cpp`` are compiled just in time with the machine's C++ compiler (``$CXX``, else ``c++``;
-``-O3 -march=native -ffp-contract=off``, no fused multiply-add, no ``-ffast-math``) into a per-user cache
+:mod:`kvverify.engine.native_step`) is built into the same library. ``native/*.cpp`` are compiled just in time
+with the machine's C++ compiler (``$CXX``, else ``c++``; ``-O3 -march=native -ffp-contract=off``, no fused
+multiply-add, no ``-ffast-math``) into a per-user cache
 (``$KVVERIFY_BUILD_DIR``, else ``$XDG_CACHE_HOME/kvverify/kernels``, else ``~/.cache/kvverify/kernels``), keyed by
 the source, the compiler, the flags and the CPU, and loaded with ctypes: no build step at install, no CUDA torch in
 a build environment, no torch headers. Where it cannot be built (no compiler), strict numerics keeps its
