@@ -178,7 +178,7 @@ def test_weights_in_any_memory_layout_give_the_models_bits() -> None:
     """Parameters stored transposed (a checkpoint's layout) hold the same values: the step copies them to its own
     layout."""
     model = strict_model()
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.dim() == 2:
             param.data = param.data.T.contiguous().T  # the same values, column-major
     assert not model.lm_head.is_contiguous()
