@@ -9,13 +9,16 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import Phase, settings
+from hypothesis.stateful import run_state_machine_as_test
 
 from kvverify.caches import BUILTIN_CACHES
 from kvverify.checks import PROPERTIES, make_target
 from kvverify.checks.case import Case
 from kvverify.checks.compare import GenerationMismatch, Mismatch, tolerance_for
 from kvverify.checks.confirm import check_confirmed, in_strict_numerics
-from kvverify.checks.properties.stateful import Operation, Program
+from kvverify.checks.properties import stateful
+from kvverify.checks.properties.stateful import Operation, Program, machine_for
 from kvverify.checks.target import Target
 from kvverify.protocol.config import ModelConfig
 from tests.targets.buggy import stale_value
@@ -121,3 +124,51 @@ def test_only_a_mismatch_is_confirmed_other_failures_are_raised_at_once() -> Non
 def test_the_compiled_property_is_judged_as_it_runs() -> None:
     assert not PROPERTIES["compiled"].confirm_in_strict
     assert all(p.confirm_in_strict for name, p in PROPERTIES.items() if name != "compiled")
+
+
+class _FastDifference:
+    """``stateful.apply`` that raises a mismatch within rounding's reach once a fast session holds 4 tokens
+    (and of a strict one too when ``in_strict``), counting the sessions of each numerics it sees."""
+
+    def __init__(self, in_strict: bool) -> None:
+        self.in_strict, self.operations = in_strict, {"fast": 0, "strict": 0}
+        self.real = stateful.apply
+
+    def __call__(self, session: Any, operation: Any) -> bool:
+        numerics = session.config.numerics
+        self.operations[numerics] += 1
+        applied = self.real(session, operation)
+        if (numerics == "fast" or self.in_strict) and len(session.tokens[0]) >= 4:
+            raise _mismatch(0.3)
+        return applied
+
+
+def _run_machine(config: ModelConfig) -> None:
+    with torch.no_grad():
+        run_state_machine_as_test(machine_for(TARGET, config), settings=settings(
+            max_examples=3, deadline=None, database=None, phases=[Phase.generate], stateful_step_count=8))
+
+
+MACHINE_CONFIG = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=24,
+                             max_batch_size=4, dtype=torch.bfloat16)
+
+
+def test_the_state_machine_confirms_a_fast_difference_in_strict_numerics(monkeypatch: pytest.MonkeyPatch) -> None:
+    difference = _FastDifference(in_strict=False)
+    monkeypatch.setattr(stateful, "apply", difference)
+    _run_machine(MACHINE_CONFIG.replace(numerics="fast"))  # explained by strict numerics: passes
+    assert difference.operations["strict"] > 0, "the fast difference was not replayed in strict numerics"
+
+
+def test_the_state_machine_reports_a_difference_strict_numerics_confirms(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stateful, "apply", _FastDifference(in_strict=True))
+    with pytest.raises(GenerationMismatch, match="confirmed in strict numerics"):
+        _run_machine(MACHINE_CONFIG.replace(numerics="fast"))
+
+
+def test_the_state_machine_reports_a_strict_difference_without_a_replay(monkeypatch: pytest.MonkeyPatch) -> None:
+    difference = _FastDifference(in_strict=True)
+    monkeypatch.setattr(stateful, "apply", difference)
+    with pytest.raises(GenerationMismatch) as raised:
+        _run_machine(MACHINE_CONFIG)
+    assert "confirmed" not in str(raised.value) and difference.operations["fast"] == 0

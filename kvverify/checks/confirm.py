@@ -70,17 +70,24 @@ def check_confirmed(check: Callable[[Target, Any], None], target: Target, plan: 
         check(target, plan)
     except GenerationMismatch as fast:
         strict = in_strict_numerics(plan)
-        if strict is None or not _within_rounding_reach(fast):
-            raise
-        try:
-            check(target, strict)
-        except AssertionError as confirmed:
-            note = f"confirmed in strict numerics (the same example, fixed-order kernels): {confirmed}"
-            raise fast.noted(note) from None
-        except Exception:  # strict numerics could not judge this example: the fast mismatch stands as found
-            raise fast from None
-        if currently_in_test_context():
-            event(EXPLAINED)
+        confirm(fast, None if strict is None else lambda: check(target, strict))
+
+
+def confirm(fast: GenerationMismatch, strict_check: Callable[[], None] | None) -> None:
+    """Raise ``fast`` unless it is within rounding's reach and ``strict_check``, the same example in strict
+    numerics, passes (an example strict numerics cannot judge leaves it standing); a confirmed one is raised with
+    the strict failure noted below it. None: there is no fast numerics to confirm."""
+    if strict_check is None or not _within_rounding_reach(fast):
+        raise fast
+    try:
+        strict_check()
+    except AssertionError as confirmed:
+        note = f"confirmed in strict numerics (the same example, fixed-order kernels): {confirmed}"
+        raise fast.noted(note) from None
+    except Exception:  # strict numerics could not judge this example: the fast mismatch stands as found
+        raise fast from None
+    if currently_in_test_context():
+        event(EXPLAINED)
 
 
 def _within_rounding_reach(error: GenerationMismatch) -> bool:
