@@ -128,7 +128,7 @@ def test_the_compiled_property_is_judged_as_it_runs() -> None:
 
 class _FastDifference:
     """``stateful.apply`` that raises a mismatch within rounding's reach once a fast session holds 4 tokens
-    (and of a strict one too when ``in_strict``), counting the sessions of each numerics it sees."""
+    (a strict one too when ``in_strict``), counting the sessions of each numerics it sees."""
 
     def __init__(self, in_strict: bool) -> None:
         self.in_strict, self.operations = in_strict, {"fast": 0, "strict": 0}
