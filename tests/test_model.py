@@ -75,3 +75,30 @@ def test_weights_are_the_parameters_as_plain_tensors(model: ReferenceModel) -> N
     assert weights.lm_head.shape == (CONFIG.vocab_size, CONFIG.d_model)
     assert weights.final_norm.bias is None and weights.pos_embeddings is None, "RMSNorm and RoPE have neither"
     assert not weights.tok_embeddings.requires_grad
+
+
+class _Forgetful:
+    """A cache that returns what it holds up to ``held`` tokens, and no keys at all after."""
+
+    def __init__(self, held: int) -> None:
+        self.inner, self.held = ContiguousCache(), held
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int,
+               cache_kwargs: dict[str, object] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.inner.update(k, v, layer_idx, cache_kwargs)
+        return (keys, values) if keys.shape[-2] <= self.held else (keys[:, :, :0], values[:, :, :0])
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.inner.get_seq_length(layer_idx))
+
+
+@pytest.mark.parametrize(("numerics", "held", "where"), [
+    ("strict", 0, "layer 0"), ("fast", 0, "layer 0"),  # the model's modules, in the prefill
+    ("strict", 5, "layer 0"), ("fast", 5, "a decode step at slot 5"),  # the engine's decode steps
+])
+def test_a_cache_that_returns_no_keys_is_named(numerics: str, held: int, where: str) -> None:
+    from kvverify.engine.generation import generate  # the engine's decode steps, as the suite generates
+
+    model = ReferenceModel(CONFIG.replace(numerics=numerics), seed=0)
+    with pytest.raises(InputError, match=f"returned no keys for {where},"):
+        generate(model, prompt(2, 5), 3, cache=_Forgetful(held))

@@ -21,6 +21,7 @@ from torch import nn
 from kvverify.protocol.cache import KVCache, written_slots
 from kvverify.protocol.config import ModelConfig
 from kvverify.reference import fast as kernels
+from kvverify.reference.inputs import no_keys_returned
 from kvverify.reference.weights import ModelWeights, NormWeights
 
 NormFn = Callable[[torch.Tensor], torch.Tensor]
@@ -148,6 +149,8 @@ def decode_keys(keys: torch.Tensor, values: torch.Tensor, total: int,
     ``total`` tokens written: the written slots, and of them the newest ``window`` with a sliding window."""
     keys, values = written_slots(keys, values, total)
     held = keys.shape[-2]
+    if held == 0 or values.shape[-2] == 0:
+        raise no_keys_returned(f"a decode step at slot {total - 1}")
     if window is not None and held > window:
         keys, values = keys[:, :, held - window :], values[:, :, held - window :]
     return keys, values

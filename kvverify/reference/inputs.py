@@ -157,6 +157,16 @@ def check_cache_output(config: ModelConfig, result: object, layer_idx: int) -> N
             "(keys, values) pair of tensors (see kvverify.KVCache)."
         )
     _check_kv(config, result[0], result[1], f"the cache's update() returned for layer {layer_idx}", any_group=True)
+    if result[0].shape[-2] == 0 or result[1].shape[-2] == 0:
+        raise no_keys_returned(f"layer {layer_idx}")
+
+
+def no_keys_returned(where: str) -> InputError:
+    """The error for a cache whose ``update`` returned no keys: a query must see at least the token it wrote."""
+    return InputError(
+        f"the cache's update() returned no keys for {where}, right after the model wrote to it; expected every "
+        "token it holds (the newest ones with a sliding window), at least the ones just written."
+    )
 
 
 def _check_kv(config: ModelConfig, keys: torch.Tensor, values: torch.Tensor, what: str, *,
