@@ -9,8 +9,8 @@ norm with gate and up; the gated down projection and the residual), with the tra
 torch's own kernels, on buffers of whole SIMD chunks as :func:`~kvverify.reference.numerics.lane_stable` lays them
 out (``rsqrt`` of the norms, ``exp`` of the scores, ``silu`` of the gate), and the cache's ``update`` as before.
 Every operation is the Python step's, in its order and dtype, so the bits are the model's:
-``tests/test_strict_decode.py`` checks them. A layer whose cache returns keys the kernels cannot read (another
-dtype or device, a tensor subclass) finishes the step in Python, with the same bits.
+``tests/test_strict_decode.py`` checks them. A layer whose cache returns keys the kernels cannot read (a tensor
+subclass, keys that require grad, no keys at all) finishes the step in Python: the same bits, or its error.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class NativeStep:
         _check(kernels.norm_stats(batch, d_model, x.data_ptr(), self._layer_norm, eps, stats.data_ptr(), threads))
         rope = step.rope_at(start)
         cos, sin = (None, None) if rope is None else (rope[0].data_ptr(), rope[1].data_ptr())
-        for index, layer in enumerate(step._layers):
+        for index, layer in enumerate(step.layers):
             r = self._lane_stable(torch.rsqrt, stats, "r")
             qkv = torch.empty((batch, 1, width), dtype=self.dtype)  # handed to the cache: new every step
             attn_norm = layer.attn_norm
@@ -107,7 +107,7 @@ class NativeStep:
             _check(kernels.gated_down(batch, d_ff, gated.data_ptr(), up.data_ptr(), layer.down.data_ptr(), d_model,
                                     x.data_ptr(), self._layer_norm, eps, stats.data_ptr(), threads))
         r = self._lane_stable(torch.rsqrt, stats, "r")
-        final, head = step._final_norm, step._lm_head
+        final, head = step.final_norm, step.lm_head
         vocab = head.shape[0]
         logits = torch.empty((batch, vocab), dtype=self.dtype)
         _check(kernels.norm_linear(batch, d_model, x.data_ptr(), r.data_ptr(), final.weight.data_ptr(),

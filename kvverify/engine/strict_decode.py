@@ -61,13 +61,14 @@ class StrictDecodeStep:
         def fused(*parts: torch.Tensor) -> torch.Tensor:  # (sum of d_out, d_in): one call, the same bits
             return _own(torch.cat(parts), compute)
 
-        self._layers = tuple(
+        self.layers = tuple(
             _Layer(i, _copy(w.attn_norm), fused(w.wq, w.wk, w.wv), _own(w.wo, compute), _copy(w.mlp_norm),
                    fused(w.w_gate, w.w_up), _own(w.w_down, compute))
             for i, w in enumerate(weights.layers)
         )
-        self._final_norm = _copy(weights.final_norm)
-        self._lm_head = _own(weights.lm_head, compute)  # (vocab, d_model)
+        self.final_norm = _copy(weights.final_norm)
+        self.lm_head = _own(weights.lm_head, compute)  # (vocab, d_model)
+        # layers, final_norm and lm_head: this step's own copies, which NativeStep reads too (never written)
         self._embeddings = weights.tok_embeddings.clone()  # (vocab, d_model)
         positions = weights.pos_embeddings
         self._positions = None if positions is None else positions[: self.max_len].clone()  # (max_len, d_model)
@@ -99,7 +100,7 @@ class StrictDecodeStep:
     def layers_from(self, x: torch.Tensor, cache: KVCache, start: int, first: int) -> torch.Tensor:
         """Layers ``first`` onwards from x (B, 1, d_model), then the logits (B, vocab)."""
         rope = self.rope_at(start)
-        for layer in self._layers[first:]:
+        for layer in self.layers[first:]:
             q, k, v = self.project(x, layer, rope)
             keys, values = self.cached(cache, k, v, layer.layer_idx, start)
             x = self.attend(x, q, keys, values, layer)
@@ -140,7 +141,7 @@ class StrictDecodeStep:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 1, d_model) -> logits (B, vocab)."""
-        return numerics.linear(_norm(x, self._final_norm, self.config.norm_eps), self._lm_head)[:, -1]
+        return numerics.linear(_norm(x, self.final_norm, self.config.norm_eps), self.lm_head)[:, -1]
 
 
 def _own(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
