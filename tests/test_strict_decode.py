@@ -30,6 +30,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # sizes that fill no vector: rows of 44, 11 and 37, a rotation of odd halves' neighbours, 3 heads to 1
     "odd-sizes": {"d_model": 44, "n_heads": 3, "n_kv_heads": 1, "head_dim": 10, "d_ff": 37, "vocab_size": 53},
     "float64-layernorm-learned": {"dtype": "float64", "norm": "layer", "positional": "learned"},
+    "bfloat16-layernorm-learned-odd": {"dtype": "bfloat16", "norm": "layer", "positional": "learned", "d_model": 44,
+                                       "n_heads": 3, "n_kv_heads": 1, "head_dim": 10, "d_ff": 37, "vocab_size": 53},
+    "bfloat16-odd-rope-window": {"dtype": "bfloat16", "d_model": 44, "n_heads": 3, "n_kv_heads": 3, "head_dim": 10,
+                                 "d_ff": 37, "sliding_window": 4},
 }
 
 
@@ -111,8 +115,9 @@ def test_alibi_and_fast_models_have_no_strict_decode_step(overrides: dict[str, A
         StrictDecodeStep(model.weights())
 
 
-@pytest.mark.parametrize(("dtype", "native"), [("float32", True), ("float64", True), ("bfloat16", False)])
-def test_float32_and_float64_models_decode_through_the_native_step(dtype: str, native: bool) -> None:
+@pytest.mark.parametrize(("dtype", "native"),
+                         [("float32", True), ("float64", True), ("bfloat16", True), ("float16", False)])
+def test_every_dtype_but_float16_decodes_through_the_native_step(dtype: str, native: bool) -> None:
     calls: list[int] = []
     real = native_step.NativeStep.__call__
 

@@ -1,6 +1,6 @@
 """The strict decode step with its arithmetic in native code: :class:`NativeStep`, what
-:class:`~kvverify.engine.strict_decode.StrictDecodeStep` runs for float32 and float64 models where the native
-kernels are built.
+:class:`~kvverify.engine.strict_decode.StrictDecodeStep` runs for float32, float64 and bfloat16 models where the
+native kernels are built.
 
 The Python step spends most of a decode step calling operators, about 60 a layer for a few microseconds of work
 each. Here a layer is five native calls (``native/strict_step.cpp``: the attention norm with q, k, v and RoPE; the
@@ -8,7 +8,9 @@ shifted scores; the softmax's denominator, the weighted values, the output proje
 norm with gate and up; the gated down projection and the residual), with the transcendentals between them left to
 torch's own kernels, on buffers of whole SIMD chunks as :func:`~kvverify.reference.numerics.lane_stable` lays them
 out (``rsqrt`` of the norms, ``exp`` of the scores, ``silu`` of the gate), and the cache's ``update`` as before.
-Every operation is the Python step's, in its order and dtype, so the bits are the model's:
+Every operation is the Python step's, in its order and dtype (a bfloat16 model's products and sums computed in
+float32 and rounded to bfloat16, as torch's CPU kernels compute them; the residual stream held in float32 with
+bfloat16's values), so the bits are the model's:
 ``tests/test_strict_decode.py`` checks them. A layer whose cache returns keys the kernels cannot read (a tensor
 subclass, keys that require grad, no keys at all) finishes the step in Python: the same bits, or its error.
 """
@@ -31,7 +33,7 @@ from kvverify.reference import fixed_order, numerics
 if TYPE_CHECKING:
     from kvverify.engine.strict_decode import StrictDecodeStep
 
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 
 
 class NativeStep:
@@ -40,13 +42,14 @@ class NativeStep:
 
     @staticmethod
     def supports(config: ModelConfig) -> bool:
-        """A float32 or float64 model on the CPU, with the native kernels built."""
+        """A float32, float64 or bfloat16 model on the CPU (float16 decodes in Python)."""
         return config.dtype in _SUFFIX and torch.device(config.device).type == "cpu"
 
     def __init__(self, python_step: StrictDecodeStep) -> None:
         self.python = python_step
         c = python_step.config
         self.dtype = c.dtype
+        self.compute = numerics.compute_dtype(c.dtype)  # the residual stream's, the statistics', the scores'
         self._layer_norm = int(c.norm == "layer")
         self._buffers: dict[str, torch.Tensor] = {}
         self._scale = 1.0 / math.sqrt(c.head_dim)
@@ -68,7 +71,8 @@ class NativeStep:
         n_q, n_kv, eps, threads = c.n_heads, c.n_kv_heads, c.norm_eps, torch.get_num_threads()
         q_width, kv_width = n_q * head_dim, n_kv * head_dim
         width = q_width + 2 * kv_width
-        x = step.embed(tokens, start).reshape(batch, d_model).contiguous()  # (B, d_model), this step's own
+        # (B, d_model) in the compute dtype, a copy of this step's own (the model's dtype's values exactly)
+        x = step.embed(tokens, start).reshape(batch, d_model).to(self.compute, memory_format=torch.contiguous_format)
         stats = self._buffer("stats", batch)
         _check(kernels.norm_stats(batch, d_model, x.data_ptr(), self._layer_norm, eps, stats.data_ptr(), threads))
         rope = step.rope_at(start)
@@ -85,7 +89,7 @@ class NativeStep:
             v = qkv[..., q_width + kv_width :].reshape(batch, n_kv, 1, head_dim).contiguous()
             keys, values = step.cached(cache, k, v, layer.layer_idx, start)
             if not self._readable(keys, values):  # the rest of the step in Python: the same bits (or its error)
-                x3 = step.attend(x.view(batch, 1, d_model), q, keys, values, layer)
+                x3 = step.attend(x.view(batch, 1, d_model).to(self.dtype), q, keys, values, layer)
                 return step.layers_from(x3, cache, start, index + 1)
             held = keys.shape[2]
             scores = self._buffer("scores", batch * n_q * held)
@@ -97,7 +101,7 @@ class NativeStep:
                                 eps, stats.data_ptr(), threads))
             r = self._lane_stable(torch.rsqrt, stats, "r")
             d_ff = layer.gate_up.shape[0] // 2
-            gate, up = self._buffer("gate", batch * d_ff), self._buffer("up", batch * d_ff)
+            gate, up = self._buffer("gate", batch * d_ff, self.dtype), self._buffer("up", batch * d_ff)
             mlp_norm = layer.mlp_norm
             _check(kernels.norm_linear(
                 batch, d_model, x.data_ptr(), r.data_ptr(), mlp_norm.weight.data_ptr(), _pointer(mlp_norm.bias),
@@ -119,19 +123,20 @@ class NativeStep:
         return (keys.dtype == self.dtype and values.dtype == self.dtype and keys.shape[2] > 0
                 and fixed_order.applies(keys, values))
 
-    def _buffer(self, name: str, count: int) -> torch.Tensor:
-        """A flat scratch buffer of at least ``count`` elements, a whole number of lane_stable's chunks long
-        (the padding's values are never read)."""
+    def _buffer(self, name: str, count: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A flat scratch buffer of at least ``count`` elements of ``dtype`` (default: the compute dtype), a whole
+        number of lane_stable's chunks long (the padding's values are never read)."""
+        dtype = self.compute if dtype is None else dtype
         buffer = self._buffers.get(name)
         size = -(-count // numerics.LANES) * numerics.LANES
-        if buffer is None or buffer.numel() < size:
-            buffer = self._buffers[name] = torch.zeros(size, dtype=self.dtype)
+        if buffer is None or buffer.numel() < size or buffer.dtype != dtype:
+            buffer = self._buffers[name] = torch.zeros(size, dtype=dtype)
         return buffer[:size]
 
     def _lane_stable(self, fn: Callable[..., torch.Tensor], source: torch.Tensor, name: str) -> torch.Tensor:
         """``fn`` of the whole buffer ``source`` into the buffer ``name``, a piece of lane_stable's size at a time:
         every element in a full SIMD chunk, as :func:`numerics.lane_stable` computes it."""
-        out = self._buffer(name, source.numel())
+        out = self._buffer(name, source.numel(), source.dtype)
         for begin in range(0, source.numel(), numerics.PIECE):
             _OUT[fn](source[begin : begin + numerics.PIECE], out=out[begin : begin + numerics.PIECE])
         return out

@@ -193,7 +193,7 @@ def _declare_step(library: ctypes.CDLL) -> None:
         "gated_down": [i64, i64, pointer, pointer, pointer, i64, pointer, flag, real, pointer, flag],
     }
     for name, arguments in signatures.items():
-        for suffix in ("f32", "f64"):
+        for suffix in ("f32", "f64", "bf16"):
             function = getattr(library, f"kv_step_{name}_{suffix}")
             function.argtypes, function.restype = arguments, ctypes.c_int
 
