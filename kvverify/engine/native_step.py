@@ -12,7 +12,7 @@ Every operation is the Python step's, in its order and dtype (a bfloat16 model's
 float32 and rounded to bfloat16, as torch's CPU kernels compute them; the residual stream held in float32 with
 bfloat16's values), so the bits are the model's:
 ``tests/test_strict_decode.py`` checks them. A layer whose cache returns keys the kernels cannot read (a tensor
-subclass, keys that require grad, no keys at all) finishes the step in Python: the same bits, or its error.
+subclass, keys that require grad) finishes the step in Python, with the same bits.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from kvverify.protocol.cache import KVCache
 from kvverify.protocol.config import ModelConfig
@@ -107,7 +106,7 @@ class NativeStep:
                 batch, d_model, x.data_ptr(), r.data_ptr(), mlp_norm.weight.data_ptr(), _pointer(mlp_norm.bias),
                 layer.gate_up.data_ptr(), 2 * d_ff, gate.data_ptr(), None, None, 0, head_dim, d_ff, up.data_ptr(),
                 threads))
-            gated = self._lane_stable(F.silu, gate, "silu")
+            gated = self._lane_stable(torch.ops.aten.silu.out, gate, "silu")
             _check(kernels.gated_down(batch, d_ff, gated.data_ptr(), up.data_ptr(), layer.down.data_ptr(), d_model,
                                     x.data_ptr(), self._layer_norm, eps, stats.data_ptr(), threads))
         r = self._lane_stable(torch.rsqrt, stats, "r")
@@ -120,8 +119,7 @@ class NativeStep:
         return logits
 
     def _readable(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
-        return (keys.dtype == self.dtype and values.dtype == self.dtype and keys.shape[2] > 0
-                and fixed_order.applies(keys, values))
+        return keys.dtype == self.dtype and values.dtype == self.dtype and fixed_order.applies(keys, values)
 
     def _buffer(self, name: str, count: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A flat scratch buffer of at least ``count`` elements of ``dtype`` (default: the compute dtype), a whole
@@ -134,11 +132,12 @@ class NativeStep:
         return buffer[:size]
 
     def _lane_stable(self, fn: Callable[..., torch.Tensor], source: torch.Tensor, name: str) -> torch.Tensor:
-        """``fn`` of the whole buffer ``source`` into the buffer ``name``, a piece of lane_stable's size at a time:
-        every element in a full SIMD chunk, as :func:`numerics.lane_stable` computes it."""
+        """``fn(piece, out=...)`` (``torch.rsqrt``, ``torch.exp``, ``aten.silu.out``) of the whole buffer ``source``
+        into the buffer ``name``, a piece of lane_stable's size at a time: every element in a full SIMD chunk, as
+        :func:`numerics.lane_stable` computes it."""
         out = self._buffer(name, source.numel(), source.dtype)
         for begin in range(0, source.numel(), numerics.PIECE):
-            _OUT[fn](source[begin : begin + numerics.PIECE], out=out[begin : begin + numerics.PIECE])
+            fn(source[begin : begin + numerics.PIECE], out=out[begin : begin + numerics.PIECE])
         return out
 
 
@@ -151,11 +150,6 @@ class _Kernels:
         self.scores = getattr(library, f"kv_step_scores_{suffix}")
         self.attend = getattr(library, f"kv_step_attend_{suffix}")
         self.gated_down = getattr(library, f"kv_step_gated_down_{suffix}")
-
-
-_OUT: dict[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] = {
-    torch.rsqrt: torch.rsqrt, torch.exp: torch.exp, F.silu: torch.ops.aten.silu.out,
-}
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:

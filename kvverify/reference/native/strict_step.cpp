@@ -92,7 +92,6 @@ template <typename T> struct Scratch {
   static T* sized(std::vector<T>& v, size_t n) { return (v.size() < n ? v.resize(n) : void()), v.data(); }
   T* first(size_t n) { return sized(a, n); }
   T* second(size_t n) { return sized(b, n); }
-  T* third(size_t n) { return sized(c, n); }
 };
 template <typename T> Scratch<T>& scratch() {
   thread_local Scratch<T> s;
